@@ -83,7 +83,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if not verbose:
-        # Library chatter (weight-loading bars, generation-config notes) hides mathtune's own output.
+        import warnings
+
+        # Library chatter (weight-loading bars, deprecation notes) hides mathtune's own output.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
         for name in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
         import os

@@ -13,8 +13,10 @@ The defaults are the embedded job: SmolLM2-135M-Instruct on the bundled math dat
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -120,6 +122,9 @@ class TrainConfig(_Section):
         "adamw_torch"
     )
     gradient_checkpointing: bool = False
+    padding_free: bool = True
+    """Pack each batch into one row with restarting positions: no compute on padding. Used where
+    the architecture keeps packed sequences apart (llama, mistral, qwen2/3, gemma, phi3, falcon, gpt2)."""
     seed: int = 42
     logging_steps: int = Field(5, gt=0)
     eval_steps: int = Field(0, ge=0)
@@ -192,7 +197,9 @@ def load_config(
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
+        problems = _describe(exc, origin)
+        problems += [p for p in _combination_problems(merged, exc) if p not in problems]
+        raise ConfigError(problems) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -309,14 +316,33 @@ def _describe(exc: ValidationError, origin: dict[tuple, str]) -> list[str]:
     return problems
 
 
+def _combination_problems(merged: dict, exc: ValidationError) -> list[str]:
+    """Cross-key problems hidden behind field errors (pydantic checks them only on valid fields):
+    validate again with the offending keys back at their defaults."""
+    trimmed = copy.deepcopy(merged)
+    for err in exc.errors():
+        node, *path = [trimmed, *[p for p in err["loc"] if isinstance(p, str)]]
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path:
+            node.pop(path[-1], None)
+    try:
+        Config.model_validate(trimmed)
+    except ValidationError as again:
+        return [line for err in again.errors() if err["type"] == "value_error" for line in str(err["ctx"]["error"]).splitlines()]
+    return []
+
+
 def _did_you_mean(loc: tuple) -> str:
     model: type[BaseModel] = Config
     for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        annotation = getattr(model.model_fields.get(part), "annotation", None)
+        # A section may be optional (FieldMap | None): look inside the union for the model.
+        candidates = (annotation, *typing.get_args(annotation))
+        found = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if found is None:
             return ""
-        model = annotation
+        model = found
     names = list(model.model_fields)
     close = difflib.get_close_matches(loc[-1], names, n=1, cutoff=0.6)
     if close:

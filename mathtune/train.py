@@ -11,19 +11,23 @@ train_summary.json.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
 
 from mathtune.config import Config, dump_config, summarize
+from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import MathtuneError
 
 log = logging.getLogger("mathtune")
@@ -32,8 +36,18 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
-    """Run the whole job described by `cfg`; returns the summary also written to train_summary.json."""
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    """What train_summary.json holds."""
+    model: Any
+    """The trained PEFT model, still in memory (for evaluation right after training)."""
+    tokenizer: Any
+
+
+def train(cfg: Config, resume: bool = False) -> TrainResult:
+    """Run the whole job described by `cfg`: the run folder, the trained adapter and its summary."""
     from accelerate import PartialState
 
     from mathtune.data.dataset import build_datasets, ensure_chat_template
@@ -45,10 +59,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg, resume, write=main_process)
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
 
-    # Model and tokenizer
+    # Model and tokenizer. Seed first: LoRA's A matrices are drawn from the global RNG.
+    set_seed(cfg.train.seed)
     started = time.perf_counter()
     model, tokenizer, source = load_model(cfg.model)
     ensure_chat_template(tokenizer, cfg.model.chat_template)
+    # Training needs no KV cache, and packed batches are only kept apart when there is none.
+    model.config.use_cache = False
     hit = " (cached conversion)" if source.cache_hit else ""
     log.info("Loaded %s%s in %.1f s", source.path, hit, time.perf_counter() - started)
 
@@ -66,10 +83,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     # Trainer
     device = resolve_device(cfg.model.device)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
+    log.info("Evaluating on %d held-out examples before training", len(eval_ds))
     eval_before = _eval_loss(trainer, eval_ds) if not resume else _logged_eval_before(run_dir)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
+    start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     train_started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_started
@@ -79,6 +98,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     summary = {
         "model": {"kind": source.kind, "path": source.path, "loaded_from": source.load_from},
         "steps": trainer.state.global_step,
+        "steps_this_session": trainer.state.global_step - start_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -103,7 +123,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         save_adapter(model, tokenizer, run_dir / ADAPTER)
         _write_json(run_dir / "train_summary.json", summary)
         log.info(summary_text(summary, run_dir))
-    return summary
+    return TrainResult(run_dir, summary, model, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +187,20 @@ def save_adapter(model, tokenizer, target: Path) -> None:
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
+
+    from mathtune.model import supports_padding_free
 
     t = cfg.train
     dtype = next(p.dtype for p in model.parameters())
+    packed = t.padding_free and supports_padding_free(model)
+    if packed:
+        # One row per batch, positions restarting at each example: no padding to compute on.
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    log.info("Batches: %s", "packed without padding" if packed else "padded to the longest example")
     args = TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
         max_steps=t.max_steps,
@@ -197,14 +225,15 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
-        include_num_input_tokens_seen="non_padding",
+        # Packed batches have no padding (and no attention mask to tell it by): count every token.
+        include_num_input_tokens_seen="all" if packed else "non_padding",
+        prediction_loss_only=True,
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=False,
         log_level="warning",
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    trainer = Trainer(
+    trainer = LabelOnlyLossTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -215,6 +244,40 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RunLogger(run_dir / "metrics.jsonl", show_progress=main_process, write=main_process))
     return trainer
+
+
+class LabelOnlyLossTrainer(Trainer):
+    """Trainer whose loss runs the output head only at positions that predict a trained label.
+
+    With assistant-only labels about half the positions carry none, and the full-vocabulary logits
+    there (49k floats per token for SmolLM2) are a large share of the step. Packed batches (one row)
+    select those positions with the model's `logits_to_keep`; other batches use Trainer's own loss.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        forward = base.forward
+        self._keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or labels.shape[0] != 1 or not self._keeps_logits:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        targets = labels[0, 1:]  # position i predicts token i + 1
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+        outputs = model(**inputs, logits_to_keep=keep)
+        loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
+        # Same normalisation as Trainer: over the label tokens of the whole accumulated (and, with
+        # several processes, gathered) batch when it counted them, else over this batch.
+        if num_items_in_batch is None:
+            loss = loss / max(keep.numel(), 1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
 
 class RunLogger(TrainerCallback):

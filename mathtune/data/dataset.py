@@ -101,7 +101,7 @@ def read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_array(path: Path) -> Iterator[tuple[str, Any]]:
-    text = _decode(path.read_bytes(), path, 1)
+    text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), path, 1)
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -113,8 +113,8 @@ def _read_array(path: Path) -> Iterator[tuple[str, Any]]:
 def _read_lines(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno).strip()
-            if not line:
+            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno).rstrip()
+            if not line.strip():
                 continue
             try:
                 value = json.loads(line)
@@ -199,7 +199,7 @@ def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -
     if bad and cfg.on_invalid == "error":
         raise DataError(problems, bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
     if not valid:
-        raise DataError(problems or [f"{', '.join(map(str, files))}: no records"], bad)
+        raise DataError(problems, bad) if bad else DataError([f"{', '.join(map(str, files))}: no records"])
     report.skipped_invalid += bad
 
     features = datasets.Features(
@@ -273,8 +273,12 @@ def _spans_by_content(messages: list[dict[str, str]], tokenizer: PreTrainedToken
     spans, cursor = [], 0
     eos = tokenizer.eos_token or ""
     for message in messages:
+        if message["role"] == "system":
+            continue  # templates move the system prompt (Mistral: into the last user turn)
         content = message["content"].strip()
         at = text.find(content, cursor)
+        if at < 0 and message["role"] == "user":
+            continue  # a template may rewrite user text; only the replies must be found
         if at < 0:
             raise MathtuneError("The chat template changes the messages' text; cannot tell which tokens the assistant wrote. "
                                 "Set data.train_on_inputs: true or model.chat_template to a simpler template.")
@@ -327,7 +331,8 @@ def build_datasets(
         train_conv, eval_conv = conversations, load_conversations(cfg.eval_files, cfg, report)
     else:
         if len(conversations) < 2:
-            raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation"])
+            raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation "
+                             "(or give data.eval_files)"])
         split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
         train_conv, eval_conv = split["train"], split["test"]
     train = tokenize_dataset(train_conv, tokenizer, cfg, report)

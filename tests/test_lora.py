@@ -1,0 +1,75 @@
+"""LoRA on tiny models of every claimed architecture: targets found, only adapters train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mathtune.config import LoraConfig
+from mathtune.errors import ConfigError
+from mathtune.lora import apply_lora, count_parameters
+from mathtune.model import find_linear_layers
+from tests.conftest import TINY_ARCHS, tiny_config
+
+EXPECTED_TARGETS = {
+    "llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "mistral": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "qwen2": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+    "falcon": ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+    "opt": ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_fc", "c_proj"],
+}
+
+
+def tiny_model(arch: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=128))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_linear_layers_found_without_the_output_head(arch):
+    model = tiny_model(arch)
+    assert find_linear_layers(model) == EXPECTED_TARGETS[arch]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_few_steps_change_every_lora_parameter_and_no_base_parameter(arch):
+    model = apply_lora(tiny_model(arch), LoraConfig(r=4, alpha=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert adapted == set(EXPECTED_TARGETS[arch])
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (2, 12), generator=generator)
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == (name in trainable), f"{arch}: {name} {'changed' if changed else 'did not change'}"
+
+    n_trainable, n_total = count_parameters(model)
+    assert n_trainable == sum(p.numel() for n, p in model.named_parameters() if n in trainable)
+    assert n_total == sum(p.numel() for p in model.parameters())
+
+
+def test_named_targets_that_do_not_exist_are_rejected_with_the_real_names():
+    with pytest.raises(ConfigError, match="q_projection.*its linear layers are: down_proj"):
+        apply_lora(tiny_model("llama"), LoraConfig(target_modules=["q_projection"]))
+
+
+def test_rslora_and_dora_options_reach_peft():
+    model = apply_lora(tiny_model("llama"), LoraConfig(r=4, alpha=8, use_rslora=True, use_dora=True))
+    peft_config = model.peft_config["default"]
+    assert peft_config.use_rslora and peft_config.use_dora
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())

@@ -1,0 +1,70 @@
+"""Model sources: what model.path may name, and the errors for what it may not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mathtune.config import ModelConfig
+from mathtune.errors import ModelError
+from mathtune.hardware import resolve_device, resolve_dtype
+from mathtune.model import check_gguf_architecture, load_model, resolve_source
+
+
+def test_transformers_folder_loads_on_cpu_in_float32_with_a_pad_token(tiny_llama_dir):
+    model, tokenizer, source = load_model(ModelConfig(path=str(tiny_llama_dir)))
+    assert source.kind == "folder" and source.load_from == str(tiny_llama_dir)
+    assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).device.type == "cpu"
+    assert tokenizer.pad_token is not None and tokenizer.chat_template
+
+
+def test_a_file_that_is_not_gguf_is_named_with_its_magic(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ModelError, match=r"not a GGUF file \(starts with b'PK\\x03\\x04'"):
+        resolve_source(ModelConfig(path=str(fake)))
+
+
+def test_a_truncated_gguf_header_is_reported(tmp_path, smollm_gguf):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm_gguf.read_bytes()[:2000])
+    with pytest.raises(ModelError, match="truncated"):
+        check_gguf_architecture(cut)
+
+
+def test_the_real_gguf_header_gives_architecture_and_size(smollm_gguf):
+    arch, n_params = check_gguf_architecture(smollm_gguf)
+    assert arch == "llama" and 130e6 < n_params < 140e6
+
+
+def test_a_folder_without_config_json_points_at_its_gguf_files(tmp_path):
+    (tmp_path / "mathstral-Q4_K_M.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match="without config.json.*name one: .*mathstral-Q4_K_M.gguf"):
+        resolve_source(ModelConfig(path=str(tmp_path)))
+
+
+def test_a_missing_path_says_what_model_path_accepts(tmp_path):
+    with pytest.raises(ModelError, match="no such file or folder.*a .gguf file, a Transformers folder or a hub id"):
+        resolve_source(ModelConfig(path=str(tmp_path / "nope.gguf")))
+
+
+def test_a_hub_id_offline_says_to_download_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = resolve_source(ModelConfig(path="mistralai/Mathstral-7B-v0.1"))
+    assert source.kind == "hub"
+    with pytest.raises(ModelError, match="could not load from the model hub.*Offline"):
+        load_model(ModelConfig(path="mistralai/Mathstral-7B-v0.1"))
+
+
+def test_device_and_dtype_on_a_cpu_machine():
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else resolve_device("auto"))
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_loads_the_base_in_4_bit(tiny_llama_dir):
+    pytest.importorskip("bitsandbytes")
+    model, _, _ = load_model(ModelConfig(path=str(tiny_llama_dir), load_in_4bit=True))
+    assert getattr(model, "is_loaded_in_4bit", False)

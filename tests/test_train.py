@@ -1,0 +1,120 @@
+"""The training recipe end to end on a tiny llama folder: run folder, reproducibility, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mathtune.cli import main
+from mathtune.config import load_config
+from mathtune.errors import MathtuneError
+from mathtune.train import last_checkpoint, train
+from tests.conftest import math_records, write_jsonl
+
+
+def tiny_run_config(tmp_path, model_dir, **train_overrides):
+    data = write_jsonl(tmp_path / "math.jsonl", math_records(24))
+    overrides = {
+        "model.path": str(model_dir),
+        "data.files": [str(data)],
+        "data.eval_fraction": 0.25,
+        "lora.r": 4,
+        "lora.alpha": 8,
+        "train.max_steps": 6,
+        "train.batch_size": 4,
+        "train.learning_rate": 1e-2,
+        "train.logging_steps": 1,
+        "train.save_steps": 3,
+        "train.save_total_limit": 5,
+        "output.dir": str(tmp_path / "run"),
+    }
+    overrides.update({f"train.{k}": v for k, v in train_overrides.items()})
+    return load_config(overrides=overrides, environ={})
+
+
+def adapter_weights(run_dir):
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_run_folder_has_adapter_config_metrics_and_summary(tmp_path, tiny_llama_dir):
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir)
+    summary = train(cfg).summary
+    run = tmp_path / "run"
+
+    assert {"adapter", "checkpoints", "config.yaml", "metrics.jsonl", "train_summary.json"} <= {p.name for p in run.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in (run / "adapter").iterdir()
+    }
+    assert json.loads((run / "train_summary.json").read_text()) == summary
+    assert summary["steps"] == 6 and summary["train_examples"] == 18 and summary["eval_examples"] == 6
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["tokens_seen"] > 0 and summary["tokens_per_second"] > 0
+
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [entry for entry in lines if "loss" in entry]
+    assert [entry["step"] for entry in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert all(entry["tokens_per_second"] > 0 and "learning_rate" in entry for entry in train_lines)
+    assert lines[0]["step"] == 0 and "eval_loss" in lines[0]
+    # Saved config is the resolved one, and reproduces this run's configuration exactly.
+    assert load_config(run / "config.yaml", environ={}) == cfg
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_an_existing_run_is_never_overwritten_without_asking(tmp_path, tiny_llama_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("results")
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir)
+    with pytest.raises(MathtuneError, match="--overwrite"):
+        train(cfg)
+    assert (run / "precious.txt").read_text() == "results"
+
+
+def test_config_yaml_of_a_run_reproduces_it_through_the_cli(tmp_path, tiny_llama_dir):
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2, save_steps=2)
+    first = train(cfg).summary
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "--output", str(again)]) == 0
+    second = json.loads((again / "train_summary.json").read_text())
+    assert second["first_train_loss"] == pytest.approx(first["first_train_loss"], rel=1e-5)
+    assert second["eval_loss_after"] == pytest.approx(first["eval_loss_after"], rel=1e-5)
+    saved = yaml.safe_load((again / "config.yaml").read_text())
+    assert saved["output"]["dir"] == str(again) and saved["train"]["max_steps"] == 2
+
+
+def test_resume_after_a_checkpoint_ends_with_the_uninterrupted_adapter(tmp_path, tiny_llama_dir):
+    straight_dir, stopped_dir = tmp_path / "straight", tmp_path / "stopped"
+    straight_dir.mkdir(), stopped_dir.mkdir()
+    train(tiny_run_config(straight_dir, tiny_llama_dir))
+
+    stopped = tiny_run_config(stopped_dir, tiny_llama_dir)
+    train(stopped)
+    run = stopped_dir / "run"
+    # Simulate a run that died after its step-3 checkpoint: later state is gone.
+    shutil.rmtree(run / "checkpoints" / "checkpoint-6")
+    shutil.rmtree(run / "adapter")
+    (run / "train_summary.json").unlink()
+    assert last_checkpoint(run).name == "checkpoint-3"
+
+    assert main(["train", "--resume", str(run)]) == 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
+    assert summary["steps_this_session"] == 3
+    assert summary["eval_loss_before"] is not None
+
+    expected, resumed = adapter_weights(straight_dir / "run"), adapter_weights(run)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-4, atol=1e-5)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the replayed steps are not logged twice
+
+
+def test_resume_of_a_folder_that_is_not_a_run_says_so(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a mathtune run folder" in capsys.readouterr().err
