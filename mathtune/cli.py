@@ -2,6 +2,7 @@
 
     mathtune train [--config FILE] [--model PATH] [--data FILE ...] [--output DIR] [--set KEY=VALUE ...]
     mathtune train --resume RUN_DIR
+    mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -52,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="verified math accuracy of a run (--base: against the base model)",
+        description="Generate answers greedily and check them with math-verify; per-topic accuracy, "
+        "base vs fine-tuned. Writes RUN_DIR/eval/predictions.jsonl and summary.json.",
+    )
+    evaluate.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    evaluate.add_argument("--data", action="append", type=Path, metavar="FILE",
+                          help="score these files instead of the run's data (shape detected)")
+    evaluate.add_argument("--split", choices=["eval", "train", "all"], default="eval",
+                          help="which part of the run's data (default: the held-out split)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="score the first N examples only")
+    evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length cap (eval.max_new_tokens)")
+    evaluate.add_argument("--batch-size", type=int, metavar="N", help="generation batch size (eval.batch_size)")
+    evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -77,6 +95,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mathtune.train import train
 
     train(cfg, resume=args.resume is not None)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mathtune.evaluate import evaluate_run
+
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise MathtuneError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    evaluate_run(args.run_dir, data_files=args.data, split=args.split, limit=args.limit,
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base)
     return 0
 
 

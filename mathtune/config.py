@@ -135,6 +135,15 @@ class TrainConfig(_Section):
     eval_batch_size: int | None = Field(None, gt=0)
 
 
+class EvalConfig(_Section):
+    at_end: bool = True
+    """After training, score base and fine-tuned answers on the held-out split and print the table."""
+    max_examples: int = Field(60, ge=0)
+    """Held-out examples scored at the end of training (0: all). Generation is the slow part."""
+    max_new_tokens: int = Field(160, gt=0)
+    batch_size: int = Field(16, gt=0)
+
+
 class OutputConfig(_Section):
     dir: Path | None = None
     """The run folder. Empty: runs/<date>-<time>."""
@@ -147,6 +156,7 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from mathtune.config import Config, dump_config, summarize
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import MathtuneError
+from mathtune.files import write_json, write_text
 
 log = logging.getLogger("mathtune")
 
@@ -121,9 +121,26 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     }
     if main_process:
         save_adapter(model, tokenizer, run_dir / ADAPTER)
-        _write_json(run_dir / "train_summary.json", summary)
+        write_json(run_dir / "train_summary.json", summary)
         log.info(summary_text(summary, run_dir))
+        if cfg.eval.at_end:
+            evaluate_held_out(cfg, model, tokenizer, run_dir)
     return TrainResult(run_dir, summary, model, tokenizer)
+
+
+def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path) -> dict:
+    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split."""
+    from mathtune.data.dataset import split_conversations
+    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model
+
+    _, eval_conv = split_conversations(cfg.data, cfg.train.seed)
+    examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
+    log.info("Scoring base and fine-tuned answers on %d held-out examples", len(examples))
+    result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,
+                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                            meta={"data": "run", "split": "eval"})
+    log.info("\n%s", comparison_table(result))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +170,7 @@ def prepare_run_dir(cfg: Config, resume: bool, write: bool = True) -> Path:
             shutil.rmtree(run_dir)
     if write:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text(run_dir / "config.yaml", dump_config(cfg))
+        write_text(run_dir / "config.yaml", dump_config(cfg))
     return run_dir
 
 
@@ -294,7 +311,7 @@ class RunLogger(TrainerCallback):
         if self.write and self.path.exists():
             # After a resume, drop lines past the checkpoint: those steps run again.
             keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= state.global_step]
-            _write_text(self.path, "".join(f"{line}\n" for line in keep))
+            write_text(self.path, "".join(f"{line}\n" for line in keep))
         if self.show_progress:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
@@ -374,13 +391,3 @@ def summary_text(summary: dict, run_dir: Path) -> str:
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

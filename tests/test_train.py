@@ -31,6 +31,8 @@ def tiny_run_config(tmp_path, model_dir, **train_overrides):
         "train.logging_steps": 1,
         "train.save_steps": 3,
         "train.save_total_limit": 5,
+        "eval.max_examples": 3,
+        "eval.max_new_tokens": 6,
         "output.dir": str(tmp_path / "run"),
     }
     overrides.update({f"train.{k}": v for k, v in train_overrides.items()})

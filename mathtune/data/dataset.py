@@ -170,12 +170,14 @@ def iter_conversations(
             yield place, exc, file_fmt
 
 
-def _generate_rows(files: list[str], fmt: str, fields: dict | None, file_ids: list) -> Iterator[dict]:
+def _generate_rows(files: list[str], fmt: str, fields: dict | None, system_prompt: str | None, file_ids: list) -> Iterator[dict]:
     # file_ids (size, mtime) is unused here: it is in the signature so that datasets' cache key
     # changes when a file changes under the same name.
     for path in files:
         for _, conv, _ in iter_conversations(Path(path), fmt, fields):
             if isinstance(conv, Conversation):
+                if system_prompt and conv.messages[0]["role"] != "system":
+                    conv.messages.insert(0, {"role": "system", "content": system_prompt})
                 yield conv.to_row()
 
 
@@ -209,7 +211,8 @@ def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -
     return datasets.Dataset.from_generator(
         _generate_rows,
         features=features,
-        gen_kwargs={"files": [str(p) for p in files], "fmt": cfg.format, "fields": fields, "file_ids": file_ids},
+        gen_kwargs={"files": [str(p) for p in files], "fmt": cfg.format, "fields": fields,
+                    "system_prompt": cfg.system_prompt, "file_ids": file_ids},
     )
 
 
@@ -319,22 +322,30 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
     return kept.remove_columns(["truncated"])
 
 
+def split_conversations(cfg: DataConfig, seed: int, report: DataReport | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The train and eval conversations: cfg.files (or the bundled set) split by seed, or cfg.eval_files.
+
+    Deterministic for a given seed, so evaluation after training sees the same held-out records.
+    """
+    from mathtune.data.builtin import builtin_files
+
+    report = report if report is not None else DataReport()
+    conversations = load_conversations(cfg.files or builtin_files(), cfg, report)
+    if cfg.eval_files:
+        return conversations, load_conversations(cfg.eval_files, cfg, report)
+    if len(conversations) < 2:
+        raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation "
+                         "(or give data.eval_files)"])
+    split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+    return split["train"], split["test"]
+
+
 def build_datasets(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
-    """Conversations from cfg.files (or the bundled set), split by seed or cfg.eval_files, tokenized."""
-    from mathtune.data.builtin import builtin_files
-
+    """Tokenized train and eval sets (input_ids, labels) and the report of what happened to the records."""
     report = DataReport()
-    conversations = load_conversations(cfg.files or builtin_files(), cfg, report)
-    if cfg.eval_files:
-        train_conv, eval_conv = conversations, load_conversations(cfg.eval_files, cfg, report)
-    else:
-        if len(conversations) < 2:
-            raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation "
-                             "(or give data.eval_files)"])
-        split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
-        train_conv, eval_conv = split["train"], split["test"]
+    train_conv, eval_conv = split_conversations(cfg, seed, report)
     train = tokenize_dataset(train_conv, tokenizer, cfg, report)
     evaluation = tokenize_dataset(eval_conv, tokenizer, cfg, report)
     if len(train) == 0:

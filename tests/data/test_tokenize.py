@@ -132,3 +132,17 @@ def test_explicit_eval_file_is_used_whole(tmp_path, chatml_tokenizer):
     train, evaluation, report = build_datasets(cfg, chatml_tokenizer, seed=0)
     assert (len(train), len(evaluation)) == (6, 3)
     assert isinstance(report, DataReport) and report.files[str(eval_file)] == "query_response"
+
+
+def test_system_prompt_is_added_only_where_a_conversation_has_none(tmp_path):
+    from mathtune.data.dataset import load_conversations
+
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "2+2?", "output": "4"},
+        {"instruction": "3+3?", "output": "6", "system": "Own system."},
+    ])
+    rows = load_conversations([path], DataConfig(files=[path], system_prompt="Eres un tutor."), DataReport())
+    assert [r["messages"][0] for r in rows] == [
+        {"role": "system", "content": "Eres un tutor."},
+        {"role": "system", "content": "Own system."},
+    ]
