@@ -169,7 +169,13 @@ def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path,
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    runs = {"finetuned": score(model, tokenizer, examples, max_new_tokens, batch_size)}
+    # Generation with the adapter folded into the weights skips LoRA's extra matmuls (~20% faster).
+    merged = _merge(model)
+    try:
+        runs = {"finetuned": score(model, tokenizer, examples, max_new_tokens, batch_size)}
+    finally:
+        if merged:
+            model.unmerge_adapter()
     if base:
         with model.disable_adapter():
             runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size)
@@ -234,6 +240,14 @@ def load_trained(run_dir: Path, cfg):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer
+
+
+def _merge(model) -> bool:
+    # 4-bit bases cannot take a merged delta exactly; keep the adapter separate there.
+    if getattr(model, "is_loaded_in_4bit", False) or not hasattr(model, "merge_adapter"):
+        return False
+    model.merge_adapter()
+    return True
 
 
 def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[dict]], summary: dict) -> None:

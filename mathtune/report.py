@@ -1,0 +1,298 @@
+"""One self-contained HTML page per run: what was trained, how the loss moved, what the model got right.
+
+    mathtune report RUN_DIR
+
+Reads only the run folder (config.yaml, train_summary.json, metrics.jsonl, eval/summary.json,
+eval/predictions.jsonl) and writes RUN_DIR/plots/loss.png, RUN_DIR/plots/accuracy.png and
+RUN_DIR/report.html. The page embeds the plots as data URIs and has no external CSS, scripts or
+fonts, so it opens from file:// and can be mailed as one file. The same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from mathtune.evaluate import _pct as pct  # the exact formatting of `comparison_table`
+from mathtune.files import write_text
+
+SAMPLES = 4
+"""Fine-tuned answers shown of each kind (correct, wrong): the first ones in predictions.jsonl."""
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222; max-width: 1150px;
+       margin: 2em auto; padding: 0 1em; }
+h1 { margin-bottom: 0.1em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.muted { color: #777; } .note { background: #fff7e0; border-left: 4px solid #e0a800; padding: 0.5em 0.8em; }
+table { border-collapse: collapse; margin: 0.6em 0; } th, td { padding: 0.25em 0.8em; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.all td { font-weight: 600; border-top: 2px solid #ccc; }
+.up { color: #17803d; } .down { color: #c0392b; }
+img { max-width: 100%; }
+code, pre, .response { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
+pre, .response { white-space: pre-wrap; word-break: break-word; margin: 0; }
+.sample { border: 1px solid #ddd; border-radius: 6px; margin: 1em 0; overflow: hidden; }
+.sample h3 { margin: 0; padding: 0.4em 0.8em; font-size: 14px; background: #f6f6f6; }
+.cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); }
+.cols > div { padding: 0.5em 0.8em; border-left: 1px solid #eee; } .cols > div:first-child { border-left: 0; }
+.label { font-size: 12px; text-transform: uppercase; letter-spacing: 0.04em; color: #777; margin-bottom: 0.3em; }
+.answer { margin-top: 0.5em; font-size: 13px; } .ok { color: #17803d; } .bad { color: #c0392b; }
+details pre { background: #f8f8f8; padding: 0.8em; }
+"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write RUN_DIR/plots/*.png and RUN_DIR/report.html from the run folder's files; return the page."""
+    run_dir = Path(run_dir)
+    summary = _read_json(run_dir / "train_summary.json")
+    metrics = _read_jsonl(run_dir / "metrics.jsonl") or []
+    evaluation = _read_json(run_dir / "eval" / "summary.json")
+    predictions = _read_jsonl(run_dir / "eval" / "predictions.jsonl") or []
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
+
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    name = run_dir.resolve().name
+    body = [f"<h1>{escape(name)}</h1>", f'<p class="muted">mathtune run folder <code>{escape(str(run_dir.resolve()))}</code></p>']
+
+    body.append("<h2>Training</h2>")
+    if summary is None:
+        body.append('<p class="note">Training has not finished: there is no train_summary.json yet. '
+                    "The loss plot shows what metrics.jsonl holds so far.</p>")
+    body.append(_run_table(summary, config))
+    loss_png = _loss_plot(metrics)
+    if loss_png:
+        _write_bytes(plots / "loss.png", loss_png)
+        body.append(_img(loss_png, "train and eval loss per step"))
+    else:
+        body.append('<p class="muted">No losses logged yet (metrics.jsonl is missing or empty).</p>')
+
+    body.append("<h2>Verified accuracy</h2>")
+    if evaluation is None:
+        body.append(f'<p class="note" id="no-eval">No evaluation yet: run <code>mathtune eval {escape(str(run_dir))} '
+                    "--base</code> to score the fine-tuned and base models, then <code>mathtune report</code> again.</p>")
+    else:
+        body.append(_accuracy_section(evaluation))
+        accuracy_png = _accuracy_plot(evaluation)
+        _write_bytes(plots / "accuracy.png", accuracy_png)
+        body.append(_img(accuracy_png, "accuracy per topic"))
+        body.append("<h2>Sample answers</h2>")
+        body.append(_samples(predictions))
+
+    if config is not None:
+        body.append(f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{escape(config)}</pre></details>")
+
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>mathtune report: {escape(name)}</title>\n<style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+    out = run_dir / "report.html"
+    write_text(out, page)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+def _run_table(summary: dict | None, config: str | None) -> str:
+    rows: list[tuple[str, str]] = []
+    if summary is None:
+        import yaml
+
+        path = (yaml.safe_load(config) or {}).get("model", {}).get("path") if config else None
+        rows.append(("model", f"<code>{escape(str(path))}</code>"))
+    else:
+        s, model = summary, summary.get("model", {})
+        rows.append(("model", f"<code>{escape(str(model.get('path')))}</code> ({escape(str(model.get('kind')))})"))
+        rows.append(("device", escape(str(s.get("device")))))
+        rows.append(("steps", f"{s['steps']} ({s.get('epochs', 0):g} epochs)"))
+        seconds = s.get("train_seconds") or 0
+        rows.append(("wall time", f"{seconds:.1f} s ({int(seconds // 60)} min {seconds % 60:.0f} s)"))
+        rows.append(("tokens/s", f"{s.get('tokens_per_second') or 0:,.1f} ({s.get('tokens_seen') or 0:,} tokens)"))
+        rows.append(("train loss", f"{_num(s.get('first_train_loss'))} → {_num(s.get('last_train_loss'))}"
+                                   f" (mean {_num(s.get('train_loss_mean'))})"))
+        before, after = s.get("eval_loss_before"), s.get("eval_loss_after")
+        change = f" ({after - before:+.4f})" if before is not None and after is not None else ""
+        rows.append(("eval loss", f"{_num(before)} → {_num(after)}{change}"))
+        trainable, total = s.get("trainable_parameters"), s.get("total_parameters")
+        if trainable and total:
+            rows.append(("parameters", f"{trainable:,} trainable of {total:,} ({100 * trainable / total:.2f}%)"))
+        rows.append(("LoRA on", escape(", ".join(s.get("lora_targets") or []))))
+        rows.append(("examples", f"{s.get('train_examples')} train, {s.get('eval_examples')} held out"))
+        if s.get("resumed_from"):
+            rows.append(("resumed from", f"<code>{escape(str(s['resumed_from']))}</code>"))
+    cells = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<table id="run">{cells}</table>'
+
+
+def _accuracy_section(evaluation: dict) -> str:
+    """The `comparison_table` of evaluate.py as HTML: per topic n, base, fine-tuned and change."""
+    models = evaluation["models"]
+    tuned, base = models["finetuned"], models.get("base")
+    data = evaluation.get("data")
+    where = "the run's " + str(evaluation.get("split")) + " split" if data == "run" else ", ".join(map(str, data or []))
+    head = (f'<p class="muted">{evaluation.get("examples")} examples of {escape(where)}, greedy answers up to '
+            f'{evaluation.get("max_new_tokens")} tokens, checked with math-verify ({evaluation.get("seconds")} s).</p>')
+    columns = ["topic", "n", *(["base"] if base else []), "fine-tuned", *(["change"] if base else [])]
+    rows = ["<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"]
+    for topic in [*tuned["by_topic"], "all"]:
+        t = tuned if topic == "all" else tuned["by_topic"][topic]
+        cells = [f'<td class="topic">{escape(topic)}</td>', f'<td class="num n">{t["checked"]}</td>']
+        if base:
+            b = base if topic == "all" else base["by_topic"][topic]
+            diff = 100 * (t["accuracy"] - b["accuracy"])
+            cells.append(f'<td class="num base">{pct(b["accuracy"])}</td>')
+            cells.append(f'<td class="num finetuned">{pct(t["accuracy"])}</td>')
+            trend = "up" if diff > 0 else "down" if diff < 0 else ""
+            cells.append(f'<td class="num change {trend}">{diff:+.1f}</td>')
+        else:
+            cells.append(f'<td class="num finetuned">{pct(t["accuracy"])}</td>')
+        rows.append(f'<tr class="{"all" if topic == "all" else "row"}" data-topic="{escape(topic)}">{"".join(cells)}</tr>')
+    table = f'<table id="accuracy">{"".join(rows)}</table>'
+    if tuned.get("uncheckable"):
+        loss = f"fine-tuned {tuned['reference_loss']} (perplexity {tuned['reference_perplexity']})"
+        if base:
+            loss += f", base {base['reference_loss']} (perplexity {base['reference_perplexity']})"
+        table += (f'<p id="uncheckable">{tuned["uncheckable"]} examples without a checkable answer: '
+                  f"reference loss per token {loss}</p>")
+    return head + table
+
+
+def _samples(predictions: list[dict]) -> str:
+    checked = [p for p in predictions if p.get("checkable") and "response" in p.get("finetuned", {})]
+    right = [p for p in checked if p["finetuned"].get("correct")][:SAMPLES]
+    wrong = [p for p in checked if not p["finetuned"].get("correct")][:SAMPLES]
+    if not right and not wrong:
+        return '<p class="muted">No checkable predictions in eval/predictions.jsonl.</p>'
+    intro = (f'<p class="muted">The first {len(right)} correct and {len(wrong)} wrong answers of the fine-tuned '
+             "model in eval/predictions.jsonl.</p>")
+    return intro + "\n".join(_sample(p) for p in right + wrong)
+
+
+def _sample(record: dict) -> str:
+    prompt = record.get("prompt") or []
+    users = [m for m in prompt if m.get("role") == "user"]
+    question = users[-1]["content"] if users else ""
+    earlier = [m for m in prompt[:-1] if m.get("role") != "system"]
+    context = f" · after {len(earlier)} earlier turns" if earlier else ""
+    mark = _mark(record["finetuned"].get("correct"))
+    cols = [("prompt", question, None), ("reference", record.get("reference", ""), None),
+            ("fine-tuned", record["finetuned"].get("response", ""), record["finetuned"])]
+    if "response" in record.get("base", {}):
+        cols.append(("base", record["base"]["response"], record["base"]))
+    divs = []
+    for label, text, result in cols:
+        extra = ""
+        if result is not None:
+            extra = (f'<div class="answer">{_mark(result.get("correct"))} answer '
+                     f'<code>{escape(str(result.get("predicted") or "—"))}</code>, expected '
+                     f'<code>{escape(str(result.get("expected") or "—"))}</code></div>')
+        elif label == "prompt" and earlier:
+            turns = "\n\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in earlier)
+            extra = f'<details class="answer"><summary>earlier turns</summary><pre>{escape(turns)}</pre></details>'
+        divs.append(f'<div><div class="label">{label}</div><div class="response">{text}</div>{extra}</div>')
+    return (f'<div class="sample"><h3>{mark} {escape(str(record.get("topic")))}{context}</h3>'
+            f'<div class="cols">{"".join(divs)}</div></div>')
+
+
+def _mark(correct: bool | None) -> str:
+    return '<span class="ok">✓</span>' if correct else '<span class="bad">✗</span>'
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _loss_plot(metrics: list[dict]) -> bytes | None:
+    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
+    if not train and not held_out:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    if train:
+        ax.plot(*zip(*train), marker=".", label="train loss")
+    if held_out:
+        ax.plot(*zip(*held_out), marker="o", linestyle="--", label="eval loss (held-out)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per label token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def _accuracy_plot(evaluation: dict) -> bytes:
+    models = evaluation["models"]
+    tuned, base = models["finetuned"], models.get("base")
+    topics = [*tuned["by_topic"], "all"]
+    series = [("base", base, "#9aa5b1")] if base else []
+    series.append(("fine-tuned", tuned, "#2b7bba"))
+    plt = _pyplot()
+    height = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * len(topics) * len(series)))
+    for k, (label, model, color) in enumerate(series):
+        values = [100 * (model if t == "all" else model["by_topic"][t])["accuracy"] for t in topics]
+        ys = [i + (k - (len(series) - 1) / 2) * height for i in range(len(topics))]
+        bars = ax.barh(ys, values, height=height, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3, fontsize=8)
+    counts = [(tuned if t == "all" else tuned["by_topic"][t])["checked"] for t in topics]
+    ax.set_yticks(range(len(topics)), [f"{t} (n={n})" for t, n in zip(topics, counts)])
+    ax.invert_yaxis()  # first topic on top, "all" at the bottom, as in the table
+    ax.set_xlim(0, 112)
+    ax.set_xlabel("verified accuracy (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
+    return _png(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed: the plots only go to files
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    # No "Software" tag, so the page does not change when only matplotlib's version does.
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<p><img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>'
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _read_jsonl(path: Path) -> list[dict] | None:
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    # files.write_text's write-aside-then-rename, for binary files.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
