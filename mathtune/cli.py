@@ -3,6 +3,7 @@
     mathtune train [--config FILE] [--model PATH] [--data FILE ...] [--output DIR] [--set KEY=VALUE ...]
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
+    mathtune report RUN_DIR
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -70,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="generation batch size (eval.batch_size)")
     evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
     evaluate.set_defaults(func=cmd_eval)
+
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page of a run: loss plot, accuracy per topic, sample answers",
+        description="Write RUN_DIR/report.html (plots embedded; opens from file://) and RUN_DIR/plots/*.png "
+        "from the files in the run folder.",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.set_defaults(func=cmd_report)
     return parser
 
 
@@ -107,6 +117,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MathtuneError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
     evaluate_run(args.run_dir, data_files=args.data, split=args.split, limit=args.limit,
                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mathtune.report import write_report
+
+    print(f"Written {write_report(args.run_dir)}")
     return 0
 
 

@@ -18,7 +18,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mathtune.evaluate import _pct as pct  # the exact formatting of `comparison_table`
+from mathtune.errors import MathtuneError
+from mathtune.evaluate import percent as pct  # the exact formatting of `comparison_table`
 from mathtune.files import write_text
 
 SAMPLES = 4
@@ -49,11 +50,13 @@ details pre { background: #f8f8f8; padding: 0.8em; }
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/plots/*.png and RUN_DIR/report.html from the run folder's files; return the page."""
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise MathtuneError(f"{run_dir}: not a mathtune run folder (no config.yaml)")
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
     summary = _read_json(run_dir / "train_summary.json")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl") or []
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
     evaluation = _read_json(run_dir / "eval" / "summary.json")
-    predictions = _read_jsonl(run_dir / "eval" / "predictions.jsonl") or []
-    config = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
+    predictions = _read_jsonl(run_dir / "eval" / "predictions.jsonl")
 
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
@@ -84,8 +87,7 @@ def write_report(run_dir: Path) -> Path:
         body.append("<h2>Sample answers</h2>")
         body.append(_samples(predictions))
 
-    if config is not None:
-        body.append(f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{escape(config)}</pre></details>")
+    body.append(f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{escape(config)}</pre></details>")
 
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -100,13 +102,13 @@ def write_report(run_dir: Path) -> Path:
 # Sections
 
 
-def _run_table(summary: dict | None, config: str | None) -> str:
+def _run_table(summary: dict | None, config: str) -> str:
     rows: list[tuple[str, str]] = []
     if summary is None:
         import yaml
 
-        path = (yaml.safe_load(config) or {}).get("model", {}).get("path") if config else None
-        rows.append(("model", f"<code>{escape(str(path))}</code>"))
+        path = (yaml.safe_load(config) or {}).get("model", {}).get("path")
+        rows.append(("model", f"<code>{escape(str(path))}</code>" if path else "mathtune's default model"))
     else:
         s, model = summary, summary.get("model", {})
         rows.append(("model", f"<code>{escape(str(model.get('path')))}</code> ({escape(str(model.get('kind')))})"))
@@ -196,7 +198,7 @@ def _sample(record: dict) -> str:
         elif label == "prompt" and earlier:
             turns = "\n\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in earlier)
             extra = f'<details class="answer"><summary>earlier turns</summary><pre>{escape(turns)}</pre></details>'
-        divs.append(f'<div><div class="label">{label}</div><div class="response">{text}</div>{extra}</div>')
+        divs.append(f'<div><div class="label">{label}</div><div class="response">{escape(text)}</div>{extra}</div>')
     return (f'<div class="sample"><h3>{mark} {escape(str(record.get("topic")))}{context}</h3>'
             f'<div class="cols">{"".join(divs)}</div></div>')
 
@@ -278,13 +280,23 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return _decode(path.read_text(encoding="utf-8"), path, None) if path.is_file() else None
 
 
-def _read_jsonl(path: Path) -> list[dict] | None:
-    if not path.is_file():
-        return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a line cut short by a crash (metrics.jsonl is appended to while training)
+    return [_decode(line, path, i) for i, line in enumerate(lines, 1) if line.strip()]
+
+
+def _decode(text: str, path: Path, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{path}, line {line}" if line else str(path)
+        raise MathtuneError(f"{where}: not valid JSON ({exc.msg}); was the file edited or cut short?") from None
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

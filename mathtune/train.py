@@ -125,6 +125,9 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         log.info(summary_text(summary, run_dir))
         if cfg.eval.at_end:
             evaluate_held_out(cfg, model, tokenizer, run_dir)
+        from mathtune.report import write_report
+
+        log.info("Report: %s", write_report(run_dir))
     return TrainResult(run_dir, summary, model, tokenizer)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mathtune.config import dump_config, load_config
+from mathtune.errors import MathtuneError
 from mathtune.evaluate import EvalExample, comparison_table, summarize, write_eval
 from mathtune.report import write_report
 
@@ -216,6 +217,17 @@ def test_evaluation_without_base(run_dir):
     assert rows["all"] == {"topic": "all", "n": "5", "finetuned": "60.0%"}
     assert ">base<" not in html
     assert (run_dir / "plots" / "accuracy.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_crashed_run_and_wrong_folder(run_dir, tmp_path):
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 8, "loss": 0.')  # the line being written when training died
+    assert "Training" in write_report(run_dir).read_text(encoding="utf-8")
+    (run_dir / "eval" / "predictions.jsonl").write_text('{"prompt": []}\nnot json\n')
+    with pytest.raises(MathtuneError, match=r"predictions.jsonl, line 2: not valid JSON"):
+        write_report(run_dir)
+    with pytest.raises(MathtuneError, match="not a mathtune run folder"):
+        write_report(tmp_path / "nothing-here")
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium to render the page")
