@@ -83,8 +83,11 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Trainer
     device = resolve_device(cfg.model.device)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
-    log.info("Evaluating on %d held-out examples before training", len(eval_ds))
-    eval_before = _eval_loss(trainer, eval_ds) if not resume else _logged_eval_before(run_dir)
+    if resume:
+        eval_before = _logged_eval_before(run_dir)
+    else:
+        log.info("Evaluating on %d held-out examples before training", len(eval_ds))
+        eval_before = _eval_loss(trainer, eval_ds)
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
@@ -95,6 +98,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     eval_after = _eval_loss(trainer, eval_ds)
 
     # Save
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {
         "model": {"kind": source.kind, "path": source.path, "loaded_from": source.load_from},
         "steps": trainer.state.global_step,
@@ -111,8 +115,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "train_seconds": round(train_seconds, 2),
         "tokens_per_second": round(_session_tokens(trainer) / train_seconds, 2) if train_seconds else None,
-        "first_train_loss": _first_loss(trainer),
-        "last_train_loss": _last_loss(trainer),
+        "first_train_loss": losses[0] if losses else None,
+        "last_train_loss": losses[-1] if losses else None,
         "train_loss_mean": round(result.training_loss, 6),
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
@@ -361,16 +365,6 @@ def _logged_eval_before(run_dir: Path) -> float | None:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     return next((r["eval_loss"] for r in map(json.loads, lines) if r["step"] == 0 and "eval_loss" in r), None)
-
-
-def _first_loss(trainer) -> float | None:
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return losses[0] if losses else None
-
-
-def _last_loss(trainer) -> float | None:
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return losses[-1] if losses else None
 
 
 def _session_tokens(trainer) -> int:

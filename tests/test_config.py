@@ -35,7 +35,7 @@ def no_cuda(monkeypatch):
 def test_defaults_when_nothing_is_set():
     cfg = load_config(None, None, environ=NO_ENV)
     assert cfg == Config()
-    assert cfg.train.learning_rate == 5e-4
+    assert cfg.train.learning_rate == 2e-3
     assert cfg.lora.target_modules == "all-linear"
     assert cfg.data.files == []
 
@@ -44,11 +44,11 @@ def test_each_layer_overrides_the_previous(tmp_path):
     key_env = "MATHTUNE_TRAIN__LEARNING_RATE"
     config_file = write_yaml(tmp_path / "run.yaml", "train:\n  learning_rate: 0.001\n  batch_size: 4\n")
 
-    assert load_config(None, None, environ=NO_ENV).train.learning_rate == 5e-4  # defaults
+    assert load_config(None, None, environ=NO_ENV).train.learning_rate == 2e-3  # defaults
     assert load_config(config_file, None, environ=NO_ENV).train.learning_rate == 0.001  # YAML > defaults
-    from_env = load_config(config_file, None, environ={key_env: "0.002"})
-    assert from_env.train.learning_rate == 0.002  # env > YAML
-    from_cli = load_config(config_file, {"train.learning_rate": 0.003}, environ={key_env: "0.002"})
+    from_env = load_config(config_file, None, environ={key_env: "0.0025"})
+    assert from_env.train.learning_rate == 0.0025  # env > YAML
+    from_cli = load_config(config_file, {"train.learning_rate": 0.003}, environ={key_env: "0.0025"})
     assert from_cli.train.learning_rate == 0.003  # command line > env
     # The layers merge key by key: a sibling set only in the YAML survives the later layers.
     assert from_cli.train.batch_size == 4
@@ -488,3 +488,19 @@ def test_cli_flags_override_the_yaml(tmp_path, capsys, quiet_cli_env, monkeypatc
     assert cfg.data.files == [Path("x.jsonl")]
     assert cfg.output.dir == tmp_path / "run"
     assert seen["resume"] is False
+
+
+def test_configs_default_yaml_is_exactly_the_built_in_default():
+    from tests.conftest import ROOT
+
+    assert load_config(ROOT / "configs" / "default.yaml", environ={}) == load_config(environ={})
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "mathstral-7b-qlora.yaml", "transformers-folder.yaml"])
+def test_every_example_config_is_valid_and_opens_with_its_command(name, monkeypatch):
+    from tests.conftest import ROOT
+
+    monkeypatch.setattr("mathtune.hardware.cuda_available", lambda: True)  # the QLoRA example targets a GPU
+    path = ROOT / "configs" / name
+    assert path.read_text(encoding="utf-8").startswith("# mathtune train --config configs/" + name)
+    load_config(path, environ={})
