@@ -50,11 +50,16 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Run the whole job described by `cfg`: the run folder, the trained adapter and its summary."""
     from accelerate import PartialState
 
-    from mathtune.data.dataset import build_datasets, ensure_chat_template
+    from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora, count_parameters, lora_targets
-    from mathtune.model import load_model
+    from mathtune.model import load_model, resolve_source
 
+    # Every record and the model path are checked before anything is written or loaded: a typo
+    # costs neither a run folder nor a model conversion.
+    data_report = DataReport()
+    train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
+    resolve_source(cfg.model)
     main_process = PartialState().is_main_process
     run_dir = prepare_run_dir(cfg, resume, write=main_process)
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
@@ -69,8 +74,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     hit = " (cached conversion)" if source.cache_hit else ""
     log.info("Loaded %s%s in %.1f s", source.path, hit, time.perf_counter() - started)
 
-    # Data
-    train_ds, eval_ds, data_report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    # Data, tokenized with the model's chat template
+    train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data_report)
     log.info("Data:\n%s", "\n".join(data_report.lines()))
 
     # LoRA
@@ -128,19 +133,17 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         write_json(run_dir / "train_summary.json", summary)
         log.info(summary_text(summary, run_dir))
         if cfg.eval.at_end:
-            evaluate_held_out(cfg, model, tokenizer, run_dir)
+            evaluate_held_out(cfg, model, tokenizer, run_dir, eval_conv)
         from mathtune.report import write_report
 
         log.info("Report: %s", write_report(run_dir))
     return TrainResult(run_dir, summary, model, tokenizer)
 
 
-def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path) -> dict:
+def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
     """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split."""
-    from mathtune.data.dataset import split_conversations
     from mathtune.evaluate import comparison_table, eval_examples, evaluate_model
 
-    _, eval_conv = split_conversations(cfg.data, cfg.train.seed)
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
     log.info("Scoring base and fine-tuned answers on %d held-out examples", len(examples))
     result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,

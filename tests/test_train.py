@@ -120,3 +120,20 @@ def test_resume_after_a_checkpoint_ends_with_the_uninterrupted_adapter(tmp_path,
 def test_resume_of_a_folder_that_is_not_a_run_says_so(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "not a mathtune run folder" in capsys.readouterr().err
+
+
+def test_bad_records_are_reported_before_any_folder_is_written_or_model_loaded(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "2+2?", "output": "4"}, {"instruction": "3+3?"}])
+    cfg = load_config(overrides={"model.path": str(tmp_path / "missing.gguf"), "data.files": [str(bad)],
+                                 "output.dir": str(tmp_path / "run")}, environ={})
+    with pytest.raises(MathtuneError, match=r"bad.jsonl:2: output: missing"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_model_is_reported_before_the_run_folder_is_created(tmp_path):
+    cfg = load_config(overrides={"model.path": str(tmp_path / "missing.gguf"), "output.dir": str(tmp_path / "run")},
+                      environ={})
+    with pytest.raises(MathtuneError, match="missing.gguf: no such file or folder"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -346,6 +346,14 @@ def build_datasets(
     """Tokenized train and eval sets (input_ids, labels) and the report of what happened to the records."""
     report = DataReport()
     train_conv, eval_conv = split_conversations(cfg, seed, report)
+    train, evaluation = tokenize_splits(train_conv, eval_conv, tokenizer, cfg, report)
+    return train, evaluation, report
+
+
+def tokenize_splits(
+    train_conv: datasets.Dataset, eval_conv: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+    cfg: DataConfig, report: DataReport,
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     train = tokenize_dataset(train_conv, tokenizer, cfg, report)
     evaluation = tokenize_dataset(eval_conv, tokenizer, cfg, report)
     if len(train) == 0:
@@ -353,4 +361,4 @@ def build_datasets(
     report.train_examples, report.eval_examples = len(train), len(evaluation)
     report.train_tokens = sum(map(len, train["input_ids"]))
     report.train_label_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for labels in train["labels"])
-    return train, evaluation, report
+    return train, evaluation
