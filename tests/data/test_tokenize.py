@@ -146,3 +146,19 @@ def test_system_prompt_is_added_only_where_a_conversation_has_none(tmp_path):
         {"role": "system", "content": "Eres un tutor."},
         {"role": "system", "content": "Own system."},
     ]
+
+
+def test_the_readme_spanish_example_file_loads(tmp_path):
+    import re
+
+    from mathtune.data.dataset import load_conversations
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"```json\n(.*?)```", readme.split("Guía rápida")[1], re.S).group(1)
+    path = tmp_path / "mis_problemas.json"
+    path.write_text(example, encoding="utf-8")
+    report = DataReport()
+    rows = load_conversations([path], DataConfig(files=[path]), report)
+    assert len(rows) == 2 and report.files[str(path)] == "alpaca"
+    assert rows[0]["messages"][1]["content"].endswith("\\boxed{6x}.")
