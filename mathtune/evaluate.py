@@ -228,12 +228,11 @@ def load_trained(run_dir: Path, cfg):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from mathtune.model import load_model
+    from mathtune.model import ensure_pad_token, load_model
 
     base, _, _ = load_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
     return PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer
 
 

@@ -113,10 +113,14 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         log.warning("model.trust_remote_code is ON: Python code shipped with %s will run on this machine", source.path)
     tokenizer = _load_tokenizer(source, cfg.trust_remote_code)
     model = _from_pretrained(source, dtype, cfg, device)
+    ensure_pad_token(tokenizer)
+    return model, tokenizer, source
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         # Labels are built per position, never from pad ids, so pad == eos cannot mask an end of turn.
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, source
 
 
 def convert_gguf(gguf_path: Path, cache: Path) -> tuple[str, bool]:

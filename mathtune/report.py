@@ -13,14 +13,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from mathtune.errors import MathtuneError
 from mathtune.evaluate import percent as pct  # the exact formatting of `comparison_table`
-from mathtune.files import write_text
+from mathtune.files import write_bytes, write_text
 
 SAMPLES = 4
 """Fine-tuned answers shown of each kind (correct, wrong): the first ones in predictions.jsonl."""
@@ -70,7 +69,7 @@ def write_report(run_dir: Path) -> Path:
     body.append(_run_table(summary, config))
     loss_png = _loss_plot(metrics)
     if loss_png:
-        _write_bytes(plots / "loss.png", loss_png)
+        write_bytes(plots / "loss.png", loss_png)
         body.append(_img(loss_png, "train and eval loss per step"))
     else:
         body.append('<p class="muted">No losses logged yet (metrics.jsonl is missing or empty).</p>')
@@ -82,7 +81,7 @@ def write_report(run_dir: Path) -> Path:
     else:
         body.append(_accuracy_section(evaluation))
         accuracy_png = _accuracy_plot(evaluation)
-        _write_bytes(plots / "accuracy.png", accuracy_png)
+        write_bytes(plots / "accuracy.png", accuracy_png)
         body.append(_img(accuracy_png, "accuracy per topic"))
         body.append("<h2>Sample answers</h2>")
         body.append(_samples(predictions))
@@ -297,13 +296,6 @@ def _decode(text: str, path: Path, line: int | None) -> Any:
     except json.JSONDecodeError as exc:
         where = f"{path}, line {line}" if line else str(path)
         raise MathtuneError(f"{where}: not valid JSON ({exc.msg}); was the file edited or cut short?") from None
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    # files.write_text's write-aside-then-rename, for binary files.
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _num(value: float | None) -> str:
