@@ -13,19 +13,17 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from mathtune.errors import MathtuneError, ModelError
+from mathtune.errors import ModelError
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
 
 def chat_run(run_dir: Path, max_new_tokens: int = 512, system: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    from mathtune.config import load_config
+    from mathtune.config import load_run_config
     from mathtune.evaluate import load_trained
 
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
-        raise MathtuneError(f"{run_dir}: not a finished mathtune run (needs config.yaml and adapter/)")
-    cfg = load_config(run_dir / "config.yaml", environ={})
+    cfg = load_run_config(run_dir)
     model, tokenizer = load_trained(run_dir, cfg)
     model.eval()
     _loop(lambda messages: _reply_transformers(model, tokenizer, messages, max_new_tokens, stdout),

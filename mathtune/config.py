@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mathtune.errors import ConfigError
+from mathtune.errors import ConfigError, MathtuneError
 
 ENV_PREFIX = "MATHTUNE_"
 
@@ -214,6 +214,14 @@ def load_config(
         problems = _describe(exc, origin)
         problems += [p for p in _combination_problems(merged, exc) if p not in problems]
         raise ConfigError(problems) from None
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The configuration a finished run was trained with (RUN_DIR/config.yaml beside RUN_DIR/adapter/).
+    The environment is not read: the run's settings are what they were."""
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise MathtuneError(f"{run_dir}: not a finished mathtune run (needs config.yaml and adapter/)")
+    return load_config(run_dir / "config.yaml", environ={})
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -385,6 +385,7 @@ def summary_text(summary: dict, run_dir: Path) -> str:
             f"  train loss  {summary['first_train_loss']} -> {summary['last_train_loss']}",
             f"  eval loss   {before} -> {after}{change}",
             f"  adapter     {run_dir / ADAPTER}",
+            f"  next        mathtune export {run_dir} --to gguf   (for LM Studio / llama.cpp)",
         ]
     )
 

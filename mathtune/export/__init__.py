@@ -34,7 +34,7 @@ class ExportResult:
 
 def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = False, output: Path | None = None,
                overwrite: bool = False) -> ExportResult:
-    from mathtune.config import load_config
+    from mathtune.config import load_run_config
     from mathtune.export.adapter import read_adapter
     from mathtune.export.gguf import QUANTS
     from mathtune.model import resolve_source
@@ -43,9 +43,7 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
         raise MathtuneError(f"--to {to}: expected one of {', '.join(TARGETS)}")
     if quant not in QUANTS:
         raise MathtuneError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
-        raise MathtuneError(f"{run_dir}: not a finished mathtune run (needs config.yaml and adapter/)")
-    cfg = load_config(run_dir / "config.yaml", environ={})
+    cfg = load_run_config(run_dir)
     source = resolve_source(cfg.model)
     name = base_name(source)
     out = output or run_dir / "export" / {"gguf": f"{name}-{quant}.gguf", "gguf-lora": f"{name}-lora.gguf",

@@ -115,7 +115,7 @@ def write_gguf(writer, out: Path, tensors: list[PlannedTensor]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _planned(name: str, qtype, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> PlannedTensor:
+def planned(name: str, qtype, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> PlannedTensor:
     # add_tensor_info takes the element shape when given a float dtype and a raw type.
     return PlannedTensor(name, qtype, tuple(int(s) for s in shape), produce)
 
@@ -202,10 +202,10 @@ def merged_from_gguf(source: Path, adapter: Adapter, out: Path, quant: str, requ
             if tensor.tensor_type.name.endswith("_K"):
                 kquants.add(tensor.tensor_type.name)
             module = touched.get(tensor.name)
-            plan.append(_planned(tensor.name, qtype, shape,
+            plan.append(planned(tensor.name, qtype, shape,
                                  merged(tensor, module, qtype) if module else requantized(tensor, qtype)))
         else:
-            plan.append(_planned(tensor.name, tensor.tensor_type, shape, lambda t=tensor: t.data))
+            plan.append(planned(tensor.name, tensor.tensor_type, shape, lambda t=tensor: t.data))
     write_gguf(writer, out, plan)
 
     notes = [f"{len(touched)} of {len(reader.tensors)} tensors carry the LoRA update and were written as {quant.upper()}"
@@ -250,8 +250,8 @@ def lora_gguf(adapter: Adapter, arch: str, names: dict[str, str], n_head: int, n
         if arch in PERMUTED_ARCHS and name.endswith(("attn_q.weight", "attn_k.weight")):
             b = permute_rows(b, n_head if "attn_q" in name else n_head_kv)
         f32 = gguf.GGMLQuantizationType.F32
-        plan.append(_planned(f"{name}.lora_a", f32, layer.a.shape, lambda a=layer.a: np.ascontiguousarray(a, np.float32)))
-        plan.append(_planned(f"{name}.lora_b", f32, b.shape, lambda b=b: np.ascontiguousarray(b, np.float32)))
+        plan.append(planned(f"{name}.lora_a", f32, layer.a.shape, lambda a=layer.a: np.ascontiguousarray(a, np.float32)))
+        plan.append(planned(f"{name}.lora_b", f32, b.shape, lambda b=b: np.ascontiguousarray(b, np.float32)))
     write_gguf(writer, out, plan)
     rank = next(iter(adapter.layers.values())).rank
     return [f"{len(adapter.layers)} LoRA layers, rank {rank}, F32"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from mathtune.errors import ModelError
 from mathtune.export.adapter import Adapter
-from mathtune.export.gguf import (PERMUTED_ARCHS, _planned, encode, file_type, output_type, permute_rows,
+from mathtune.export.gguf import (PERMUTED_ARCHS, planned, encode, file_type, output_type, permute_rows,
                                   tensor_names_for, write_gguf)
 
 # Transformers model_type -> GGUF architecture
@@ -82,7 +82,7 @@ def merged_from_folder(folder: Path, tokenizer, adapter: Adapter, out: Path, qua
                     raise ModelError(f"{file}: tensor {key} has no place in a {arch} GGUF")
                 shape = tuple(st.get_slice(key).get_shape())
                 qtype = output_type(shape, quant)
-                plan.append(_planned(name, qtype, shape, _producer(file, key, name, touched.get(name), adapter, arch,
+                plan.append(planned(name, qtype, shape, _producer(file, key, name, touched.get(name), adapter, arch,
                                                                    n_head, n_head_kv, qtype)))
     write_gguf(writer, out, plan)
     return [f"{len(touched)} of {len(plan)} tensors carry the LoRA update; matrices written as {quant.upper()}, "
