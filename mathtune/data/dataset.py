@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathtune.data.formats import Conversation, RecordError, detect_format, parse_record
+from mathtune.data.template import render_chat
 from mathtune.errors import DataError, MathtuneError
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def tokenize_conversation(
     Returns input_ids, labels and `truncated`. Labels are decided by character spans of the
     rendered text, not by token ids, so pad == eos (SmolLM2) cannot mask a real end of turn.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render_chat(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if train_on_inputs:
@@ -264,8 +265,8 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(before)):
             return _spans_by_content(messages, tokenizer, text)
         spans.append(_trim(text, len(before), len(through)))
