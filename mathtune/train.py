@@ -58,13 +58,13 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     from mathtune.lora import apply_lora, count_parameters, lora_targets
     from mathtune.model import load_model, resolve_source
 
-    # Every record and the model path are checked before anything is written or loaded: a typo
-    # costs neither a run folder nor a model conversion.
+    # Every record, the model path and the run folder are checked before anything is written or
+    # loaded: a typo costs neither a run folder nor a model conversion.
     data_report = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
     resolve_source(cfg.model)
     main_process = PartialState().is_main_process
-    run_dir = prepare_run_dir(cfg, resume, write=main_process)
+    run_dir = prepare_run_dir(cfg, resume, write=False)
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
 
     # Model and tokenizer. Seed first: LoRA's A matrices are drawn from the global RNG.
@@ -80,6 +80,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Data, tokenized with the model's chat template
     train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data_report)
     log.info("Data:\n%s", "\n".join(data_report.lines()))
+    # Written only now that the model, its chat template and the data are known to work together.
+    prepare_run_dir(cfg, resume, write=main_process)
 
     # LoRA
     targets = lora_targets(model, cfg.lora)
