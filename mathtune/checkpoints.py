@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -99,6 +100,8 @@ class SafeTrainingMixin:
         if self.args.should_save:
             try:
                 publish(staged, final_root / name)
+                with contextlib.suppress(OSError):
+                    staged.parent.rmdir()  # .partial, when nothing else is being written there
             except OSError as exc:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise TrainingStopped(self._save_failure(final_root, name, exc.strerror or str(exc))) from None
