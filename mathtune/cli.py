@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MathtuneError as exc:
         print(f"mathtune: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("mathtune: interrupted", file=sys.stderr)
         return 130

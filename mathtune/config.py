@@ -249,7 +249,8 @@ def summarize(cfg: Config) -> str:
     return "\n".join(
         [
             f"  model   {cfg.model.path or 'embedded SmolLM2-135M-Instruct (GGUF)'}"
-            f"  device={cfg.model.device} dtype={cfg.model.dtype}{' 4-bit' * cfg.model.load_in_4bit}",
+            f"  device={cfg.model.device} dtype={cfg.model.dtype}{' 4-bit' * cfg.model.load_in_4bit}"
+            f"{'  TRUST_REMOTE_CODE=ON (runs code from the model)' * cfg.model.trust_remote_code}",
             f"  data    {', '.join(map(str, cfg.data.files)) or 'bundled math dataset (es/en)'}"
             f"  max_seq_length={cfg.data.max_seq_length} eval_fraction={cfg.data.eval_fraction}",
             f"  lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={targets}"

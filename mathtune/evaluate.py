@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mathtune.data.template import render_chat
 from mathtune.files import write_json, write_text
 from mathtune.verify import reference_answer, validate_math_response
 
@@ -70,7 +71,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     import torch
     from tqdm.auto import tqdm
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
     stop = stop_token_ids(tokenizer, model)
     # Similar lengths in one batch waste less on padding; answers are put back in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
+from mathtune.checkpoints import GracefulInterrupt, SafeTrainingMixin, TrainingInterrupted, is_disk_full, resume_hint
+from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
 from mathtune.config import Config, dump_config, summarize
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import MathtuneError
@@ -55,13 +58,13 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     from mathtune.lora import apply_lora, count_parameters, lora_targets
     from mathtune.model import load_model, resolve_source
 
-    # Every record and the model path are checked before anything is written or loaded: a typo
-    # costs neither a run folder nor a model conversion.
+    # Every record, the model path and the run folder are checked before anything is written or
+    # loaded: a typo costs neither a run folder nor a model conversion.
     data_report = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
     resolve_source(cfg.model)
     main_process = PartialState().is_main_process
-    run_dir = prepare_run_dir(cfg, resume, write=main_process)
+    run_dir = prepare_run_dir(cfg, resume, write=False)
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
 
     # Model and tokenizer. Seed first: LoRA's A matrices are drawn from the global RNG.
@@ -77,6 +80,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Data, tokenized with the model's chat template
     train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data_report)
     log.info("Data:\n%s", "\n".join(data_report.lines()))
+    # Written only now that the model, its chat template and the data are known to work together.
+    prepare_run_dir(cfg, resume, write=main_process)
 
     # LoRA
     targets = lora_targets(model, cfg.lora)
@@ -88,9 +93,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Trainer
     device = resolve_device(cfg.model.device)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
-    if resume:
-        eval_before = _logged_eval_before(run_dir)
-    else:
+    eval_before = _logged_eval_before(run_dir) if resume else None
+    if eval_before is None:  # a new run, or one killed before its first evaluation was logged
         log.info("Evaluating on %d held-out examples before training", len(eval_ds))
         eval_before = _eval_loss(trainer, eval_ds)
     checkpoint = last_checkpoint(run_dir) if resume else None
@@ -98,7 +102,18 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
     start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    interrupt = GracefulInterrupt()
+    trainer.add_callback(interrupt)
+    with interrupt.installed():
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met more than tensors
+            raise MathtuneError(f"{checkpoint}: refused to load it: a file in it holds Python objects, not only tensors "
+                                f"({str(exc).splitlines()[0]}). Delete that folder to resume from an earlier "
+                                "checkpoint.") from None
+    if interrupt.stopped_at is not None:
+        raise TrainingInterrupted(f"Interrupted at step {interrupt.stopped_at}; checkpoint saved in "
+                                  f"{last_checkpoint(run_dir)}. Resume with: {resume_hint(run_dir)}")
     train_seconds = time.perf_counter() - train_started
     eval_after = _eval_loss(trainer, eval_ds)
 
@@ -185,20 +200,25 @@ def prepare_run_dir(cfg: Config, resume: bool, write: bool = True) -> Path:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written)."""
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
+    """The newest complete checkpoint of a run (see mathtune.checkpoints)."""
+    return newest_complete_checkpoint(run_dir / CHECKPOINTS)
 
 
 def save_adapter(model, tokenizer, target: Path) -> None:
     """PEFT adapter + tokenizer + chat template, written aside and renamed when complete."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            kept = "the previous adapter is intact; " if target.exists() else ""
+            raise MathtuneError(f"Could not save the adapter in {target}: the disk is full; {kept}the checkpoints in "
+                                f"{target.parent / CHECKPOINTS} are intact. Free some space, then: "
+                                f"{resume_hint(target.parent)}") from None
+        raise
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -273,7 +293,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
     return trainer
 
 
-class LabelOnlyLossTrainer(Trainer):
+class LabelOnlyLossTrainer(SafeTrainingMixin, Trainer):
     """Trainer whose loss runs the output head only at positions that predict a trained label.
 
     With assistant-only labels about half the positions carry none, and the full-vocabulary logits
@@ -320,7 +340,7 @@ class RunLogger(TrainerCallback):
 
         if self.write and self.path.exists():
             # After a resume, drop lines past the checkpoint: those steps run again.
-            keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= state.global_step]
+            keep = [line for line, record in _metric_lines(self.path) if record.get("step", 0) <= state.global_step]
             write_text(self.path, "".join(f"{line}\n" for line in keep))
         if self.show_progress:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
@@ -365,9 +385,23 @@ def _eval_loss(trainer, eval_ds) -> float | None:
 
 def _logged_eval_before(run_dir: Path) -> float | None:
     """The eval loss logged at step 0 of this run (RunLogger writes it), for a resumed run's summary."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return next((r["eval_loss"] for r in map(json.loads, lines) if r["step"] == 0 and "eval_loss" in r), None)
+    records = [record for _, record in _metric_lines(run_dir / "metrics.jsonl")]
+    return next((r["eval_loss"] for r in records if r.get("step") == 0 and "eval_loss" in r), None)
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of metrics.jsonl; a line cut short by a killed process is left out."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
 
 
 def _session_tokens(trainer) -> int:
