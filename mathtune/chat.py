@@ -81,6 +81,7 @@ def _reply_transformers(model, tokenizer, messages: list[dict], max_new_tokens: 
     import torch
     from transformers import TextStreamer
 
+    from mathtune.data.template import render_chat
     from mathtune.evaluate import stop_token_ids
 
     class Printer(TextStreamer):
@@ -88,7 +89,7 @@ def _reply_transformers(model, tokenizer, messages: list[dict], max_new_tokens: 
             stdout.write(text)
             stdout.flush()
 
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer, model),
