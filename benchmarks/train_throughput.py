@@ -321,7 +321,9 @@ def run_child(tool: str, spec: dict, work: Path) -> dict:
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", tool, str(spec_path), str(result_path)], env=env)
+    # The children's progress goes to stderr: stdout is the table.
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", tool, str(spec_path), str(result_path)], env=env,
+                            stdout=sys.stderr)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:

@@ -53,3 +53,21 @@ def test_throughput_counts_only_the_steps_after_the_warm_up():
     # 135M parameters at 100k tokens/s on a 989 TFLOP/s GPU: 6 * 1.35e8 * 1e5 / 9.89e14
     assert model_flops_utilisation(135_000_000, 100_000.0, 989.0) == pytest.approx(0.0819, rel=1e-3)
     assert model_flops_utilisation(135_000_000, 100_000.0, None) is None
+
+
+@pytest.mark.gpu
+def test_cuda_mode_reports_gpu_memory_and_mfu(tmp_path, tiny_llama_dir):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = tmp_path / "result.json"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cuda", "--model", str(tiny_llama_dir), "--data", "bundled",
+         "--steps", "3", "--warmup", "1", "--batch-size", "4", "--max-seq-length", "128", "--eval-examples", "2",
+         "--peak-tflops", "100", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "bfloat16" in run.stdout and "MFU" in run.stdout
+    for result in json.loads(out.read_text())["results"].values():
+        assert result["cuda_peak_bytes"] > 0 and result["device_name"] != "cpu"
