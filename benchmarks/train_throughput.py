@@ -49,6 +49,14 @@ def throughput(marks: list[list[float]], warmup: int) -> float:
     return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
 
+def median_step_throughput(marks: list[list[float]], warmup: int) -> float:
+    """The median of each timed step's own tokens/s: robust to another process taking the cores for a while."""
+    import statistics
+
+    rates = [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(marks[warmup:], marks[warmup + 1:]) if b[0] > a[0]]
+    return statistics.median(rates) if rates else 0.0
+
+
 def model_flops_utilisation(params: int, tokens_per_second: float, peak_tflops: float | None) -> float | None:
     """Useful model FLOPs (6 x parameters per real token, the PaLM convention) over the device's peak."""
     if not peak_tflops:
@@ -123,6 +131,7 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "tokens_per_second": throughput(clock.marks, spec["warmup"]),
+        "median_step_tokens_per_second": median_step_throughput(clock.marks, spec["warmup"]),
         "seconds_per_step": (clock.marks[-1][0] - clock.marks[spec["warmup"]][0]) / max(len(tokens) - spec["warmup"], 1),
         "step_tokens": tokens,
         "train_losses": losses,
@@ -344,12 +353,13 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
             f"{spec['max_seq_length']}, {spec['steps']} steps ({warm} warm-up, not timed), LoRA r={h['r']} "
             f"alpha={h['alpha']:g} all linear layers, {h['optimizer']} lr {h['learning_rate']:g} {h['lr_scheduler']}, "
             f"{m['device_name']} {spec['dtype']}, {m['threads']} threads")
-    cols = ["real tokens/s", "peak RSS GB", "held-out loss", "train loss*", "s/step"]
+    cols = ["real tokens/s", "median step", "peak RSS GB", "held-out loss", "train loss*", "s/step"]
     if cuda:
         cols += ["peak GPU GB", "MFU"]
 
     def row(res):
-        cells = [f"{res['tokens_per_second']:.1f}", f"{res['peak_rss_bytes'] / 1e9:.2f}", f"{res['held_out_loss']:.4f}",
+        cells = [f"{res['tokens_per_second']:.1f}", f"{res['median_step_tokens_per_second']:.1f}",
+                 f"{res['peak_rss_bytes'] / 1e9:.2f}", f"{res['held_out_loss']:.4f}",
                  f"{sum(res['train_losses'][-last:]) / len(res['train_losses'][-last:]):.4f}",
                  f"{res['seconds_per_step']:.2f}"]
         if cuda:
@@ -357,7 +367,9 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
             cells += [f"{res['cuda_peak_bytes'] / 1e9:.2f}", f"{100 * mfu:.1f}%" if mfu is not None else "n/a"]
         return cells
 
-    ratio = [f"{m['tokens_per_second'] / r['tokens_per_second']:.2f}x", f"{m['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x",
+    ratio = [f"{m['tokens_per_second'] / r['tokens_per_second']:.2f}x",
+             f"{m['median_step_tokens_per_second'] / r['median_step_tokens_per_second']:.2f}x",
+             f"{m['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x",
              f"{m['held_out_loss'] / r['held_out_loss']:.3f}x", "", f"{m['seconds_per_step'] / r['seconds_per_step']:.2f}x"]
     if cuda:
         ratio += [f"{m['cuda_peak_bytes'] / r['cuda_peak_bytes']:.2f}x", ""]
@@ -367,6 +379,8 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
     same_tokens = m["step_tokens"] == r["step_tokens"]
     lines += [
         "",
+        "real tokens/s: non-padding tokens of the timed steps over their wall time; median step: the median of "
+        "each timed step's own rate (less sensitive to other processes on the machine).",
         f"* mean training loss of the last {last} steps; each tool's own labels (the reference also trains on the "
         "newline after each end-of-turn token), so compare the held-out loss.",
         f"held-out loss: after the last step, {spec['eval_examples']} examples not trained on, the plain "
