@@ -1,6 +1,6 @@
 """Training throughput and memory: mathtune against plain Transformers + PEFT, in one invocation.
 
-    .venv/bin/python benchmarks/train_throughput.py --quick      # tiny random llama, ~1 minute on 2 cores
+    .venv/bin/python benchmarks/train_throughput.py --quick      # tiny random llama, ~1.5 minutes on 2 cores
     .venv/bin/python benchmarks/train_throughput.py              # SmolLM2-135M, GSM8K train, batch 8 x 512
     .venv/bin/python benchmarks/train_throughput.py --device cuda    # bf16, plus peak GPU memory and MFU
 
