@@ -234,17 +234,19 @@ def save_adapter(model, tokenizer, target: Path) -> None:
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
     from mathtune.model import supports_padding_free
+    from mathtune.packing import packed_collator, use_packed_attention
 
     t = cfg.train
     dtype = next(p.dtype for p in model.parameters())
     packed = t.padding_free and supports_padding_free(model)
     if packed:
-        # One row per batch, positions restarting at each example: no padding to compute on.
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        # One row per batch, positions restarting at each example: no padding to compute on, and
+        # attention computed per example, not over the whole row.
+        collator = packed_collator(boundaries=use_packed_attention(model))
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     log.info("Batches: %s", "packed without padding" if packed else "padded to the longest example")

@@ -1,15 +1,17 @@
-"""Padding-free packed batches and the label-only loss compute what padded batches compute."""
+"""Padding-free packed batches, per-example attention and the label-only loss compute what padded
+batches with full-vocabulary logits compute: same logits, same loss, same LoRA gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from mathtune.config import LoraConfig
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.lora import apply_lora
 from mathtune.model import PADDING_FREE_ARCHS, supports_padding_free
+from mathtune.packing import PACKED_SDPA, packed_collator, use_packed_attention
 from mathtune.train import LabelOnlyLossTrainer
 from tests.conftest import TINY_ARCHS, tiny_config
 
@@ -40,14 +42,30 @@ def tiny(arch: str):
     return model
 
 
+def packed_inputs(model, rows, per_example: bool) -> dict:
+    """The batch train.build_trainer feeds: per_example switches the model to mathtune's attention."""
+    boundaries = use_packed_attention(model) if per_example else False
+    batch = packed_collator(boundaries)([dict(r) for r in rows])
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+# Falcon's attention is not a transformers attention-interface function and gemma2 defaults to eager
+# attention: both keep the masked row.
+PER_EXAMPLE_ARCHS = PADDING_FREE_ARCHS - {"falcon", "gemma2"}
+
+
+@pytest.mark.parametrize("per_example", [False, True], ids=["masked-row", "per-example"])
 @pytest.mark.parametrize("arch", sorted(PADDING_FREE_ARCHS))
-def test_packed_logits_equal_each_example_alone(arch):
-    """Attention never crosses example boundaries in a packed row."""
+def test_packed_logits_equal_each_example_alone(arch, per_example):
+    """Attention never crosses example boundaries in a packed row (masked, or computed per example)."""
     model = tiny(arch).eval()
     rows = examples()
-    packed = DataCollatorWithFlattening(return_position_ids=True)([dict(r) for r in rows])
+    inputs = packed_inputs(model, rows, per_example)
+    if per_example:
+        assert (model.config._attn_implementation == PACKED_SDPA) == (arch in PER_EXAMPLE_ARCHS)
+        assert ("cu_seq_lens_q" in inputs) == (arch in PER_EXAMPLE_ARCHS)
     with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        logits = model(**inputs).logits[0]
         start = 0
         for row in rows:
             alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
@@ -60,8 +78,10 @@ def test_opt_is_not_packed_because_its_positions_come_from_the_mask():
     assert supports_padding_free(tiny("llama"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "falcon"])
 def test_label_only_loss_and_gradients_equal_the_plain_padded_loss(arch, tmp_path, chatml_tokenizer):
+    """The whole optimised step (packed row, per-example attention, head and loss at label positions
+    only) against the plain one (padded batch, full-vocabulary logits everywhere)."""
     rows = examples()
     # eval(): no dropout (gpt2 has 0.1), so both computations see the same network; gradients still flow.
     reference = apply_lora(tiny(arch), LoraConfig(r=4, alpha=8)).eval()
@@ -75,7 +95,8 @@ def test_label_only_loss_and_gradients_equal_the_plain_padded_loss(arch, tmp_pat
     model.load_state_dict(reference.state_dict())
     trainer = LabelOnlyLossTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
     assert trainer._keeps_logits
-    packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)([dict(r) for r in rows])
+    packed = packed_collator(boundaries=use_packed_attention(model))([dict(r) for r in rows])
+    assert (model.get_base_model().config._attn_implementation == PACKED_SDPA) == (arch in PER_EXAMPLE_ARCHS)
     labels_counted = int((packed["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert labels_counted == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
     loss = trainer.compute_loss(model, dict(packed), num_items_in_batch=labels_counted)
@@ -86,3 +107,70 @@ def test_label_only_loss_and_gradients_equal_the_plain_padded_loss(arch, tmp_pat
     for name, param in reference.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_without_boundaries_the_attention_is_transformers_sdpa(arch, chatml_tokenizer):
+    """Evaluation and generation (padded, left-padded, with a cache) run exactly as before."""
+    reference, model = tiny(arch).eval(), tiny(arch).eval()
+    assert use_packed_attention(model)
+    chatml_tokenizer.padding_side = "left"
+    try:
+        batch = chatml_tokenizer(["What is 12 * 7?", "Solve 2x + 3 = 11. Subtract 3"], return_tensors="pt", padding=True)
+    finally:
+        chatml_tokenizer.padding_side = "right"
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference(**batch).logits)
+        settings = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 2, "use_cache": True}
+        assert torch.equal(model.generate(**batch, **settings), reference.generate(**batch, **settings))
+
+
+def test_a_sliding_window_shorter_than_an_example_falls_back_to_the_masked_row():
+    config = config_for("mistral")
+    config.sliding_window = 4  # shorter than every example: each token sees only the 4 before it
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.config.use_cache = False
+    rows = examples()
+    inputs = packed_inputs(model, rows, per_example=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(row["input_ids"])], alone, rtol=1e-4, atol=1e-5)
+            start += len(row["input_ids"])
+
+
+def test_build_trainer_packs_with_per_example_attention(tmp_path, tiny_llama_dir):
+    from mathtune.config import load_config
+    from mathtune.train import build_trainer
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, alpha=8))
+    cfg = load_config(overrides={"train.max_steps": 1})
+    trainer = build_trainer(cfg, model, None, [], [], tmp_path, "cpu", main_process=False)
+    batch = trainer.data_collator([dict(r) for r in examples()])
+    assert batch["input_ids"].shape[0] == 1 and batch["cu_seq_lens_q"].tolist() == [0, 7, 19, 37]
+    assert model.get_base_model().config._attn_implementation == PACKED_SDPA
+
+    cfg = load_config(overrides={"train.max_steps": 1, "train.padding_free": False})
+    plain = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, alpha=8))
+    build_trainer(cfg, plain, None, [], [], tmp_path / "plain", "cpu", main_process=False)
+    assert plain.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_packed_rows_take_the_per_example_path_not_the_masked_fallback(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = tiny("llama").eval()
+    inputs = packed_inputs(model, examples(), per_example=True)
+
+    def masked_row(*args, **kwargs):
+        raise AssertionError("fell back to SDPA over the whole row")
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", masked_row)
+    with torch.no_grad():
+        model(**inputs)
+    del inputs["cu_seq_lens_q"]
+    with pytest.raises(AssertionError, match="fell back"), torch.no_grad():
+        model(**inputs)

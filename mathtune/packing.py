@@ -1,0 +1,91 @@
+"""Attention of packed batches computed per example: no work across example boundaries.
+
+    collator = packed_collator(boundaries=use_packed_attention(model))   # as train.build_trainer does
+
+A packed row of 8 GSM8K examples is ~1500 tokens. SDPA given the row's block-diagonal mask still
+computes every query against every key of the row (1500 x 1500), and discards all but the diagonal
+blocks; per example it is 8 blocks of ~190 x 190, 8x fewer products. With the collator's example
+boundaries (`cu_seq_lens_q`, the same arguments flash-attention's variable-length kernels take),
+this attention runs SDPA causally on each example's slice. Where those arguments are absent
+(evaluation, generation with a cache, padded batches) it is exactly transformers' SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+PACKED_SDPA = "mathtune_packed_sdpa"
+
+
+def packed_collator(boundaries: bool = True):
+    """Concatenates a batch into one row: position ids restart per example and the first label of
+    each example is masked (so no example predicts the next one's first token). With `boundaries`,
+    the example boundaries are passed on for the per-example attention."""
+    from transformers import DataCollatorWithFlattening
+
+    from mathtune.data.dataset import IGNORE_INDEX
+
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
+                                      return_flash_attn_kwargs=boundaries)
+
+
+def use_packed_attention(model) -> bool:
+    """Switch a model that uses transformers' SDPA to the per-example SDPA; True when switched.
+
+    Flash-attention (CUDA) already takes the boundaries natively and is left alone, as are models
+    whose attention is not a transformers attention-interface function.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation not in ("sdpa", PACKED_SDPA) or not base._can_set_attn_implementation():
+        return False
+    _register()
+    base.set_attn_implementation(PACKED_SDPA)
+    return True
+
+
+def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                          dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers' attention-function signature: query (1, heads, tokens, dim), key/value
+    (1, kv heads, tokens, dim); returns (1, tokens, heads, dim)."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    usable = (
+        bounds is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2]  # no cache
+        and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+    )
+    if usable:
+        bounds = bounds.tolist()
+        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+        usable = bounds[-1] == query.shape[2] and (not window or max(lengths) <= window)
+    if not usable:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # split, not slicing: the gradient of a split is one concatenation, of a slice a zero-filled
+    # full-size tensor per example.
+    pieces = [
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    # Masks are built as for SDPA: the fallback needs them, the per-example path ignores them.
+    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)

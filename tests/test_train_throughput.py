@@ -1,0 +1,75 @@
+"""benchmarks/train_throughput.py keeps working: a two-step run of both tools on a tiny llama."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+def test_both_tools_train_on_the_same_tokens_and_the_table_has_the_ratios(tmp_path, tiny_llama_dir):
+    out = tmp_path / "result.json"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(tiny_llama_dir), "--data", "bundled", "--steps", "3",
+         "--warmup", "1", "--batch-size", "4", "--max-seq-length", "128", "--eval-examples", "2", "--threads", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    ratio = next(line for line in lines if line.startswith("mathtune / reference"))
+    assert ratio.count("x") >= 4
+    assert any(line.startswith("same real tokens in every step: yes") and "same initial LoRA weights: yes" in line
+               for line in lines), run.stdout
+
+    results = json.loads(out.read_text())["results"]
+    mathtune, reference = results["mathtune"], results["reference"]
+    assert mathtune["step_tokens"] == reference["step_tokens"] and len(mathtune["step_tokens"]) == 3
+    for result in (mathtune, reference):
+        assert result["tokens_per_second"] > 0 and result["peak_rss_bytes"] > 50e6
+        assert result["threads"] == 1 and result["optimizer_floats"] == 2 * result["trainable"]
+        assert len(result["train_losses"]) == 3 and result["held_out_loss"] > 0
+    # Same network, same examples, same initial adapter: the losses agree closely.
+    assert mathtune["held_out_loss"] == pytest.approx(reference["held_out_loss"], rel=1e-2)
+
+
+def test_throughput_counts_only_the_steps_after_the_warm_up():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train_throughput import median_step_throughput, model_flops_utilisation, peak_tflops_for, throughput
+    finally:
+        sys.path.pop(0)
+    marks = [[0.0, 0], [10.0, 100], [12.0, 300], [13.0, 400]]  # a slow first step
+    assert throughput(marks, warmup=1) == pytest.approx(300 / 3.0)
+    assert throughput(marks, warmup=0) == pytest.approx(400 / 13.0)
+    assert median_step_throughput(marks, warmup=1) == pytest.approx(100.0)  # steps at 100 and 100 tok/s
+    assert median_step_throughput([[0.0, 0], [1.0, 10], [2.0, 40], [12.0, 50]], warmup=0) == pytest.approx(10.0)
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops_for("cpu") is None
+    # 135M parameters at 100k tokens/s on a 989 TFLOP/s GPU: 6 * 1.35e8 * 1e5 / 9.89e14
+    assert model_flops_utilisation(135_000_000, 100_000.0, 989.0) == pytest.approx(0.0819, rel=1e-3)
+    assert model_flops_utilisation(135_000_000, 100_000.0, None) is None
+
+
+@pytest.mark.gpu
+def test_cuda_mode_reports_gpu_memory_and_mfu(tmp_path, tiny_llama_dir):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    out = tmp_path / "result.json"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cuda", "--model", str(tiny_llama_dir), "--data", "bundled",
+         "--steps", "3", "--warmup", "1", "--batch-size", "4", "--max-seq-length", "128", "--eval-examples", "2",
+         "--peak-tflops", "100", "--json", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "bfloat16" in run.stdout and "MFU" in run.stdout
+    for result in json.loads(out.read_text())["results"].values():
+        assert result["cuda_peak_bytes"] > 0 and result["device_name"] != "cpu"
