@@ -257,6 +257,7 @@ def test_4bit_fails_on_this_machine_without_patching():
 
 def test_4bit_passes_when_cuda_is_available(monkeypatch):
     monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
     assert load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV).model.load_in_4bit is True
     assert load_config(None, {"model.load_in_4bit": True, "model.device": "cuda"}, environ=NO_ENV).model.device == "cuda"
 
