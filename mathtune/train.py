@@ -136,6 +136,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         "eval_loss_after": eval_after,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "device": device,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "processes": state.num_processes,
         "engine": distributed.engine() if state.num_processes > 1 else None,
     }

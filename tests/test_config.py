@@ -502,6 +502,7 @@ def test_every_example_config_is_valid_and_opens_with_its_command(name, monkeypa
     from tests.conftest import ROOT
 
     monkeypatch.setattr("mathtune.hardware.cuda_available", lambda: True)  # the QLoRA example targets a GPU
+    monkeypatch.setattr("mathtune.hardware.bitsandbytes_available", lambda: True)
     path = ROOT / "configs" / name
     assert path.read_text(encoding="utf-8").startswith("# mathtune train --config configs/" + name)
     load_config(path, environ={})

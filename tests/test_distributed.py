@@ -34,10 +34,13 @@ SETTINGS = {
 }
 
 
-def torchrun(args: list[str], cwd, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` (a free port of its own) running `python -m mathtune ARGS` on CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+def torchrun(args: list[str], cwd, nproc: int = 2, timeout: int = 240, gpus: bool = False) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` (a free port of its own) running `python -m mathtune ARGS`, on CPU
+    unless `gpus`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if not gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "mathtune", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
