@@ -66,6 +66,9 @@ def launch_problems(cfg: Config) -> list[str]:
                         f"not under {name}: each GPU holds the whole 4-bit model (~4 GB for 7B)")
     if name != "ddp" and cfg.model.device in ("cpu", "mps"):
         problems.append(f"model.device: {name} needs CUDA GPUs; on a CPU launch with torchrun (DDP over gloo)")
+    if name == "fsdp" and _flag("FSDP_ACTIVATION_CHECKPOINTING") and cfg.train.gradient_checkpointing:
+        problems.append("train.gradient_checkpointing: the accelerate config already checkpoints activations "
+                        "(fsdp_activation_checkpointing); set it to false")
     return problems
 
 
