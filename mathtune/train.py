@@ -76,7 +76,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Model and tokenizer. Seed first: LoRA's A matrices are drawn from the global RNG.
     set_seed(cfg.train.seed)
     started = time.perf_counter()
-    model, tokenizer, source = load_model(cfg.model)
+    with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
+        model, tokenizer, source = load_model(cfg.model)
     ensure_chat_template(tokenizer, cfg.model.chat_template)
     # Training needs no KV cache, and packed batches are only kept apart when there is none.
     model.config.use_cache = False
