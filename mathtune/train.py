@@ -409,7 +409,9 @@ def _eval_loss(trainer, eval_ds) -> float | None:
 
 
 def _first_eval_loss(trainer) -> float | None:
-    loss = next((entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry), None)
+    """The eval loss train() took before its first step (eval_on_start)."""
+    history = trainer.state.log_history
+    loss = next((entry["eval_loss"] for entry in history if "eval_loss" in entry and entry.get("step") == 0), None)
     if loss is not None and not math.isfinite(loss):
         raise MathtuneError(f"evaluation loss before training is {loss}: the model or data produce non-finite values")
     return None if loss is None else round(loss, 6)
