@@ -3,6 +3,7 @@ and what reaches the Trainer. The CUDA runs themselves are in tests/test_gpu.py.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -82,11 +83,15 @@ def test_the_trainer_gets_the_resolved_optimizer_and_evaluates_inside_train(tmp_
     trainers = []
     build = mathtune.train.build_trainer
     monkeypatch.setattr(mathtune.train, "build_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
-    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2)
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2, eval_steps=1)
     cfg.eval.at_end = False
     summary = train(cfg).summary
     (trainer,) = trainers
     assert trainer.args.optim == "adamw_torch" and trainer.args.ddp_find_unused_parameters is False
-    # The loss before training is taken by train() itself (see train.py: evaluate() first breaks DDP).
-    assert trainer.args.eval_on_start is True and summary["eval_loss_before"] is not None
+    # The loss before training is taken by train() itself (see train.py: evaluate() first breaks DDP),
+    # and it is the step-0 one, not the first periodic evaluation.
+    evals = {e["step"]: e["eval_loss"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "eval_loss" in e}
+    assert trainer.args.eval_on_start is True and sorted(evals) == [0, 1, 2]
+    assert summary["eval_loss_before"] == round(evals[0], 6) != round(evals[2], 6)  # step 1 ran at lr 0 (warmup)
     assert summary["processes"] == 1 and summary["engine"] is None and summary["peak_gpu_memory_gb"] is None
