@@ -42,7 +42,8 @@ def test_each_config_opens_with_its_command_and_launches_its_engine(name, monkey
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
     # Batch size, accumulation and clipping stay mathtune's: DeepSpeed reads them as "auto" from the Trainer.
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
-    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "FSDP_ACTIVATION_CHECKPOINTING"):
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "FSDP_ACTIVATION_CHECKPOINTING"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         if key.startswith(("ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "FSDP_")):

@@ -75,7 +75,8 @@ def test_a_4bit_base_trains_in_its_compute_dtype_though_its_other_weights_are_fl
         model = SimpleNamespace(config=SimpleNamespace(quantization_config=quant), is_loaded_in_4bit=True,
                                 parameters=lambda: iter(fp32))
         assert _compute_dtype(model) == torch.bfloat16
-    plain = SimpleNamespace(config=SimpleNamespace(), parameters=lambda: iter([torch.nn.Parameter(torch.zeros(1, dtype=torch.float16))]))
+    fp16 = [torch.nn.Parameter(torch.zeros(1, dtype=torch.float16))]
+    plain = SimpleNamespace(config=SimpleNamespace(), parameters=lambda: iter(fp16))
     assert _compute_dtype(plain) == torch.float16
 
 
