@@ -4,6 +4,8 @@
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
     mathtune report RUN_DIR
+    mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
+    mathtune chat RUN_DIR | mathtune chat --gguf FILE
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MathtuneError as exc:
         print(f"mathtune: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("mathtune: interrupted", file=sys.stderr)
         return 130
@@ -80,6 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.set_defaults(func=cmd_report)
+
+    export = commands.add_parser(
+        "export",
+        help="the fine-tuned model as GGUF (LM Studio, llama.cpp), a llama.cpp LoRA GGUF, or merged safetensors",
+        description="Merge the run's LoRA adapter into its base and write RUN_DIR/export/<name>-<quant>.gguf "
+        "(--to gguf), the adapter alone as a llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers "
+        "folder (--to hf). From a GGUF base every metadata field is kept and untouched tensors keep their bytes.",
+    )
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--to", required=True, choices=["gguf", "gguf-lora", "hf"], help="what to write")
+    export.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"],
+                        help="type of the tensors LoRA changed (--to gguf; default f16)")
+    export.add_argument("--requant-all", action="store_true",
+                        help="convert every matrix to --quant, not only the ones LoRA changed")
+    export.add_argument("--output", type=Path, metavar="PATH", help="output file or folder (default: RUN_DIR/export/...)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.set_defaults(func=cmd_export)
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk to a trained run (adapter on base) or, with --gguf, to an exported file via llama-cpp-python",
+        description="Interactive chat, one line per message; /reset clears the conversation, /exit quits.",
+    )
+    chat.add_argument("run_dir", type=Path, nargs="?", metavar="RUN_DIR")
+    chat.add_argument("--gguf", type=Path, metavar="FILE", help="chat with a GGUF file instead (needs llama-cpp-python)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length cap (default 512)")
+    chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the run's data.system_prompt)")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 
@@ -127,6 +157,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from mathtune.export import export_run, how_to_use
+
+    result = export_run(args.run_dir, args.to, quant=args.quant, requant_all=args.requant_all, output=args.output,
+                        overwrite=args.overwrite)
+    print("\n".join(how_to_use(result)))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from mathtune.chat import chat_gguf, chat_run
+
+    if (args.run_dir is None) == (args.gguf is None):
+        raise MathtuneError("chat: name a run folder (mathtune chat RUN_DIR) or a GGUF file (mathtune chat --gguf FILE)")
+    if args.gguf is not None:
+        chat_gguf(args.gguf, args.max_new_tokens, args.system)
+    else:
+        chat_run(args.run_dir, args.max_new_tokens, args.system)
+    return 0
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     if not verbose:
@@ -135,7 +186,7 @@ def _setup_logging(verbose: bool) -> None:
         # Library chatter (weight-loading bars, deprecation notes) hides mathtune's own output.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-        for name in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub"):
+        for name in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub", "gguf"):
             logging.getLogger(name).setLevel(logging.ERROR)
         import os
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mathtune.errors import ConfigError
+from mathtune.errors import ConfigError, MathtuneError
 
 ENV_PREFIX = "MATHTUNE_"
 
@@ -239,6 +239,14 @@ def load_config(
         raise ConfigError(problems) from None
 
 
+def load_run_config(run_dir: Path) -> Config:
+    """The configuration a finished run was trained with (RUN_DIR/config.yaml beside RUN_DIR/adapter/).
+    The environment is not read: the run's settings are what they were."""
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise MathtuneError(f"{run_dir}: not a finished mathtune run (needs config.yaml and adapter/)")
+    return load_config(run_dir / "config.yaml", environ={})
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.learning_rate=1e-4' -> ('train.learning_rate', 1e-4); the value is read as YAML."""
     key, sep, value = text.partition("=")
@@ -264,7 +272,8 @@ def summarize(cfg: Config) -> str:
     return "\n".join(
         [
             f"  model   {cfg.model.path or 'embedded SmolLM2-135M-Instruct (GGUF)'}"
-            f"  device={cfg.model.device} dtype={cfg.model.dtype}{' 4-bit' * cfg.model.load_in_4bit}",
+            f"  device={cfg.model.device} dtype={cfg.model.dtype}{' 4-bit' * cfg.model.load_in_4bit}"
+            f"{'  TRUST_REMOTE_CODE=ON (runs code from the model)' * cfg.model.trust_remote_code}",
             f"  data    {', '.join(map(str, cfg.data.files)) or 'bundled math dataset (es/en)'}"
             f"  max_seq_length={cfg.data.max_seq_length} eval_fraction={cfg.data.eval_fraction}",
             f"  lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={targets}"

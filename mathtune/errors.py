@@ -11,6 +11,8 @@ from __future__ import annotations
 class MathtuneError(Exception):
     """A problem the user can fix; the message says where it is and what was expected."""
 
+    exit_code = 2
+
 
 class ConfigError(MathtuneError):
     """The configuration is invalid. `problems` holds one line per offending key."""

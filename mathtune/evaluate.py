@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mathtune.data.template import render_chat
 from mathtune.files import write_json, write_text
 from mathtune.verify import reference_answer, validate_math_response
 
@@ -70,7 +71,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     import torch
     from tqdm.auto import tqdm
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [render_chat(tokenizer, p, add_generation_prompt=True) for p in prompts]
     stop = stop_token_ids(tokenizer, model)
     # Similar lengths in one batch waste less on padding; answers are put back in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -191,13 +192,10 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
                  limit: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
                  base: bool = False) -> dict[str, Any]:
     """`mathtune eval`: load the run's base model and adapter, score the chosen examples, write eval/."""
-    from mathtune.config import load_config
+    from mathtune.config import load_run_config
     from mathtune.data.dataset import DataReport, load_conversations, split_conversations
-    from mathtune.errors import MathtuneError
 
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
-        raise MathtuneError(f"{run_dir}: not a finished mathtune run (needs config.yaml and adapter/)")
-    cfg = load_config(run_dir / "config.yaml", environ={})
+    cfg = load_run_config(run_dir)
     if data_files:
         # Another dataset than the run's: detect its shape; keep the run's system prompt.
         data_cfg = cfg.data.model_copy(update={"files": data_files, "format": "auto", "fields": None})

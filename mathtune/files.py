@@ -10,8 +10,12 @@ from typing import Any
 
 def write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the previous file, and no .tmp beside it
+        raise
 
 
 def write_text(path: Path, text: str) -> None:

@@ -95,11 +95,26 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f"; it holds GGUF files, name one: {path / ggufs[0]}" if ggufs else ""
             raise ModelError(f"{path}: a folder without config.json is not a Transformers model{hint}")
+        _refuse_pickle_weights(path)
         return ModelSource("folder", str(path), load_from=str(path))
     text = str(cfg.path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
         return ModelSource("hub", text, load_from=text)
     raise ModelError(f"{text}: no such file or folder (expected a .gguf file, a Transformers folder or a hub id org/name)")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_weights(folder: Path) -> None:
+    # Pickle files can run any code when loaded; mathtune reads weights only as safetensors or GGUF.
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"{folder}: the weights are pickle files ({', '.join(pickles[:3])}), which can run code when "
+                         "loaded; mathtune reads weights only as safetensors or GGUF. Use the model's safetensors or "
+                         "GGUF release, or convert this one on a machine you can risk.")
 
 
 def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
@@ -110,7 +125,9 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if source.kind == "gguf":
         source.load_from, source.cache_hit = convert_gguf(Path(source.path), cache_root(cfg.cache_dir))
     if cfg.trust_remote_code:
-        log.warning("model.trust_remote_code is ON: Python code shipped with %s will run on this machine", source.path)
+        log.warning("\n%s\n  model.trust_remote_code is ON: Python code shipped with %s will run on this machine\n"
+                    "  with your permissions. Turn it off unless you have read that code or trust its authors.\n%s",
+                    "!" * 100, source.path, "!" * 100)
     tokenizer = _load_tokenizer(source, cfg.trust_remote_code)
     model = _from_pretrained(source, dtype, cfg, device)
     ensure_pad_token(tokenizer)
@@ -191,7 +208,8 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
         arch = bytes(field.parts[field.data[0]]).decode()
         n_params = sum(int(t.n_elements) for t in reader.tensors)
     except (ValueError, KeyError, IndexError, OSError) as exc:
-        raise ModelError(f"{path}: unreadable GGUF header ({exc}); the file may be truncated") from None
+        raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
+                         "download it again") from None
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
     normalized = {a.replace("_", "") for a in supported}
@@ -225,7 +243,8 @@ def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedT
 def _from_pretrained(source: ModelSource, dtype: torch.dtype, cfg: ModelConfig, device: str) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    # use_safetensors: never fall back to a pickle checkpoint (pytorch_model.bin) shipped beside it.
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
     if cfg.load_in_4bit:
         import torch
         from transformers import BitsAndBytesConfig

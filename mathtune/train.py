@@ -17,6 +17,7 @@ import inspect
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
+from mathtune.checkpoints import GracefulInterrupt, SafeTrainingMixin, TrainingInterrupted, is_disk_full, resume_hint
+from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
 from mathtune.config import Config, dump_config, resolve_optimizer, summarize
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import ConfigError, MathtuneError
@@ -56,8 +59,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     from mathtune.lora import apply_lora, count_parameters, lora_targets
     from mathtune.model import load_model, resolve_source
 
-    # Every record and the model path are checked before anything is written or loaded: a typo
-    # costs neither a run folder nor a model conversion.
+    # Every record, the model path and the run folder are checked before anything is written or
+    # loaded: a typo costs neither a run folder nor a model conversion.
     data_report = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
     resolve_source(cfg.model)
@@ -69,7 +72,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     main_process = state.is_main_process
     if not main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress messages: rank 0's
-    cfg.output.dir = distributed.agree_on_run_dir(state, lambda: prepare_run_dir(cfg, resume))
+    # Rank 0 checks the folder (its name may come from its clock) and every rank gets its answer.
+    cfg.output.dir = distributed.agree_on_run_dir(state, lambda: prepare_run_dir(cfg, resume, write=False))
     run_dir = cfg.output.dir
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
 
@@ -87,6 +91,10 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Data, tokenized with the model's chat template
     train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data_report)
     log.info("Data:\n%s", "\n".join(data_report.lines()))
+    # Written only now that the model, its chat template and the data are known to work together;
+    # by rank 0 alone (another rank checking now could find rank 0's fresh files and refuse).
+    if main_process:
+        prepare_run_dir(cfg, resume)
 
     # LoRA
     targets = lora_targets(model, cfg.lora)
@@ -97,7 +105,9 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
 
     # Trainer
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
-    if not resume and len(eval_ds):
+    eval_before = _logged_eval_before(run_dir) if resume else None
+    # A new run, or one killed before its first evaluation was logged
+    if eval_before is None and len(eval_ds):
         log.info("Evaluating on %d held-out examples before training", len(eval_ds))
         # Inside train(): an evaluate() call before it marks the model as prepared (for evaluation), and
         # train() then never wraps it in DDP: each process would train alone (accelerate 1.15).
@@ -107,9 +117,21 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
     start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     train_started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    interrupt = GracefulInterrupt()
+    trainer.add_callback(interrupt)
+    with interrupt.installed():
+        try:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) met more than tensors
+            raise MathtuneError(f"{checkpoint}: refused to load it: a file in it holds Python objects, not only tensors "
+                                f"({str(exc).splitlines()[0]}). Delete that folder to resume from an earlier "
+                                "checkpoint.") from None
+    if interrupt.stopped_at is not None:
+        raise TrainingInterrupted(f"Interrupted at step {interrupt.stopped_at}; checkpoint saved in "
+                                  f"{last_checkpoint(run_dir)}. Resume with: {resume_hint(run_dir)}")
     train_seconds = time.perf_counter() - train_started
-    eval_before = _logged_eval_before(run_dir) if resume else _first_eval_loss(trainer)
+    if eval_before is None:
+        eval_before = _first_eval_loss(trainer, start_step)
     eval_after = _eval_loss(trainer, eval_ds)
 
     # Save
@@ -207,12 +229,8 @@ def prepare_run_dir(cfg: Config, resume: bool, write: bool = True) -> Path:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one whose trainer_state.json was written)."""
-    folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name[11:].isdigit()]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
+    """The newest complete checkpoint of a run (see mathtune.checkpoints)."""
+    return newest_complete_checkpoint(run_dir / CHECKPOINTS)
 
 
 def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = True) -> None:
@@ -224,13 +242,24 @@ def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = Tru
     tmp = target.with_name(target.name + ".tmp")
     if write:
         shutil.rmtree(tmp, ignore_errors=True)
-    if trainer is not None:
-        trainer.save_model(str(tmp))
-    else:
-        model.save_pretrained(tmp)
+    try:
+        if trainer is not None:
+            trainer.save_model(str(tmp))
+        else:
+            model.save_pretrained(tmp)
+        if write:
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:
+        if write:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            kept = "the previous adapter is intact; " if target.exists() else ""
+            raise MathtuneError(f"Could not save the adapter in {target}: the disk is full; {kept}the checkpoints in "
+                                f"{target.parent / CHECKPOINTS} are intact. Free some space, then: "
+                                f"{resume_hint(target.parent)}") from None
+        raise
     if not write:
         return
-    tokenizer.save_pretrained(tmp)
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -308,7 +337,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
     return trainer
 
 
-class LabelOnlyLossTrainer(Trainer):
+class LabelOnlyLossTrainer(SafeTrainingMixin, Trainer):
     """Trainer whose loss runs the output head only at positions that predict a trained label.
 
     With assistant-only labels about half the positions carry none, and the full-vocabulary logits
@@ -355,7 +384,7 @@ class RunLogger(TrainerCallback):
 
         if self.write and self.path.exists():
             # After a resume, drop lines past the checkpoint: those steps run again.
-            keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= state.global_step]
+            keep = [line for line, record in _metric_lines(self.path) if record.get("step", 0) <= state.global_step]
             write_text(self.path, "".join(f"{line}\n" for line in keep))
         if self.show_progress:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
@@ -408,10 +437,11 @@ def _eval_loss(trainer, eval_ds) -> float | None:
     return round(loss, 6)
 
 
-def _first_eval_loss(trainer) -> float | None:
-    """The eval loss train() took before its first step (eval_on_start)."""
-    history = trainer.state.log_history
-    loss = next((entry["eval_loss"] for entry in history if "eval_loss" in entry and entry.get("step") == 0), None)
+def _first_eval_loss(trainer, start_step: int) -> float | None:
+    """The eval loss train() took before its first step (eval_on_start): the last one logged at
+    `start_step` (a resumed run's history also holds the evaluations of earlier sessions)."""
+    at_start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == start_step]
+    loss = at_start[-1] if at_start else None
     if loss is not None and not math.isfinite(loss):
         raise MathtuneError(f"evaluation loss before training is {loss}: the model or data produce non-finite values")
     return None if loss is None else round(loss, 6)
@@ -419,9 +449,23 @@ def _first_eval_loss(trainer) -> float | None:
 
 def _logged_eval_before(run_dir: Path) -> float | None:
     """The eval loss logged at step 0 of this run (RunLogger writes it), for a resumed run's summary."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return next((r["eval_loss"] for r in map(json.loads, lines) if r["step"] == 0 and "eval_loss" in r), None)
+    records = [record for _, record in _metric_lines(run_dir / "metrics.jsonl")]
+    return next((r["eval_loss"] for r in records if r.get("step") == 0 and "eval_loss" in r), None)
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of metrics.jsonl; a line cut short by a killed process is left out."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
 
 
 def _session_tokens(trainer) -> int:
@@ -439,6 +483,7 @@ def summary_text(summary: dict, run_dir: Path) -> str:
             f"  train loss  {summary['first_train_loss']} -> {summary['last_train_loss']}",
             f"  eval loss   {before} -> {after}{change}",
             f"  adapter     {run_dir / ADAPTER}",
+            f"  next        mathtune export {run_dir} --to gguf   (for LM Studio / llama.cpp)",
         ]
     )
 

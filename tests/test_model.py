@@ -68,3 +68,63 @@ def test_qlora_loads_the_base_in_4_bit(tiny_llama_dir):
     pytest.importorskip("bitsandbytes")
     model, _, _ = load_model(ModelConfig(path=str(tiny_llama_dir), load_in_4bit=True))
     assert getattr(model, "is_loaded_in_4bit", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted files
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_beside_safetensors_is_never_loaded(tmp_path, tiny_llama_dir):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    torch.save({"payload": _Payload(tmp_path / "pwned")}, folder / "pytorch_model.bin")
+    model, _, _ = load_model(ModelConfig(path=str(folder)))
+    assert model.config.model_type == "llama"
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_trust_remote_code_is_off_by_default_and_announced_when_on(tiny_llama_dir, caplog):
+    import logging
+
+    from mathtune.config import load_config, summarize
+
+    assert ModelConfig().trust_remote_code is False
+    with caplog.at_level(logging.WARNING):
+        load_model(ModelConfig(path=str(tiny_llama_dir)))
+    assert "trust_remote_code" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        load_model(ModelConfig(path=str(tiny_llama_dir), trust_remote_code=True))
+    assert f"model.trust_remote_code is ON: Python code shipped with {tiny_llama_dir} will run" in caplog.text
+    cfg = load_config(overrides={"model.trust_remote_code": True}, environ={})
+    assert "TRUST_REMOTE_CODE=ON" in summarize(cfg)
+    assert "TRUST_REMOTE_CODE" not in summarize(load_config(environ={}))
+
+
+def test_mathtune_never_unpickles():
+    """No pickle.load, and torch.load only with weights_only=True, anywhere in the package."""
+    import re
+    from pathlib import Path
+
+    import mathtune
+
+    offenders = []
+    for path in Path(mathtune.__file__).parent.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path}: {call}")
+        if re.search(r"\b(pickle|dill|joblib)\.loads?\(", text) or "trust_remote_code=True" in text:
+            offenders.append(str(path))
+    assert not offenders

@@ -12,6 +12,7 @@ turns only: each turn's content and its end-of-turn token, never padding.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathtune.data.formats import Conversation, RecordError, detect_format, parse_record
+from mathtune.data.template import render_chat
 from mathtune.errors import DataError, MathtuneError
 
 if TYPE_CHECKING:
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from mathtune.config import DataConfig
+
+log = logging.getLogger("mathtune")
 
 IGNORE_INDEX = -100
 
@@ -59,6 +63,8 @@ class DataReport:
     eval_examples: int = 0
     train_tokens: int = 0
     train_label_tokens: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    """'FILE:LINE repeats FILE:LINE' for each record identical to an earlier one (kept, warned)."""
 
     def lines(self) -> list[str]:
         out = [f"  {name}: {fmt}" for name, fmt in self.files.items()]
@@ -66,6 +72,8 @@ class DataReport:
             f"  {self.records} records -> {self.train_examples} train / {self.eval_examples} eval examples, "
             f"{self.train_tokens} train tokens ({self.train_label_tokens} trained on)"
         )
+        if self.duplicates:
+            out.append(f"  {len(self.duplicates)} duplicate records (kept), first: {self.duplicates[0]}")
         if self.skipped_invalid:
             out.append(f"  skipped {self.skipped_invalid} invalid records (data.on_invalid: skip)")
         if self.truncated:
@@ -149,10 +157,17 @@ def _decode(raw: bytes, path: Path, lineno: int) -> str:
 # Records -> conversations
 
 
+# No tokenizer averages this many characters per token: a record longer than this many times
+# data.max_seq_length would lose nearly all of itself, answer included, to truncation.
+MAX_CHARS_PER_TOKEN = 100
+
+
 def iter_conversations(
-    path: Path, fmt: str = "auto", fields: dict | None = None
+    path: Path, fmt: str = "auto", fields: dict | None = None, max_chars: int | None = None
 ) -> Iterator[tuple[str, Conversation | RecordError, str]]:
-    """Yield (place, conversation or the record's error, format) for every record of one file."""
+    """Yield (place, conversation or the record's error, format) for every record of one file.
+
+    A conversation longer than `max_chars` characters is an error too: it cannot fit the model."""
     file_fmt = None if fmt == "auto" else fmt
     for place, record in read_json_records(path):
         if file_fmt is None:
@@ -165,16 +180,24 @@ def iter_conversations(
                     "messages or conversations; or set data.format: fields with data.fields: {prompt: ..., response: ...}",
                 )
         try:
-            yield place, parse_record(record, file_fmt, fields), file_fmt
+            conv = parse_record(record, file_fmt, fields)
         except RecordError as exc:
             yield place, exc, file_fmt
+            continue
+        size = sum(len(m["content"]) for m in conv.messages)
+        if max_chars is not None and size > max_chars:
+            yield place, RecordError("", f"{size:,} characters: far more than data.max_seq_length tokens can hold; "
+                                         "split the record or raise data.max_seq_length"), file_fmt
+        else:
+            yield place, conv, file_fmt
 
 
-def _generate_rows(files: list[str], fmt: str, fields: dict | None, system_prompt: str | None, file_ids: list) -> Iterator[dict]:
+def _generate_rows(files: list[str], fmt: str, fields: dict | None, system_prompt: str | None, file_ids: list,
+                   max_chars: int | None = None) -> Iterator[dict]:
     # file_ids (size, mtime) is unused here: it is in the signature so that datasets' cache key
     # changes when a file changes under the same name.
     for path in files:
-        for _, conv, _ in iter_conversations(Path(path), fmt, fields):
+        for _, conv, _ in iter_conversations(Path(path), fmt, fields, max_chars):
             if isinstance(conv, Conversation):
                 if system_prompt and conv.messages[0]["role"] != "system":
                     conv.messages.insert(0, {"role": "system", "content": system_prompt})
@@ -186,17 +209,39 @@ def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -
     import datasets
 
     fields = cfg.fields.model_dump() if cfg.fields else None
+    max_chars = MAX_CHARS_PER_TOKEN * cfg.max_seq_length
+    mapped = {fields["prompt"]: "data.fields.prompt", fields["response"]: "data.fields.response"} if fields else {}
     problems: list[str] = []
     bad = 0
+    seen: dict[str, str] = {}  # conversation -> place of its first occurrence
     for path in files:
         fmt = None
-        for place, conv, fmt in iter_conversations(path, cfg.format, fields):
+        in_file, missing_mapped = 0, []
+        for place, conv, fmt in iter_conversations(path, cfg.format, fields, max_chars):
             report.records += 1
+            in_file += 1
             if isinstance(conv, RecordError):
                 bad += 1
+                if conv.field in mapped and str(conv).startswith(f"{conv.field}: missing"):
+                    missing_mapped.append(conv)
                 if len(problems) < cfg.max_errors:
                     problems.append(f"{place}: {conv}")
+                continue
+            key = json.dumps(conv.messages, ensure_ascii=False)
+            if key in seen:
+                report.duplicates.append(f"{place} repeats {seen[key]}")
+            else:
+                seen[key] = place
         report.files[str(path)] = fmt or "empty"
+        if missing_mapped and len(missing_mapped) == in_file:
+            first = missing_mapped[0]
+            present = str(first).split("keys present: ", 1)[-1].rstrip(")")
+            raise DataError([f"{path}: no record has the field '{first.field}' that {mapped[first.field]} names "
+                             f"(the first record's keys: {present}); set {mapped[first.field]} to the name this file uses"])
+    if report.duplicates:
+        shown = "; ".join(report.duplicates[:3]) + (" ..." if len(report.duplicates) > 3 else "")
+        log.warning("%d duplicate record%s (kept; remove them if they were not meant to weigh double): %s",
+                    len(report.duplicates), "s" * (len(report.duplicates) != 1), shown)
     valid = report.records - bad
     if bad and cfg.on_invalid == "error":
         raise DataError(problems, bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
@@ -212,7 +257,7 @@ def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -
         _generate_rows,
         features=features,
         gen_kwargs={"files": [str(p) for p in files], "fmt": cfg.format, "fields": fields,
-                    "system_prompt": cfg.system_prompt, "file_ids": file_ids},
+                    "system_prompt": cfg.system_prompt, "file_ids": file_ids, "max_chars": max_chars},
     )
 
 
@@ -240,7 +285,7 @@ def tokenize_conversation(
     Returns input_ids, labels and `truncated`. Labels are decided by character spans of the
     rendered text, not by token ids, so pad == eos (SmolLM2) cannot mask a real end of turn.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render_chat(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if train_on_inputs:
@@ -264,8 +309,8 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokeniz
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render_chat(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(before)):
             return _spans_by_content(messages, tokenizer, text)
         spans.append(_trim(text, len(before), len(through)))

@@ -1,0 +1,98 @@
+"""`mathtune chat`: talk to a trained run (adapter on its base), or to an exported GGUF file.
+
+    mathtune chat runs/x                       # transformers + PEFT, the run's chat template
+    mathtune chat --gguf runs/x/export/m.gguf  # llama.cpp, through llama-cpp-python when installed
+
+One line per message; the conversation is kept until /reset; /exit or end of input stops. Answers
+are greedy and printed as they are generated.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from mathtune.errors import ModelError
+
+HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
+
+
+def chat_run(run_dir: Path, max_new_tokens: int = 512, system: str | None = None,
+             stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    from mathtune.config import load_run_config
+    from mathtune.evaluate import load_trained
+
+    cfg = load_run_config(run_dir)
+    model, tokenizer = load_trained(run_dir, cfg)
+    model.eval()
+    _loop(lambda messages: _reply_transformers(model, tokenizer, messages, max_new_tokens, stdout),
+          system or cfg.data.system_prompt, stdin, stdout, f"{run_dir} (LoRA on {cfg.model.path or 'the embedded model'})")
+
+
+def chat_gguf(path: Path, max_new_tokens: int = 512, system: str | None = None, context: int = 4096,
+              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ModelError("chatting with a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
+                         "(it compiles llama.cpp, which takes several minutes); or load the file in LM Studio") from None
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    llm = Llama(model_path=str(path), n_ctx=context, verbose=False)
+
+    def reply(messages: list[dict]) -> str:
+        parts = []
+        for chunk in llm.create_chat_completion(messages, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+            text = chunk["choices"][0]["delta"].get("content") or ""
+            stdout.write(text)
+            stdout.flush()
+            parts.append(text)
+        return "".join(parts)
+
+    _loop(reply, system, stdin, stdout, str(path))
+
+
+def _loop(reply, system: str | None, stdin: TextIO, stdout: TextIO, title: str) -> None:
+    stdout.write(f"Chatting with {title}\n{HELP}\n")
+    messages = [{"role": "system", "content": system}] if system else []
+    start = list(messages)
+    while True:
+        stdout.write("\n> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            stdout.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(start)
+            stdout.write("(conversation cleared)\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = reply(messages)
+        stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def _reply_transformers(model, tokenizer, messages: list[dict], max_new_tokens: int, stdout: TextIO) -> str:
+    import torch
+    from transformers import TextStreamer
+
+    from mathtune.data.template import render_chat
+    from mathtune.evaluate import stop_token_ids
+
+    class Printer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            stdout.write(text)
+            stdout.flush()
+
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer, model),
+                             pad_token_id=tokenizer.pad_token_id, streamer=Printer(tokenizer, skip_prompt=True,
+                                                                                   skip_special_tokens=True))
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,227 @@
+"""What keeps a long `mathtune train` from losing work: whole checkpoints, Ctrl-C, NaN and disk full.
+
+    mathtune train ...                  # Ctrl-C: finishes the step, saves a checkpoint, says how to resume
+    mathtune train --resume RUN_DIR     # continues from the newest *complete* checkpoint
+
+- Checkpoints are written into RUN_DIR/checkpoints/.partial/checkpoint-N, flushed to disk and only
+  then renamed to RUN_DIR/checkpoints/checkpoint-N: a crash or `kill -9` mid-save leaves a folder in
+  .partial, never a half checkpoint where `--resume` looks. (transformers' Trainer writes
+  checkpoint-N in place, file by file, with trainer_state.json last.)
+- A non-finite loss stops training before that step's update is applied or saved.
+- A full disk while saving is reported as such; the checkpoints already written stay intact.
+
+`SafeTrainingMixin` goes in front of transformers' `Trainer` in the trainer's bases;
+`GracefulInterrupt` is its callback for Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from mathtune.errors import MathtuneError
+
+log = logging.getLogger("mathtune")
+
+PREFIX = "checkpoint-"
+PARTIAL = ".partial"
+
+
+class TrainingStopped(MathtuneError):
+    """Training stopped early for a reason the message explains (interrupt, NaN loss, full disk)."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    exit_code = 130  # what shells expect after Ctrl-C
+
+
+def last_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint in `checkpoints_dir`: a checkpoint-N folder whose
+    trainer_state.json reads as JSON. Folders being written (in .partial) are never candidates."""
+    if not checkpoints_dir.is_dir():
+        return None
+    steps = sorted((int(p.name[len(PREFIX):]), p) for p in checkpoints_dir.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
+
+
+def resume_hint(run_dir: Path) -> str:
+    return f"mathtune train --resume {run_dir}"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    # safetensors (Rust) reports a full disk as SafetensorError with the OS message, not as OSError.
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "StorageFull" in str(exc)
+
+
+class SafeTrainingMixin:
+    """Trainer methods that publish checkpoints atomically and stop on a non-finite loss."""
+
+    def _get_output_dir(self, trial) -> str:
+        out = super()._get_output_dir(trial)
+        return os.path.join(out, PARTIAL) if getattr(self, "_staging", False) else out
+
+    def _save_checkpoint(self, model, trial) -> None:
+        final_root = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX}{self.state.global_step}"
+        staged = final_root / PARTIAL / name
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if self.args.should_save:
+                shutil.rmtree(staged, ignore_errors=True)
+            if is_disk_full(exc):
+                raise TrainingStopped(self._save_failure(final_root, name, "the disk is full")) from None
+            raise
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states)
+        if self.args.should_save:
+            try:
+                publish(staged, final_root / name)
+                with contextlib.suppress(OSError):
+                    staged.parent.rmdir()  # .partial, when nothing else is being written there
+            except OSError as exc:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise TrainingStopped(self._save_failure(final_root, name, exc.strerror or str(exc))) from None
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def _save_failure(self, root: Path, name: str, why: str) -> str:
+        previous = last_checkpoint(root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        return (f"Could not save {name} in {root}: {why}. Training stopped; {kept}. "
+                f"Free some space, then continue with: {resume_hint(root.parent)}")
+
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the final checkpoint (killed while writing the adapter), transformers would
+        # still run one step before checking max_steps, and the result would differ from the run's.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        import torch
+
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")  # every process stops, or none does
+        if bad.item():
+            self._stop_on_non_finite(loss.item())
+        return loss
+
+    def _stop_on_non_finite(self, value: float) -> None:
+        root = Path(super()._get_output_dir(None))
+        step = self.state.global_step + 1
+        previous = last_checkpoint(root)
+        kept = (f"The last good checkpoint is {previous}; continue from it with: {resume_hint(root.parent)}"
+                if previous else "No checkpoint was saved before it.")
+        raise TrainingStopped(
+            f"The training loss is {value} at step {step} (of {self.state.max_steps}): training stopped before that "
+            f"step's update was applied or saved. {kept} To avoid it: lower train.learning_rate (now "
+            f"{self.args.learning_rate:g}), keep train.max_grad_norm set, or look for broken records in the data."
+        )
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Flush every file of `staged` to disk, then rename it to `target` (replacing an older one)."""
+    for path in sorted(staged.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(staged)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staged.rename(target)
+        shutil.rmtree(old)
+    else:
+        staged.rename(target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+class GracefulInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort now."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    @contextmanager
+    def installed(self):
+        """Catch SIGINT while the block runs (main thread only: Python delivers signals there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmathtune: stopping after this step and saving a checkpoint (Ctrl-C again aborts at once)",
+              file=sys.stderr, flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_process(self.requested, args):
+            self.requested = True
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _any_process(flag: bool, args) -> bool:
+    # Under torchrun each process gets its own Ctrl-C, maybe a step apart: agree before stopping.
+    if args.world_size <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor(float(flag), device=args.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -1,0 +1,162 @@
+"""`mathtune export`: a trained run back to where the user runs models.
+
+    mathtune export runs/x --to gguf [--quant f16|bf16|q8_0] [--requant-all]   # LM Studio, llama.cpp
+    mathtune export runs/x --to gguf-lora                                      # llama-cli --lora
+    mathtune export runs/x --to hf                                             # merged safetensors
+
+Outputs go to RUN_DIR/export/ (or --output), are written aside and renamed when complete, and are
+never overwritten without --overwrite.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mathtune.errors import MathtuneError, ModelError
+
+TARGETS = ("gguf", "gguf-lora", "hf")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    target: str
+    size: int
+    seconds: float
+    base: str
+    """The base model the run trained on (a .gguf file, a folder or a hub id)."""
+    notes: list[str] = field(default_factory=list)
+
+
+def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = False, output: Path | None = None,
+               overwrite: bool = False) -> ExportResult:
+    from mathtune.config import load_run_config
+    from mathtune.export.adapter import read_adapter
+    from mathtune.export.gguf import QUANTS
+    from mathtune.model import resolve_source
+
+    if to not in TARGETS:
+        raise MathtuneError(f"--to {to}: expected one of {', '.join(TARGETS)}")
+    if quant not in QUANTS:
+        raise MathtuneError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
+    cfg = load_run_config(run_dir)
+    source = resolve_source(cfg.model)
+    name = base_name(source)
+    out = output or run_dir / "export" / {"gguf": f"{name}-{quant}.gguf", "gguf-lora": f"{name}-lora.gguf",
+                                          "hf": f"{name}-merged"}[to]
+    if out.exists():
+        if not overwrite:
+            raise MathtuneError(f"{out}: already exists; pass --overwrite to replace it, or --output elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    if to == "hf":
+        from mathtune.export.hf import merged_folder
+
+        if out.exists():
+            shutil.rmtree(out)
+        notes = merged_folder(run_dir, cfg, out)
+    else:
+        _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
+        adapter = read_adapter(run_dir / "adapter")
+        if to == "gguf":
+            notes = _merged_gguf(run_dir, source, adapter, out, quant, requant_all)
+        else:
+            notes = _lora_gguf(source, adapter, out, name)
+    size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
+    return ExportResult(out, to, size, time.perf_counter() - started, source.path, notes)
+
+
+def _check_architecture(source, to: str) -> None:
+    if source.kind == "gguf":
+        if to == "gguf":
+            import gguf
+
+            from mathtune.export.gguf import mergeable_arch
+
+            mergeable_arch(gguf.GGUFReader(source.path), Path(source.path))
+        return
+    from mathtune.export.gguf_hf import gguf_arch, read_config
+
+    folder = _base_folder(source)
+    gguf_arch(read_config(folder), folder)
+
+
+def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_all: bool) -> list[str]:
+    from transformers import AutoTokenizer
+
+    # The tokenizer saved with the adapter carries the chat template the run trained with.
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    if source.kind == "gguf":
+        from mathtune.export.gguf import merged_from_gguf
+
+        return merged_from_gguf(Path(source.path), adapter, out, quant, requant_all, tokenizer.chat_template)
+    from mathtune.export.gguf_hf import merged_from_folder
+
+    return merged_from_folder(_base_folder(source), tokenizer, adapter, out, quant)
+
+
+def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
+    from mathtune.export.gguf import field_value, lora_gguf, tensor_names_for
+
+    if source.kind == "gguf":
+        import gguf
+
+        reader = gguf.GGUFReader(source.path)
+        arch = field_value(reader, "general.architecture")
+        n_head = field_value(reader, f"{arch}.attention.head_count")
+        n_head_kv = field_value(reader, f"{arch}.attention.head_count_kv", n_head)
+        names = tensor_names_for(adapter, arch, int(field_value(reader, f"{arch}.block_count")),
+                                 {t.name for t in reader.tensors})
+    else:
+        from mathtune.export.gguf_hf import heads, lora_names, read_config
+
+        folder = _base_folder(source)
+        arch, names = lora_names(folder, adapter)
+        n_head, n_head_kv = heads(read_config(folder))
+    return lora_gguf(adapter, arch, names, n_head, n_head_kv, out, name)
+
+
+def _base_folder(source) -> Path:
+    if source.kind == "folder":
+        return Path(source.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.path, local_files_only=True))
+    except Exception as exc:  # noqa: BLE001 - any miss means the same thing to the user
+        raise ModelError(f"{source.path}: not in the local hub cache ({exc.__class__.__name__}); download it and set "
+                         "model.path to its folder") from None
+
+
+def base_name(source) -> str:
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct'; a folder's or hub id's last part."""
+    stem = Path(source.path).stem if source.kind == "gguf" else Path(source.path.rstrip("/")).name
+    return re.sub(r"[.\-_](?:i?q\d\w*|f16|f32|bf16)$", "", stem, flags=re.IGNORECASE) or stem
+
+
+def how_to_use(result: ExportResult) -> list[str]:
+    """The closing lines of `mathtune export`: where the output is and how to load it."""
+    size = f"{result.size / 1e6:,.1f} MB"
+    lines = [f"Written {result.path} ({size}) in {result.seconds:.1f} s", *(f"  - {n}" for n in result.notes)]
+    p = result.path
+    if result.target == "gguf":
+        lines += [
+            "LM Studio: it lists models as <publisher>/<model>/<file>.gguf under its models folder",
+            f"  (~/.lmstudio/models by default), e.g.: mkdir -p ~/.lmstudio/models/mathtune/{p.stem} && "
+            f"cp {p} ~/.lmstudio/models/mathtune/{p.stem}/",
+            f"  or: lms import {p}",
+            f"llama.cpp: llama-cli -m {p} -cnv",
+        ]
+    elif result.target == "gguf-lora":
+        lines += [
+            f"llama.cpp: llama-cli -m {result.base} --lora {p} -cnv",
+            "  (the base must be the model this run trained on; LM Studio loads merged models: use --to gguf)",
+        ]
+    else:
+        lines += [f"Transformers: AutoModelForCausalLM.from_pretrained('{p}'); vLLM: vllm serve {p}"]
+    return lines

@@ -1,0 +1,33 @@
+"""Merged safetensors: the base model with the adapter folded in, as a plain Transformers folder.
+
+    mathtune export runs/x --to hf
+
+`AutoModelForCausalLM.from_pretrained(folder)` loads it (and so do vLLM, TGI, llama.cpp's
+convert_hf_to_gguf.py...). PEFT does the merge, so every adapter PEFT trains (DoRA, rsLoRA, rank
+patterns) is merged the way it was trained. The base is loaded once in its own dtype and merged in
+place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
+    from mathtune.evaluate import load_trained
+
+    model, tokenizer = load_trained(run_dir, cfg)
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
+    return [f"{sum(p.numel() for p in merged.parameters()):,} parameters in {dtype}, tokenizer and chat template"]
