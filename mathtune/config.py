@@ -120,9 +120,12 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
-        "adamw_torch"
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        "auto"
     )
+    """auto: paged_adamw_8bit with model.load_in_4bit (QLoRA: 8-bit states, paged to CPU memory on
+    spikes instead of running out of GPU memory), adamw_torch otherwise. The 8-bit and paged ones
+    need bitsandbytes and a CUDA GPU."""
     gradient_checkpointing: bool = False
     padding_free: bool = True
     """Pack each batch into one row with restarting positions: no compute on padding. Used where
@@ -168,24 +171,44 @@ class Config(_Section):
         problems = []
         if self.data.format == "fields" and self.data.fields is None:
             problems.append("data.fields: required when data.format is 'fields' (e.g. {prompt: pregunta, response: respuesta})")
+        from mathtune.hardware import bitsandbytes_available, cuda_available
+
+        needs_bnb = []
         if self.model.load_in_4bit:
             if self.model.device in ("cpu", "mps"):
                 problems.append(f"model.load_in_4bit: needs CUDA, but model.device is '{self.model.device}'")
+            elif not cuda_available():
+                problems.append(
+                    "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
+                    "(run `mathtune doctor`); set it to false to train in full precision"
+                )
             else:
-                from mathtune.hardware import cuda_available
-
-                if not cuda_available():
-                    problems.append(
-                        "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
-                        "(run `mathtune doctor`); set it to false to train in full precision"
-                    )
+                needs_bnb.append("model.load_in_4bit")
         if self.model.dtype == "bfloat16" and self.model.device == "cpu":
             problems.append("model.dtype: bfloat16 on CPU trains ~100x slower than float32 here; use float32 or auto")
-        if self.train.optimizer.startswith(("paged_", "adamw_8bit")) and self.model.device == "cpu":
-            problems.append(f"train.optimizer: '{self.train.optimizer}' needs bitsandbytes on CUDA; use adamw_torch on CPU")
+        if self.train.optimizer in BNB_OPTIMIZERS:
+            if self.model.device in ("cpu", "mps") or (self.model.device == "auto" and not cuda_available()):
+                where = f"model.device is '{self.model.device}'" if self.model.device != "auto" else "no CUDA GPU is usable here"
+                problems.append(f"train.optimizer: '{self.train.optimizer}' runs on CUDA through bitsandbytes, but {where}; "
+                                "use adamw_torch (or auto)")
+            else:
+                needs_bnb.append("train.optimizer")
+        if needs_bnb and not bitsandbytes_available():
+            problems.append(f"{' and '.join(needs_bnb)}: needs the bitsandbytes package, which is not installed: "
+                            "pip install 'mathtune[qlora]' (or bitsandbytes)")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def resolve_optimizer(cfg: Config) -> str:
+    """train.optimizer with auto decided: paged 8-bit AdamW for QLoRA, torch's AdamW otherwise."""
+    if cfg.train.optimizer != "auto":
+        return cfg.train.optimizer
+    return "paged_adamw_8bit" if cfg.model.load_in_4bit else "adamw_torch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +279,7 @@ def summarize(cfg: Config) -> str:
             f"  lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={targets}"
             f"{' rslora' * lora.use_rslora}{' dora' * lora.use_dora}",
             f"  train   {steps}, batch {t.batch_size}x{t.gradient_accumulation_steps}, lr {t.learning_rate:g} "
-            f"{t.lr_scheduler}, seed {t.seed}",
+            f"{t.lr_scheduler}, {resolve_optimizer(cfg)}{', gradient checkpointing' * t.gradient_checkpointing}, seed {t.seed}",
             f"  output  {cfg.output.dir}",
         ]
     )

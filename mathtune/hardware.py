@@ -18,6 +18,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def bitsandbytes_available() -> bool:
+    """Installed, without importing it (the import itself probes CUDA and can take seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def mps_available() -> bool:
     import torch
 

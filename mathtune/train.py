@@ -4,9 +4,11 @@
     mathtune train --config configs/mathstral-qlora.yaml
     mathtune train --resume runs/20261125-101500    # continue from the last checkpoint
 
-The loop is transformers' Trainer, so `accelerate launch` and `torchrun` run this same code on
-several processes. The run folder gets config.yaml, metrics.jsonl, checkpoints/, adapter/ and
-train_summary.json.
+The loop is transformers' Trainer, so `torchrun` and `accelerate launch` run this same code on
+several processes (mathtune/distributed.py); rank 0 alone writes the run folder: config.yaml,
+metrics.jsonl, checkpoints/, adapter/ and train_summary.json.
+
+    torchrun --nproc_per_node 2 -m mathtune train --config run.yaml     # CPU, DDP over gloo
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from transformers import Trainer, TrainerCallback, set_seed
 
 from mathtune.checkpoints import GracefulInterrupt, SafeTrainingMixin, TrainingInterrupted, is_disk_full, resume_hint
 from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
-from mathtune.config import Config, dump_config, summarize
+from mathtune.config import Config, dump_config, resolve_optimizer, summarize
 from mathtune.data.dataset import IGNORE_INDEX
-from mathtune.errors import MathtuneError
+from mathtune.errors import ConfigError, MathtuneError
 from mathtune.files import write_json, write_text
 
 log = logging.getLogger("mathtune")
@@ -51,8 +53,7 @@ class TrainResult:
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Run the whole job described by `cfg`: the run folder, the trained adapter and its summary."""
-    from accelerate import PartialState
-
+    from mathtune import distributed
     from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora, count_parameters, lora_targets
@@ -63,14 +64,24 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     data_report = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
     resolve_source(cfg.model)
-    main_process = PartialState().is_main_process
-    run_dir = prepare_run_dir(cfg, resume, write=False)
+    problems = distributed.launch_problems(cfg)
+    if problems:
+        raise ConfigError(problems, "launch")
+    device = resolve_device(cfg.model.device)
+    state = distributed.process_state(device)
+    main_process = state.is_main_process
+    if not main_process:
+        log.setLevel(logging.WARNING)  # one copy of the progress messages: rank 0's
+    # Rank 0 checks the folder (its name may come from its clock) and every rank gets its answer.
+    cfg.output.dir = distributed.agree_on_run_dir(state, lambda: prepare_run_dir(cfg, resume, write=False))
+    run_dir = cfg.output.dir
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
 
     # Model and tokenizer. Seed first: LoRA's A matrices are drawn from the global RNG.
     set_seed(cfg.train.seed)
     started = time.perf_counter()
-    model, tokenizer, source = load_model(cfg.model)
+    with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
+        model, tokenizer, source = load_model(cfg.model)
     ensure_chat_template(tokenizer, cfg.model.chat_template)
     # Training needs no KV cache, and packed batches are only kept apart when there is none.
     model.config.use_cache = False
@@ -80,8 +91,10 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # Data, tokenized with the model's chat template
     train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data_report)
     log.info("Data:\n%s", "\n".join(data_report.lines()))
-    # Written only now that the model, its chat template and the data are known to work together.
-    prepare_run_dir(cfg, resume, write=main_process)
+    # Written only now that the model, its chat template and the data are known to work together;
+    # by rank 0 alone (another rank checking now could find rank 0's fresh files and refuse).
+    if main_process:
+        prepare_run_dir(cfg, resume)
 
     # LoRA
     targets = lora_targets(model, cfg.lora)
@@ -91,12 +104,14 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
              100 * trainable / total)
 
     # Trainer
-    device = resolve_device(cfg.model.device)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
     eval_before = _logged_eval_before(run_dir) if resume else None
-    if eval_before is None:  # a new run, or one killed before its first evaluation was logged
+    # A new run, or one killed before its first evaluation was logged
+    if eval_before is None and len(eval_ds):
         log.info("Evaluating on %d held-out examples before training", len(eval_ds))
-        eval_before = _eval_loss(trainer, eval_ds)
+        # Inside train(): an evaluate() call before it marks the model as prepared (for evaluation), and
+        # train() then never wraps it in DDP: each process would train alone (accelerate 1.15).
+        trainer.args.eval_on_start = True
     checkpoint = last_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
@@ -115,6 +130,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         raise TrainingInterrupted(f"Interrupted at step {interrupt.stopped_at}; checkpoint saved in "
                                   f"{last_checkpoint(run_dir)}. Resume with: {resume_hint(run_dir)}")
     train_seconds = time.perf_counter() - train_started
+    if eval_before is None:
+        eval_before = _first_eval_loss(trainer, start_step)
     eval_after = _eval_loss(trainer, eval_ds)
 
     # Save
@@ -142,12 +159,24 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         "eval_loss_after": eval_after,
         "resumed_from": str(checkpoint) if checkpoint else None,
         "device": device,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "processes": state.num_processes,
+        "engine": distributed.engine() if state.num_processes > 1 else None,
     }
+    sharded = distributed.shards_parameters()
+    if sharded:
+        # Each process holds a slice of the weights: all of them gather, rank 0 writes.
+        save_adapter(model, tokenizer, run_dir / ADAPTER, trainer=trainer, write=main_process)
     if main_process:
-        save_adapter(model, tokenizer, run_dir / ADAPTER)
+        if not sharded:
+            save_adapter(model, tokenizer, run_dir / ADAPTER)
         write_json(run_dir / "train_summary.json", summary)
         log.info(summary_text(summary, run_dir))
-        if cfg.eval.at_end:
+        if cfg.eval.at_end and sharded:
+            log.info("Generation needs the whole model in one process: score the run with `mathtune eval %s "
+                     "--base` on one GPU", run_dir)
+        elif cfg.eval.at_end:
+            # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
             evaluate_held_out(cfg, model, tokenizer, run_dir, eval_conv)
         from mathtune.report import write_report
 
@@ -204,21 +233,33 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return newest_complete_checkpoint(run_dir / CHECKPOINTS)
 
 
-def save_adapter(model, tokenizer, target: Path) -> None:
-    """PEFT adapter + tokenizer + chat template, written aside and renamed when complete."""
+def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = True) -> None:
+    """PEFT adapter + tokenizer + chat template, written aside and renamed when complete.
+
+    With `trainer` (FSDP, ZeRO-3) every process calls this: Trainer gathers the sharded weights and
+    only the process with `write` writes.
+    """
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    except Exception as exc:
+    if write:
         shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if trainer is not None:
+            trainer.save_model(str(tmp))
+        else:
+            model.save_pretrained(tmp)
+        if write:
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:
+        if write:
+            shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
             kept = "the previous adapter is intact; " if target.exists() else ""
             raise MathtuneError(f"Could not save the adapter in {target}: the disk is full; {kept}the checkpoints in "
                                 f"{target.parent / CHECKPOINTS} are intact. Free some space, then: "
                                 f"{resume_hint(target.parent)}") from None
         raise
+    if not write:
+        return
     if target.exists():
         old = target.with_name(target.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -241,7 +282,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
     from mathtune.packing import packed_collator, use_packed_attention
 
     t = cfg.train
-    dtype = next(p.dtype for p in model.parameters())
+    dtype = _compute_dtype(model)
     packed = t.padding_free and supports_padding_free(model)
     if packed:
         # One row per batch, positions restarting at each example: no padding to compute on, and
@@ -262,7 +303,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim=resolve_optimizer(cfg),
         logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_steps and len(eval_ds) else "no",
         eval_steps=t.eval_steps or None,
@@ -274,6 +315,9 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         bf16=device == "cuda" and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
+        # Every LoRA parameter gets a gradient each step: DDP need not search the graph for unused ones
+        # (that search also breaks with gradient checkpointing).
+        ddp_find_unused_parameters=False,
         # Packed batches have no padding (and no attention mask to tell it by): count every token.
         include_num_input_tokens_seen="all" if packed else "non_padding",
         prediction_loss_only=True,
@@ -376,6 +420,16 @@ class RunLogger(TrainerCallback):
             self.bar = None
 
 
+def _compute_dtype(model):
+    """The dtype the matrix products run in: a 4-bit base computes in its bnb compute dtype (its
+    other weights are float32 after prepare_model_for_kbit_training), any other in its weights' dtype."""
+    quant = getattr(model.config, "quantization_config", None)
+    compute = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else getattr(quant, "bnb_4bit_compute_dtype", None)
+    if compute is not None and getattr(model, "is_loaded_in_4bit", False):
+        return getattr(torch, compute) if isinstance(compute, str) else compute
+    return next(p.dtype for p in model.parameters())
+
+
 def _eval_loss(trainer, eval_ds) -> float | None:
     if not len(eval_ds):
         return None
@@ -383,6 +437,16 @@ def _eval_loss(trainer, eval_ds) -> float | None:
     if not math.isfinite(loss):
         raise MathtuneError(f"evaluation loss is {loss}: the model or data produce non-finite values")
     return round(loss, 6)
+
+
+def _first_eval_loss(trainer, start_step: int) -> float | None:
+    """The eval loss train() took before its first step (eval_on_start): the last one logged at
+    `start_step` (a resumed run's history also holds the evaluations of earlier sessions)."""
+    at_start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == start_step]
+    loss = at_start[-1] if at_start else None
+    if loss is not None and not math.isfinite(loss):
+        raise MathtuneError(f"evaluation loss before training is {loss}: the model or data produce non-finite values")
+    return None if loss is None else round(loss, 6)
 
 
 def _logged_eval_before(run_dir: Path) -> float | None:

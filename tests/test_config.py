@@ -257,6 +257,7 @@ def test_4bit_fails_on_this_machine_without_patching():
 
 def test_4bit_passes_when_cuda_is_available(monkeypatch):
     monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: True)
+    monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
     assert load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV).model.load_in_4bit is True
     assert load_config(None, {"model.load_in_4bit": True, "model.device": "cuda"}, environ=NO_ENV).model.device == "cuda"
 
@@ -501,6 +502,7 @@ def test_every_example_config_is_valid_and_opens_with_its_command(name, monkeypa
     from tests.conftest import ROOT
 
     monkeypatch.setattr("mathtune.hardware.cuda_available", lambda: True)  # the QLoRA example targets a GPU
+    monkeypatch.setattr("mathtune.hardware.bitsandbytes_available", lambda: True)
     path = ROOT / "configs" / name
     assert path.read_text(encoding="utf-8").startswith("# mathtune train --config configs/" + name)
     load_config(path, environ={})
