@@ -252,7 +252,7 @@ def worker(tool: str, spec_path: Path, result_path: Path) -> None:
 
 def prepare(args, work: Path) -> dict:
     """The model folder both tools load, and the train / held-out examples both see."""
-    from mathtune.config import Config, DataConfig, ModelConfig
+    from mathtune.config import Config, DataConfig, ModelConfig, resolve_optimizer
     from mathtune.data.builtin import builtin_files
     from mathtune.data.dataset import DataReport, load_conversations
     from mathtune.model import convert_gguf, embedded_model_path, resolve_source
@@ -290,7 +290,7 @@ def prepare(args, work: Path) -> dict:
         "dtype": "bfloat16" if args.device == "cuda" else "float32", "no_packing": args.no_packing,
         "hyper": {"r": defaults.lora.r, "alpha": defaults.lora.alpha, "learning_rate": defaults.train.learning_rate,
                   "lr_scheduler": defaults.train.lr_scheduler, "warmup_ratio": defaults.train.warmup_ratio,
-                  "optimizer": defaults.train.optimizer},
+                  "optimizer": resolve_optimizer(defaults)},
     }
 
 

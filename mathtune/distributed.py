@@ -94,5 +94,18 @@ def agree_on_run_dir(state: PartialState, prepare: Callable[[], Path]) -> Path:
     return Path(text)
 
 
+def finish(state: PartialState) -> None:
+    """Every process meets here once training and the adapter are saved, then the process group is
+    closed. Rank 0 goes on alone (summary, generation, report) while the others exit: a process that
+    exits with its group still open can abort in gloo's teardown (seen as SIGABRT, "terminate called
+    without an active exception"), and a rank waiting at a barrier through a long evaluation would
+    hit the collective timeout."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        state.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")

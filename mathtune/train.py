@@ -167,6 +167,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     if sharded:
         # Each process holds a slice of the weights: all of them gather, rank 0 writes.
         save_adapter(model, tokenizer, run_dir / ADAPTER, trainer=trainer, write=main_process)
+    distributed.finish(state)
     if main_process:
         if not sharded:
             save_adapter(model, tokenizer, run_dir / ADAPTER)

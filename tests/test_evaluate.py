@@ -21,7 +21,7 @@ from mathtune.evaluate import (
 from mathtune.lora import apply_lora
 from mathtune.model import load_model
 from mathtune.config import ModelConfig
-from tests.conftest import GSM8K, write_jsonl
+from tests.conftest import GSM8K
 from tests.test_train import tiny_run_config
 
 
