@@ -107,9 +107,11 @@ def run_check(paths: list[Path], as_json: bool = False, fmt: str = "auto", field
         print(json.dumps(report.to_dict(problems), indent=2, ensure_ascii=False))
     else:
         for f in report.files:
-            status = f"error: {f.error.splitlines()[0]}" if f.error else (
-                f"{f.records} records, {f.invalid} invalid" if f.invalid else f"{f.records} records, all valid")
-            print(f"{f.path} ({f.format or 'unknown shape'}): {status}")
+            if f.error:
+                print(f"{f.path}: not checked: {f.error.splitlines()[0].removeprefix(f'{f.path}: ')}")
+            else:
+                status = f"{f.invalid} invalid" if f.invalid else "all valid"
+                print(f"{f.path} ({f.format or 'no records'}): {f.records} records, {status}")
         bad = sum(f.invalid for f in report.files) + sum(f.error is not None for f in report.files)
         print("OK: every record is valid" if report.ok else f"{bad} problem{'s' * (bad != 1)} found")
     return 0 if report.ok else 1
