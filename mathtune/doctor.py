@@ -23,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from mathtune.hardware import PROBES, Probes, cuda_tag, min_driver_for, torch_index_url
-from mathtune.memory import GB, ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
+from mathtune.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
+
+
+GIB = 1 << 30  # sizes are shown in GiB: a "12 GB" card has 12 GiB
 
 
 @dataclass
@@ -51,7 +54,7 @@ def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = F
     """Findings, the device a run would use, and whether the requested device is usable."""
     t, smi, bnb = facts["torch"], facts["nvidia_smi"], facts["bitsandbytes"]
     findings: list[Finding] = []
-    python = sys.executable if facts["system"].get("python_executable") is None else facts["system"]["python_executable"]
+    python = facts["system"].get("python_executable") or sys.executable
     pip = f"{python} -m pip"
     if not t.get("installed"):
         findings.append(Finding("error", f"PyTorch is not importable ({t.get('error')})",
@@ -108,7 +111,7 @@ def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = F
         findings.append(Finding(
             "info", f"No GPU: training runs on the CPU ({threads} threads), in float32. The default run "
             "(SmolLM2-135M, 54 steps) takes about 9 minutes on 2 cores (~100-150 tokens/s); a 7B model "
-            "is ~50x slower per token and needs ~30 GB of RAM: use a GPU for it. data, eval and export work."))
+            "is ~50x slower per token and needs ~30 GiB of RAM: use a GPU for it. `mathtune data` and `eval` work as well."))
     if t.get("mps"):
         findings.append(Finding("ok", "Apple MPS is available (training in float32; no 4-bit QLoRA on MPS)"))
 
@@ -129,10 +132,10 @@ def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = F
                                 "bitsandbytes is not installed: no 4-bit QLoRA or 8-bit optimizers",
                                 f"{pip} install bitsandbytes  # or: pip install 'mathtune[qlora]'"))
 
-    device = {"auto": "cuda" if cuda_ok else ("mps" if t.get("mps") else "cpu")}.get(requested, requested)
+    # auto is the best device here: an NVIDIA GPU that PyTorch cannot use is a failure, not a CPU run.
+    best = "cuda" if cuda_ok or nvidia_present else ("mps" if t.get("mps") else "cpu")
+    device = best if requested == "auto" else requested
     usable = {"cuda": cuda_ok, "mps": bool(t.get("mps")), "cpu": True}[device]
-    if requested == "auto" and nvidia_present and not cuda_ok:
-        usable = False
     if need_4bit and not (cuda_ok and bnb.get("usable")):
         usable = False
     return findings, device, usable
@@ -162,11 +165,11 @@ def capacity(facts: dict[str, Any], device: str) -> tuple[float | None, str]:
             return None, "no GPU"
         g = max(gpus, key=lambda g: g.get("memory_free") or g["memory_total"])
         free = g.get("memory_free") or g["memory_total"]
-        return float(free), f"{g['name']}: {free / GB:.1f} GB free of {g['memory_total'] / GB:.1f} GB"
+        return float(free), f"{g['name']}: {free / GIB:.1f} GiB free of {g['memory_total'] / GIB:.1f} GiB"
     available = facts["memory"].get("available")
     if available is None:
         return None, "RAM unknown"
-    return float(available), f"RAM: {available / GB:.1f} GB available of {facts['memory']['total'] / GB:.1f} GB"
+    return float(available), f"RAM: {available / GIB:.1f} GiB available of {facts['memory']['total'] / GIB:.1f} GiB"
 
 
 def estimate_run(shape: ModelShape, plan: Plan, room: float | None) -> dict[str, Any]:
@@ -211,16 +214,16 @@ def format_report(r: dict[str, Any]) -> str:
     s, t, smi, bnb, mem = r["system"], r["torch"], r["nvidia_smi"], r["bitsandbytes"], r["memory"]
     lines = [f"system        {s['os']}, Python {s['python']}, {s['cpu_threads']} CPU threads"
              + (f" (torch uses {t['threads']})" if t.get("threads") else "")]
-    ram = f"{mem['total'] / GB:.1f} GB total, {mem['available'] / GB:.1f} GB available" if mem.get("total") else "unknown"
-    disk = f"{r['disk']['free'] / GB:.1f} GB free at {r['disk']['path']}" if r["disk"]["free"] is not None else "unknown"
+    ram = f"{mem['total'] / GIB:.1f} GiB total, {mem['available'] / GIB:.1f} GiB available" if mem.get("total") else "unknown"
+    disk = f"{r['disk']['free'] / GIB:.1f} GiB free at {r['disk']['path']}" if r["disk"]["free"] is not None else "unknown"
     lines += [f"memory        RAM {ram}; disk {disk}"]
     if t.get("installed"):
         build = f"CUDA {t['cuda_build']}" if t.get("cuda_build") else f"ROCm {t['hip_build']}" if t.get("hip_build") else "CPU-only"
         lines.append(f"pytorch       {t['version']} ({build} build), CUDA available: {'yes' if t.get('cuda_available') else 'no'}"
                      + ("" if t.get("cuda_available") or not t.get("cuda_error") else f" ({t['cuda_error']})"))
         for i, g in enumerate(t.get("gpus") or []):
-            free = f", {g['memory_free'] / GB:.1f} GB free" if g.get("memory_free") else ""
-            lines.append(f"gpu {i}         {g['name']}: {g['memory_total'] / GB:.1f} GB{free}, compute capability "
+            free = f", {g['memory_free'] / GIB:.1f} GiB free" if g.get("memory_free") else ""
+            lines.append(f"gpu {i}         {g['name']}: {g['memory_total'] / GIB:.1f} GiB{free}, compute capability "
                          f"{g['capability']}, bf16 {'yes' if g.get('bf16') else 'no'}")
         lines.append(f"mps           {'available' if t.get('mps') else 'not available'}")
     else:
@@ -230,7 +233,7 @@ def format_report(r: dict[str, Any]) -> str:
     elif smi.get("error"):
         lines.append(f"nvidia-smi    fails: {smi['error']}")
     else:
-        gpus = "; ".join(f"{g['name']} {g['memory_total'] / GB:.1f} GB" for g in smi["gpus"])
+        gpus = "; ".join(f"{g['name']} {g['memory_total'] / GIB:.1f} GiB" for g in smi["gpus"])
         lines.append(f"nvidia-smi    driver {smi['driver']} (CUDA up to {smi.get('cuda') or '?'}): {gpus}")
     lines.append("bitsandbytes  " + (("works" if bnb.get("usable") else f"installed, not usable ({bnb.get('error')})")
                                      + f" ({bnb.get('version')})" if bnb.get("installed") else "not installed"))
@@ -260,12 +263,12 @@ def format_estimate(m: dict[str, Any], e: dict[str, Any]) -> list[str]:
     for part in ("weights", "lora", "activations", "logits", "overhead"):
         extra = f" ({b['lora_params'] / 1e6:.1f}M trainable parameters, their gradients and optimizer state)" \
             if part == "lora" else ""
-        lines.append(f"  {part:<12}{b[part] / GB:7.2f} GB{extra}")
-    lines.append(f"  {'total':<12}{b['total'] / GB:7.2f} GB  vs {e['where']}: "
+        lines.append(f"  {part:<12}{b[part] / GIB:7.2f} GiB{extra}")
+    lines.append(f"  {'total':<12}{b['total'] / GIB:7.2f} GiB  vs {e['where']}: "
                  + ("fits" if e["fits"] else "does NOT fit"))
     if not e["fits"] and e.get("fix"):
         lines.append(f"  fits with: {' '.join('--set ' + s for s in e['fix']['set'])} "
-                     f"(about {e['fix']['total'] / GB:.1f} GB)")
+                     f"(about {e['fix']['total'] / GIB:.1f} GiB)")
     elif not e["fits"] and e["capacity"] is not None:
         lines.append("  no setting makes it fit here: use a larger GPU or a smaller model")
     return lines
