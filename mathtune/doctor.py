@@ -145,7 +145,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def plan_from_config(cfg, device: str, facts: dict[str, Any]) -> Plan:
+def plan_from_config(cfg, device: str) -> Plan:
     """The memory-relevant settings of a config, with 'auto' dtype resolved for `device`."""
     if cfg.model.dtype != "auto":
         dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
@@ -196,7 +196,7 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
     if model:
         shape = read_model_shape(Path(model))
         room, where = capacity(facts, resolved)
-        plan = plan_from_config(cfg, resolved, facts)
+        plan = plan_from_config(cfg, resolved)
         report["model"] = {"path": model, **shape.__dict__}
         report["estimate"] = {**estimate_run(shape, plan, room), "where": where}
         if not report["estimate"]["fits"]:

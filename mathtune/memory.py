@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +250,3 @@ def fit_plan(shape: ModelShape, plan: Plan, capacity: float) -> tuple[Plan, dict
         if estimate["total"] <= capacity:
             return current, estimate
     return None
-
-
-def describe_shape(shape: ModelShape) -> dict[str, Any]:
-    return asdict(shape)
