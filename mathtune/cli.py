@@ -5,7 +5,7 @@
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
     mathtune report RUN_DIR
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
-    mathtune data check FILE... [--json]
+    mathtune data check FILE... [--config FILE] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List every problem of the files with its place (file:line, field). Exit status 1 when any "
         "record is invalid or a file unreadable, 0 otherwise.")
     check.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    check.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format and data.fields")
     check.add_argument("--json", action="store_true", help="print one JSON document")
     check.set_defaults(func=cmd_data_check)
     stats = data_commands.add_parser(
@@ -172,7 +173,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mathtune.data.check import run_check
 
-    return run_check(args.files, as_json=args.json)
+    return run_check(args.files, as_json=args.json, config=args.config)
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:

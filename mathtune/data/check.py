@@ -92,8 +92,15 @@ def check_files(paths: list[Path], on_problem: Callable[[str, str], None], fmt: 
     return report
 
 
-def run_check(paths: list[Path], as_json: bool = False, fmt: str = "auto", fields: dict | None = None) -> int:
-    """`mathtune data check`: print the problems (or one JSON document); 0 if all valid, 1 otherwise."""
+def run_check(paths: list[Path], as_json: bool = False, config: Path | None = None) -> int:
+    """`mathtune data check`: print the problems (or one JSON document); 0 if all valid, 1 otherwise.
+    `config` gives data.format and data.fields (records with field names of their own)."""
+    fmt, fields = "auto", None
+    if config is not None:
+        from mathtune.config import load_config
+
+        data = load_config(config, check_machine=False).data
+        fmt, fields = data.format, data.fields.model_dump() if data.fields else None
     problems: list[dict] = []
     if as_json:
         def on_problem(place: str, message: str) -> None:

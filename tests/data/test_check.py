@@ -155,3 +155,13 @@ def test_a_million_records_are_checked_with_flat_rss(tmp_path):
     records, max_rss_kb = map(int, out.split())
     assert records == 1_000_000
     assert max_rss_kb < 400_000, max_rss_kb  # the interpreter and imports are ~100-200 MB; the file is ~70 MB
+
+
+def test_a_config_names_the_fields_of_records_with_their_own_vocabulary(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "own.jsonl", [{"pregunta": "¿2+2?", "respuesta": "4"}, {"pregunta": "¿3+3?"}])
+    assert run_check([path]) == 1 and "cannot tell the record shape" in capsys.readouterr().out
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  format: fields\n  fields: {prompt: pregunta, response: respuesta}\n")
+    assert main(["data", "check", str(path), "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2: respuesta: missing (keys present: pregunta)" in out and f"{path} (fields): 2 records, 1 invalid" in out
