@@ -6,6 +6,9 @@
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
+    mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
+    mathtune data check FILE... [--config FILE] [--json]
+    mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -110,6 +113,40 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length cap (default 512)")
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the run's data.system_prompt)")
     chat.set_defaults(func=cmd_chat)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="can this machine train? PyTorch/CUDA/driver/bitsandbytes diagnosis with fixes; --model: memory estimate",
+        description="Report the machine (OS, Python, PyTorch build, GPUs, driver, bitsandbytes, RAM, disk) and "
+        "diagnose broken installs with the command that fixes them. Exit status 0 when the requested device is "
+        "usable (and, with --model, the planned run fits on it), 1 otherwise.",
+    )
+    doctor.add_argument("--model", metavar="PATH", help="GGUF file or Transformers folder: estimate the run's memory")
+    doctor.add_argument("--config", type=Path, metavar="FILE", help="the planned run's YAML (batch, length, LoRA, 4-bit)")
+    doctor.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to check (default: model.device)")
+    doctor.add_argument("--json", action="store_true", help="print one JSON document")
+    doctor.set_defaults(func=cmd_doctor)
+
+    data = commands.add_parser("data", help="check or describe data files before training")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    check = data_commands.add_parser(
+        "check", help="validate every record; exit 1 if any is invalid",
+        description="List every problem of the files with its place (file:line, field). Exit status 1 when any "
+        "record is invalid or a file unreadable, 0 otherwise.")
+    check.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    check.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format and data.fields")
+    check.add_argument("--json", action="store_true", help="print one JSON document")
+    check.set_defaults(func=cmd_data_check)
+    stats = data_commands.add_parser(
+        "stats", help="records, languages, lengths, token counts, duplicates, checkable answers, topics",
+        description="Describe a dataset: shapes and turns, English/Spanish, characters and words, token lengths "
+        "with the model's chat template (--model), duplicates, checkable final answers, topics.")
+    stats.add_argument("files", type=Path, nargs="+", metavar="FILE")
+    stats.add_argument("--model", metavar="PATH", help="GGUF file, Transformers folder or hub id: count tokens")
+    stats.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format/fields/max_seq_length")
+    stats.add_argument("--json", action="store_true", help="print one JSON document")
+    stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
+    stats.set_defaults(func=cmd_data_stats)
     return parser
 
 
@@ -175,6 +212,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
         chat_gguf(args.gguf, args.max_new_tokens, args.system)
     else:
         chat_run(args.run_dir, args.max_new_tokens, args.system)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mathtune.doctor import run_doctor
+
+    return run_doctor(model=args.model, config=args.config, device=args.device, as_json=args.json)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from mathtune.data.check import run_check
+
+    return run_check(args.files, as_json=args.json, config=args.config)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from mathtune.data.stats import run_stats
+
+    run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot)
     return 0
 
 

@@ -7,8 +7,10 @@
 Each example's prompt is its conversation up to the last assistant turn, rendered with the run's
 chat template; the model answers greedily (batched, left padding) until its end-of-turn token, and
 the answer is checked against the reference's final answer with `verify.validate_math_response`
-(math-verify). Records whose reference has no checkable answer (concept explanations) are left out
-of accuracy; for them the per-token loss of the reference text is reported instead.
+(math-verify). Accuracy is given per topic: the record's "topic" field, or else the topic that
+`data.topics` detects from its text. Records whose reference has no checkable answer (concept
+explanations) are left out of accuracy; for them the per-token loss of the reference text is
+reported instead.
 
 Writes RUN_DIR/eval/predictions.jsonl (one line per example, both models side by side) and
 RUN_DIR/eval/summary.json.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mathtune.data.template import render_chat
+from mathtune.data.topics import record_topic
 from mathtune.files import write_json, write_text
 from mathtune.verify import reference_answer, validate_math_response
 
@@ -33,7 +36,6 @@ log = logging.getLogger("mathtune")
 
 # End-of-turn tokens of common chat templates; generation stops at whichever the vocabulary has.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
-UNKNOWN_TOPIC = "other"
 
 
 @dataclass
@@ -57,7 +59,7 @@ def eval_examples(conversations, limit: int | None = None) -> list[EvalExample]:
             EvalExample(
                 prompt=messages[:last],
                 reference=reference,
-                topic=row.get("topic") or UNKNOWN_TOPIC,
+                topic=record_topic(row.get("topic"), messages),  # detected when the record has none
                 checkable=reference_answer(reference) is not None,
             )
         )

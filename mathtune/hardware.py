@@ -1,4 +1,4 @@
-"""Device and dtype choice.
+"""Device and dtype choice, and the probes `mathtune doctor` reads the machine with.
 
 CUDA, then Apple MPS, then CPU. On CPU training runs in float32: these cores have no bf16 units and
 bf16 matrix products measured ~100x slower than fp32 here.
@@ -6,6 +6,10 @@ bf16 matrix products measured ~100x slower than fp32 here.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,3 +55,180 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # MPS autocast in half precision is not reliable for training yet; CPU has no bf16 units.
     return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes: what `mathtune doctor` reads from the machine. Each is a plain function returning JSON-able
+# values, collected in `Probes` so that tests can replace any of them (a fake GPU, an old driver).
+
+# CUDA builds of PyTorch on download.pytorch.org, per minor version (newest known set for later versions).
+TORCH_CUDA_BUILDS = {
+    (2, 4): ("11.8", "12.1", "12.4"), (2, 5): ("11.8", "12.1", "12.4"), (2, 6): ("11.8", "12.4", "12.6"),
+    (2, 7): ("11.8", "12.6", "12.8"), (2, 8): ("12.6", "12.8", "12.9"), (2, 9): ("12.6", "12.8", "13.0"),
+}
+# Oldest Linux driver for each CUDA major version (minor version compatibility, NVIDIA release notes).
+MIN_DRIVER = {11: (450, 80, 2), 12: (525, 60, 13), 13: (580,)}
+
+
+def _numbers(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def min_driver_for(cuda_build: str) -> tuple[int, ...] | None:
+    """The oldest driver that runs a CUDA `cuda_build` ("12.8") program, or None if unknown."""
+    return MIN_DRIVER.get(_numbers(cuda_build)[0]) if _numbers(cuda_build) else None
+
+
+def cuda_tag(torch_version: str, driver: str | None) -> str | None:
+    """The newest CUDA build of this PyTorch version that `driver` can run ("12.8"), or None."""
+    if not driver:
+        return None
+    key = _numbers(torch_version)[:2]
+    builds = TORCH_CUDA_BUILDS.get(key) or TORCH_CUDA_BUILDS[max(TORCH_CUDA_BUILDS)]
+    runnable = [b for b in builds if _numbers(driver) >= (min_driver_for(b) or (999,))]
+    return runnable[-1] if runnable else None
+
+
+def torch_index_url(cuda: str) -> str:
+    return f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}"
+
+
+def probe_system() -> dict:
+    import platform
+    import sys
+
+    return {"os": f"{platform.system()} {platform.release()} {platform.machine()}", "python": platform.python_version(),
+            "python_executable": sys.executable, "cpu_threads": os.cpu_count()}
+
+
+def probe_torch() -> dict:
+    """Version, build, CUDA state and each GPU as PyTorch sees them."""
+    import warnings
+
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001 - a broken install raises anything (OSError for a missing .so)
+        return {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    info = {"installed": True, "version": torch.__version__, "cuda_build": torch.version.cuda,
+            "hip_build": getattr(torch.version, "hip", None), "cuda_available": available,
+            "cuda_error": str(caught[0].message).strip() if caught and not available else None,
+            "threads": torch.get_num_threads(), "mps": mps_available(), "gpus": []}
+    for i in range(torch.cuda.device_count() if available else 0):
+        props = torch.cuda.get_device_properties(i)
+        try:
+            free, total = torch.cuda.mem_get_info(i)
+        except RuntimeError:
+            free, total = None, props.total_memory
+        info["gpus"].append({"name": props.name, "memory_total": total, "memory_free": free,
+                             "capability": f"{props.major}.{props.minor}", "bf16": props.major >= 8})
+    return info
+
+
+def probe_nvidia_smi() -> dict | None:
+    """Driver, its highest CUDA version and the GPUs from nvidia-smi; None when it is not installed."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    query = [exe, "--query-gpu=name,memory.total,memory.free,driver_version", "--format=csv,noheader,nounits"]
+    try:
+        listing = subprocess.run(query, capture_output=True, text=True, timeout=20)
+        banner = subprocess.run([exe], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc), "gpus": []}
+    if listing.returncode != 0:
+        return {"error": (listing.stdout + listing.stderr).strip().splitlines()[0] if (listing.stdout + listing.stderr).strip()
+                else f"exit status {listing.returncode}", "gpus": []}
+    gpus, driver = [], None
+    for line in listing.stdout.strip().splitlines():
+        name, total, free, driver = [part.strip() for part in line.split(",")]
+        gpus.append({"name": name, "memory_total": int(float(total)) << 20, "memory_free": int(float(free)) << 20})
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", banner.stdout)
+    return {"driver": driver, "cuda": cuda.group(1) if cuda else None, "gpus": gpus, "error": None}
+
+
+def probe_bitsandbytes() -> dict:
+    """Installed? Importable? Does a 4-bit quantization run on the GPU?"""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"installed": False}
+    version = importlib.metadata.version("bitsandbytes")
+    try:
+        import bitsandbytes.functional as bnbf
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"installed": True, "version": version, "usable": False, "error": "no CUDA GPU"}
+        bnbf.quantize_4bit(torch.ones(64, device="cuda", dtype=torch.float16), quant_type="nf4")
+    except Exception as exc:  # noqa: BLE001 - a broken bitsandbytes raises anything at import or first use
+        return {"installed": True, "version": version, "usable": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"installed": True, "version": version, "usable": True, "error": None}
+
+
+def probe_versions() -> dict:
+    import importlib.metadata
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "gguf", "math-verify", "bitsandbytes"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def probe_memory() -> dict:
+    """RAM in bytes: /proc/meminfo on Linux, sysconf elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if line.split()}
+        return {"total": fields["MemTotal"], "available": fields.get("MemAvailable", fields.get("MemFree"))}
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        return {"total": None, "available": None}
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * page
+    except (ValueError, OSError, AttributeError):
+        available = None
+    return {"total": total, "available": available}
+
+
+def probe_disk_free(path: Path) -> int | None:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    import shutil
+
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Probes:
+    system: Callable[[], dict] = probe_system
+    torch: Callable[[], dict] = probe_torch
+    nvidia_smi: Callable[[], dict | None] = probe_nvidia_smi
+    bitsandbytes: Callable[[], dict] = probe_bitsandbytes
+    versions: Callable[[], dict] = probe_versions
+    memory: Callable[[], dict] = probe_memory
+    disk_free: Callable[[Path], int | None] = probe_disk_free
+
+
+PROBES = Probes()

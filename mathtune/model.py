@@ -142,7 +142,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 def convert_gguf(gguf_path: Path, cache: Path) -> tuple[str, bool]:
     """A plain Transformers copy of a GGUF file in the cache; returns (folder, was it cached)."""
-    folder = cache / "gguf" / f"{gguf_path.stem}-{gguf_fingerprint(gguf_path)}"
+    folder = _cache_folder(gguf_path, cache)
     if (folder / "config.json").is_file():
         return str(folder), True
     _, n_params = check_gguf_architecture(gguf_path)
@@ -181,6 +181,35 @@ def convert_gguf(gguf_path: Path, cache: Path) -> tuple[str, bool]:
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its copy is as good
     log.info("Converted in %.1f s", time.perf_counter() - started)
     return str(folder), False
+
+
+def _cache_folder(gguf_path: Path, cache: Path) -> Path:
+    return cache / "gguf" / f"{gguf_path.stem}-{gguf_fingerprint(gguf_path)}"
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer alone, without loading weights (`mathtune data stats --model`).
+
+    A GGUF file's tokenizer comes from its cached conversion when there is one, else from the
+    file itself (transformers reads only the tokenizer metadata: seconds, not the full conversion)."""
+    source = resolve_source(cfg)
+    if source.kind == "gguf":
+        gguf_path = Path(source.path)
+        folder = _cache_folder(gguf_path, cache_root(cfg.cache_dir))
+        if (folder / "config.json").is_file():
+            source.load_from = str(folder)
+        else:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            except (ValueError, OSError, KeyError, EOFError) as exc:
+                raise ModelError(f"{gguf_path}: transformers could not read the tokenizer of this GGUF file ({exc})") from None
+            ensure_pad_token(tokenizer)
+            return tokenizer
+    tokenizer = _load_tokenizer(source, cfg.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def gguf_fingerprint(path: Path) -> str:

@@ -35,7 +35,8 @@ def test_the_last_assistant_turn_is_the_reference_and_concepts_are_not_checkable
     ]
     first, concept = eval_examples(rows)
     assert first.prompt == rows[0]["messages"][:3] and first.reference == "La respuesta es 8." and first.checkable
-    assert concept.topic == "other" and not concept.checkable
+    # No topic field: the detected one ("primo" is divisibility vocabulary).
+    assert concept.topic == "divisibility" and not concept.checkable
     assert len(eval_examples(rows, limit=1)) == 1
 
 

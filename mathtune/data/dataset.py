@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,11 +87,15 @@ class DataReport:
 # Reading files
 
 
-def read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
+def read_json_records(
+    path: Path, keep_going: bool = False, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[str, Any]]:
     """Yield (place, value) for each record of a JSONL file or a JSON array file.
 
     JSONL is streamed line by line (bounded memory on large files); a JSON array is read whole.
-    Malformed JSON and bad bytes raise DataError naming the line and column.
+    Malformed JSON and bad bytes raise DataError naming the line and column; with `keep_going`
+    (`mathtune data check`) such a JSONL line is yielded as a RecordError instead and reading goes
+    on. `progress` is called with the number of bytes read, for a progress bar.
     """
     if not path.is_file():
         raise DataError([f"{path}: no such file"])
@@ -102,8 +106,10 @@ def read_json_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError([f"{path}: the file is empty; expected JSON records"])
     if first == b"[":
         yield from _read_array(path)
+        if progress:
+            progress(path.stat().st_size)
     elif first == b"{":
-        yield from _read_lines(path)
+        yield from _read_lines(path, keep_going, progress)
     else:
         raise DataError([f"{path}: expected a JSON array of records or one JSON object per line, starts with {first!r}"])
 
@@ -118,10 +124,18 @@ def _read_array(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path} [record {i}]", value
 
 
-def _read_lines(path: Path) -> Iterator[tuple[str, Any]]:
+def _read_lines(path: Path, keep_going: bool, progress: Callable[[int], None] | None) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno).rstrip()
+            if progress:
+                progress(len(raw))
+            try:
+                line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno).rstrip()
+            except DataError as exc:
+                if not keep_going:
+                    raise
+                yield f"{path}:{lineno}", RecordError("", exc.problems[0].split(": ", 1)[1])
+                continue
             if not line.strip():
                 continue
             try:
@@ -129,6 +143,9 @@ def _read_lines(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as exc:
                 if lineno == 1 and exc.msg.startswith(("Expecting", "Unterminated")):
                     _reject_pretty_object(path)
+                if keep_going:
+                    yield f"{path}:{lineno}:{exc.colno}", RecordError("", f"invalid JSON: {exc.msg}")
+                    continue
                 raise DataError([f"{path}:{lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
             yield f"{path}:{lineno}", value
 
@@ -163,13 +180,18 @@ MAX_CHARS_PER_TOKEN = 100
 
 
 def iter_conversations(
-    path: Path, fmt: str = "auto", fields: dict | None = None, max_chars: int | None = None
+    path: Path, fmt: str = "auto", fields: dict | None = None, max_chars: int | None = None,
+    keep_going: bool = False, progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[str, Conversation | RecordError, str]]:
     """Yield (place, conversation or the record's error, format) for every record of one file.
 
-    A conversation longer than `max_chars` characters is an error too: it cannot fit the model."""
+    A conversation longer than `max_chars` characters is an error too: it cannot fit the model.
+    `keep_going` and `progress` are passed to `read_json_records`."""
     file_fmt = None if fmt == "auto" else fmt
-    for place, record in read_json_records(path):
+    for place, record in read_json_records(path, keep_going, progress):
+        if isinstance(record, RecordError):  # an unreadable line (keep_going)
+            yield place, record, file_fmt or "unknown"
+            continue
         if file_fmt is None:
             file_fmt = detect_format(record)
             if file_fmt is None:

@@ -1,0 +1,124 @@
+"""Validate data files without training: every problem, with its place.
+
+    mathtune data check my_math.jsonl more.json          # exit 1 when any record is invalid
+    mathtune data check big.jsonl --json > problems.json
+
+The records go through the same reader and parsers as training (`dataset.iter_conversations`,
+`formats.parse_record`), so a file that passes here loads in `mathtune train`. Unlike training,
+checking does not stop at the first unreadable JSONL line: it reports it and goes on. JSONL is
+streamed, so memory stays flat on files of millions of records (a JSON array file is read whole);
+problems are printed as they are found, or collected for --json. A progress bar (stderr) shows on
+files over PROGRESS_MIN_BYTES.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from mathtune.data.dataset import iter_conversations
+from mathtune.data.formats import RecordError
+from mathtune.errors import DataError
+
+PROGRESS_MIN_BYTES = 32 << 20
+
+
+@dataclass
+class FileCheck:
+    path: str
+    format: str | None = None
+    records: int = 0
+    invalid: int = 0
+    error: str | None = None
+    """A problem with the whole file (missing, empty, not JSON, unknown record shape)."""
+
+
+@dataclass
+class CheckReport:
+    files: list[FileCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.invalid == 0 and f.error is None for f in self.files)
+
+    def to_dict(self, problems: list[dict] | None = None) -> dict:
+        out = {"ok": self.ok, "records": sum(f.records for f in self.files),
+               "invalid": sum(f.invalid for f in self.files), "files": [asdict(f) for f in self.files]}
+        if problems is not None:
+            out["problems"] = problems
+        return out
+
+
+@contextmanager
+def progress_bar(path: Path, desc: str) -> Iterator[Callable[[int], None] | None]:
+    """A byte-count progress bar on stderr for large files; None (no bar) for small ones."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    if size < PROGRESS_MIN_BYTES:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"{desc} {path.name}", file=sys.stderr,
+              dynamic_ncols=True, leave=False, mininterval=0.5) as bar:
+        yield bar.update
+
+
+def check_files(paths: list[Path], on_problem: Callable[[str, str], None], fmt: str = "auto",
+                fields: dict | None = None, max_chars: int | None = None) -> CheckReport:
+    """Validate every record of `paths`; call on_problem(place, message) for each problem found.
+    A record over `max_chars` characters is a problem, as training would find it."""
+    report = CheckReport()
+    for path in paths:
+        result = FileCheck(str(path))
+        report.files.append(result)
+        with progress_bar(path, "Checking") as progress:
+            try:
+                for place, conv, result.format in iter_conversations(path, fmt, fields, max_chars, keep_going=True,
+                                                                     progress=progress):
+                    result.records += 1
+                    if isinstance(conv, RecordError):
+                        result.invalid += 1
+                        on_problem(place, str(conv))
+            except DataError as exc:
+                # Whole-file problems: the message already names the file (and line where there is one).
+                result.error = str(exc)
+                on_problem(str(path), str(exc).removeprefix(f"{path}: "))
+    return report
+
+
+def run_check(paths: list[Path], as_json: bool = False, config: Path | None = None) -> int:
+    """`mathtune data check`: print the problems (or one JSON document); 0 if all valid, 1 otherwise.
+    `config` gives data.format and data.fields (records with field names of their own)."""
+    from mathtune.config import DataConfig, load_config
+    from mathtune.data.dataset import MAX_CHARS_PER_TOKEN
+
+    data = load_config(config, check_machine=False).data if config is not None else DataConfig()
+    fmt, fields = data.format, data.fields.model_dump() if data.fields else None
+    problems: list[dict] = []
+    if as_json:
+        def on_problem(place: str, message: str) -> None:
+            problems.append({"place": place, "problem": message})
+    else:
+        def on_problem(place: str, message: str) -> None:
+            print(f"{place}: {message}", flush=False)
+
+    report = check_files(paths, on_problem, fmt, fields, MAX_CHARS_PER_TOKEN * data.max_seq_length)
+    if as_json:
+        print(json.dumps(report.to_dict(problems), indent=2, ensure_ascii=False))
+    else:
+        for f in report.files:
+            if f.error:
+                print(f"{f.path}: not checked: {f.error.splitlines()[0].removeprefix(f'{f.path}: ')}")
+            else:
+                status = f"{f.invalid} invalid" if f.invalid else "all valid"
+                print(f"{f.path} ({f.format or 'no records'}): {f.records} records, {status}")
+        bad = sum(f.invalid for f in report.files) + sum(f.error is not None for f in report.files)
+        print("OK: every record is valid" if report.ok else f"{bad} problem{'s' * (bad != 1)} found")
+    return 0 if report.ok else 1

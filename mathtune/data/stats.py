@@ -1,0 +1,313 @@
+"""Look at a dataset before training on it: sizes, languages, lengths, duplicates, answers, topics.
+
+    mathtune data stats my_math.jsonl
+    mathtune data stats my_math.jsonl --model ~/models/x.gguf --plot plots/   # token lengths, PNGs
+    mathtune data stats my_math.jsonl --json
+
+Streams the records once (`dataset.iter_conversations`, invalid records counted and skipped) and
+keeps fixed-size histograms (exact counts per length value) instead of lists, so memory does not
+grow with the number of records, except for two 8-byte hashes per record used to count duplicates
+(16 MB per million records).
+
+- Turns: messages other than the system prompt. A question is a user turn, an answer an
+  assistant turn; characters and words are counted per turn.
+- Tokens: the whole conversation rendered with the model's chat template, as in training
+  (`tokenize_conversation`), compared with data.max_seq_length (from --config, default 512).
+- Exact duplicates: records whose messages are identical to an earlier record's. Near duplicates:
+  not exact, but identical after normalizing case, accents, punctuation, spacing and LaTeX
+  commands ("What is 3/4?" vs "what is  3 / 4 ?"). Same question: records whose user turns,
+  normalized so, repeat an earlier record's (possibly with another answer).
+- Checkable: the last answer has a final answer `verify.reference_answer` can read (\\boxed{},
+  "#### 72", "The answer is ..."); these are what `mathtune eval` can score.
+- Topic: the record's "topic" field, else the one `topics.conversation_topic` detects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mathtune.data.check import progress_bar
+from mathtune.data.dataset import iter_conversations
+from mathtune.data.formats import Conversation
+from mathtune.data.topics import detect_language, normalize, record_topic
+from mathtune.errors import DataError
+from mathtune.verify import reference_answer
+
+TOKEN_BATCH = 256
+
+
+class Histogram:
+    """Exact distribution of non-negative integers as counts per value: memory grows with the
+    number of distinct values, not with the number of samples."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[int] = Counter()
+
+    def add(self, value: int) -> None:
+        self.counts[value] += 1
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def quantile(self, q: float) -> int:
+        """The smallest value with at least a share q of the samples at or below it."""
+        total, seen = len(self), 0
+        for value in sorted(self.counts):
+            seen += self.counts[value]
+            if seen >= q * total:
+                return value
+        raise ValueError("empty histogram")
+
+    def summary(self) -> dict[str, float] | None:
+        n = len(self)
+        if not n:
+            return None
+        keys = sorted(self.counts)
+        mean = sum(v * c for v, c in self.counts.items()) / n
+        return {"count": n, "min": keys[0], "median": self.quantile(0.5), "mean": round(mean, 1),
+                "p95": self.quantile(0.95), "max": keys[-1]}
+
+    def above(self, limit: int) -> int:
+        return sum(c for v, c in self.counts.items() if v > limit)
+
+
+@dataclass
+class DataStats:
+    files: dict[str, str] = field(default_factory=dict)
+    records: int = 0
+    invalid: int = 0
+    shapes: Counter = field(default_factory=Counter)
+    turns: Counter = field(default_factory=Counter)
+    """shape -> turns (messages without the system prompt)"""
+    languages: Counter = field(default_factory=Counter)
+    topics: Counter = field(default_factory=Counter)
+    labelled_topics: int = 0
+    """records whose topic came from their own "topic" field"""
+    checkable: int = 0
+    question_chars: Histogram = field(default_factory=Histogram)
+    question_words: Histogram = field(default_factory=Histogram)
+    answer_chars: Histogram = field(default_factory=Histogram)
+    answer_words: Histogram = field(default_factory=Histogram)
+    tokens: Histogram | None = None
+    max_seq_length: int = 512
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    same_question: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        lengths = {name: getattr(self, name).summary() for name in
+                   ("question_chars", "question_words", "answer_chars", "answer_words")}
+        tokens = None
+        if self.tokens is not None and len(self.tokens):
+            tokens = {**self.tokens.summary(), "max_seq_length": self.max_seq_length,
+                      "over_max_seq_length": self.tokens.above(self.max_seq_length)}
+        return {
+            "files": self.files, "records": self.records, "invalid": self.invalid,
+            "shapes": {s: {"records": n, "turns": self.turns[s]} for s, n in self.shapes.most_common()},
+            "languages": dict(self.languages.most_common()),
+            "lengths": lengths, "tokens": tokens,
+            "duplicates": {"exact": self.exact_duplicates, "near": self.near_duplicates,
+                           "same_question": self.same_question},
+            "checkable": self.checkable,
+            "topics": dict(self.topics.most_common()), "labelled_topics": self.labelled_topics,
+        }
+
+
+_LATEX_COMMAND = re.compile(r"\\[a-zA-Z]+")
+_NOT_WORD = re.compile(r"[^\w]+")
+
+
+def near_key(text: str) -> str:
+    """Text reduced for near-duplicate detection: case, accents, punctuation, spacing and LaTeX
+    commands ignored; digits and words kept."""
+    return " ".join(_NOT_WORD.sub(" ", _LATEX_COMMAND.sub(" ", normalize(text))).split())
+
+
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def dataset_stats(paths: list[Path], tokenizer=None, max_seq_length: int = 512, fmt: str = "auto",
+                  fields: dict | None = None) -> DataStats:
+    """Stream every record of `paths` once and gather the statistics (tokens only with a tokenizer)."""
+    stats = DataStats(max_seq_length=max_seq_length, tokens=Histogram() if tokenizer is not None else None)
+    exact, near, questions = array("Q"), array("Q"), array("Q")
+    pending: list[str] = []
+    for path in paths:
+        with progress_bar(path, "Reading") as progress:
+            for _, conv, shape in iter_conversations(path, fmt, fields, progress=progress):
+                stats.records += 1
+                stats.files[str(path)] = shape
+                if not isinstance(conv, Conversation):
+                    stats.invalid += 1
+                    continue
+                _count(stats, conv, shape)
+                user = "\n".join(m["content"] for m in conv.messages if m["role"] == "user")
+                everything = "\n".join(f"{m['role']}: {m['content']}" for m in conv.messages)
+                exact.append(_hash(json.dumps(conv.messages, ensure_ascii=False)))
+                near.append(_hash(near_key(everything)))
+                questions.append(_hash(near_key(user)))
+                if tokenizer is not None:
+                    pending.append(tokenizer.apply_chat_template(conv.messages, tokenize=False))
+                    if len(pending) >= TOKEN_BATCH:
+                        _count_tokens(stats.tokens, tokenizer, pending)
+        if str(path) not in stats.files:
+            stats.files[str(path)] = "empty"
+    if pending:
+        _count_tokens(stats.tokens, tokenizer, pending)
+    if stats.records and stats.records == stats.invalid:
+        raise DataError([f"{', '.join(map(str, paths))}: every record is invalid; run `mathtune data check` to see why"])
+    stats.exact_duplicates = _repeats(exact)
+    stats.near_duplicates = _repeats(near) - stats.exact_duplicates
+    stats.same_question = _repeats(questions)
+    return stats
+
+
+def _count(stats: DataStats, conv: Conversation, shape: str) -> None:
+    body = [m for m in conv.messages if m["role"] != "system"]
+    stats.shapes[shape] += 1
+    stats.turns[shape] += len(body)
+    stats.languages[detect_language("\n".join(m["content"] for m in body))] += 1
+    topic = record_topic(conv.topic, conv.messages)
+    stats.topics[topic] += 1
+    stats.labelled_topics += conv.topic is not None
+    for m in body:
+        chars, words = (stats.question_chars, stats.question_words) if m["role"] == "user" else (
+            stats.answer_chars, stats.answer_words)
+        chars.add(len(m["content"]))
+        words.add(len(m["content"].split()))
+    stats.checkable += reference_answer(body[-1]["content"]) is not None
+
+
+def _count_tokens(histogram: Histogram, tokenizer, texts: list[str]) -> None:
+    # Same tokenization as dataset.tokenize_conversation: the rendered text, no extra special tokens.
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        histogram.add(len(ids))
+    texts.clear()
+
+
+def _repeats(hashes: array) -> int:
+    """How many entries equal an earlier one."""
+    import numpy as np
+
+    values = np.frombuffer(hashes, dtype=np.uint64) if len(hashes) else np.zeros(0, dtype=np.uint64)
+    return int(len(values) - len(np.unique(values)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: terminal tables and PNG plots
+
+
+def format_stats(stats: DataStats) -> str:
+    d = stats.to_dict()
+    n = max(stats.records - stats.invalid, 1)
+    out = [f"{stats.records} records in {len(stats.files)} file{'s' * (len(stats.files) != 1)}"
+           + (f" ({stats.invalid} invalid, left out: run `mathtune data check`)" if stats.invalid else ""), ""]
+    out += table([("shape", "records", "turns", "turns/record")] + [
+        (s, str(v["records"]), str(v["turns"]), f"{v['turns'] / v['records']:.1f}") for s, v in d["shapes"].items()])
+    out += [""] + table([("language", "records", "share")] + [
+        (lang, str(c), _pct(c, n)) for lang, c in d["languages"].items()])
+    rows = [("length", "count", "min", "median", "mean", "p95", "max")]
+    for name, s in d["lengths"].items():
+        if s:
+            rows.append((name.replace("_", " "), *(str(s[k]) for k in ("count", "min", "median", "mean", "p95", "max"))))
+    if d["tokens"]:
+        t = d["tokens"]
+        rows.append(("tokens/record", *(str(t[k]) for k in ("count", "min", "median", "mean", "p95", "max"))))
+    out += [""] + table(rows)
+    if d["tokens"]:
+        t = d["tokens"]
+        out.append(f"{t['over_max_seq_length']} records ({_pct(t['over_max_seq_length'], n)}) are longer than "
+                   f"max_seq_length {t['max_seq_length']} tokens and would be truncated")
+    dup = d["duplicates"]
+    out += ["", f"duplicates: {dup['exact']} exact, {dup['near']} near (same text up to case, accents, "
+                f"punctuation, spacing, LaTeX); {dup['same_question']} repeat an earlier record's question",
+            f"checkable final answers: {stats.checkable} of {n} ({_pct(stats.checkable, n)})", ""]
+    source = (f"{stats.labelled_topics} from the records' topic field, the rest detected"
+              if stats.labelled_topics else "detected")
+    out += table([("topic", "records", "share")] + [(t, str(c), _pct(c, n)) for t, c in d["topics"].items()])
+    out.append(f"(topics: {source})")
+    return "\n".join(out)
+
+
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns aligned, the first to the left, the others to the right, a rule under the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def write_plots(stats: DataStats, folder: Path) -> list[Path]:
+    """lengths.png (token lengths, or words per question/answer without a tokenizer) and topics.png."""
+    from mathtune.files import write_bytes
+    from mathtune.report import _png, _pyplot
+
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if stats.tokens is not None and len(stats.tokens):
+        _hist(ax, stats.tokens, "tokens per record (chat template)")
+        ax.axvline(stats.max_seq_length, color="crimson", linestyle="--", label=f"max_seq_length {stats.max_seq_length}")
+        ax.legend(frameon=False)
+    else:
+        _hist(ax, stats.question_words, "words per question", alpha=0.6)
+        _hist(ax, stats.answer_words, "words per answer", alpha=0.6)
+        ax.legend(frameon=False)
+    ax.set_ylabel("count")
+    write_bytes(folder / "lengths.png", _png(fig))
+    written.append(folder / "lengths.png")
+
+    topics = stats.topics.most_common()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(topics) + 1.2))
+    ax.barh([t for t, _ in topics][::-1], [c for _, c in topics][::-1], color="#4c72b0")
+    ax.set_xlabel("records")
+    ax.set_title("topics")
+    write_bytes(folder / "topics.png", _png(fig))
+    written.append(folder / "topics.png")
+    return written
+
+
+def _hist(ax, histogram: Histogram, label: str, alpha: float = 0.9) -> None:
+    values = sorted(histogram.counts)
+    if values:
+        ax.hist(values, weights=[histogram.counts[v] for v in values], bins=min(50, len(values)),
+                label=label, alpha=alpha)
+    ax.set_xlabel(label if alpha == 0.9 else "length")
+
+
+def run_stats(paths: list[Path], model: str | None = None, config: Path | None = None, as_json: bool = False,
+              plot_dir: Path | None = None) -> DataStats:
+    """`mathtune data stats`: settings from --config (format, fields, max_seq_length, chat template),
+    the tokenizer of --model (or of the config's model.path) when one is named; print; plot."""
+    from mathtune.config import load_config
+
+    cfg = load_config(config, {"model.path": model} if model else None)
+    tokenizer = None
+    if model or (config is not None and cfg.model.path):
+        from mathtune.data.dataset import ensure_chat_template
+        from mathtune.model import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+        # A base model without a template: the configured one, else the plain Question/Answer one.
+        ensure_chat_template(tokenizer, cfg.model.chat_template or "plain")
+    fields = cfg.data.fields.model_dump() if cfg.data.fields else None
+    stats = dataset_stats(paths, tokenizer, cfg.data.max_seq_length, cfg.data.format, fields)
+    print(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False) if as_json else format_stats(stats))
+    if plot_dir is not None:
+        written = write_plots(stats, plot_dir)
+        if not as_json:
+            print("\nWritten " + ", ".join(map(str, written)))
+    return stats

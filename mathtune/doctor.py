@@ -1,0 +1,274 @@
+"""Can this machine train, and what is wrong with its PyTorch/CUDA install? `mathtune doctor`.
+
+    mathtune doctor                                   # report and diagnosis; exit 0 if the device is usable
+    mathtune doctor --device cuda --json              # for scripts
+    mathtune doctor --model ~/models/mathstral-7B-v0.1-Q4_K_M.gguf --config configs/mathstral-7b-qlora.yaml
+
+Every fact comes from a probe function in `Probes` (nvidia-smi, torch, bitsandbytes, /proc/meminfo,
+disk, library versions), so tests replace them to play a GPU machine, a CPU-only wheel beside an
+NVIDIA driver, an old driver... `diagnose` turns the facts into findings, each with the exact command
+that fixes it. Exit status: 0 when the requested device (--device, else the config's model.device,
+else auto) is usable, and the planned run fits on it when --model is given; 1 otherwise. For `auto`
+an NVIDIA GPU that PyTorch cannot use counts as a failure: auto means "the best device here".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mathtune.hardware import PROBES, Probes, cuda_tag, min_driver_for, torch_index_url
+from mathtune.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
+
+
+GIB = 1 << 30  # sizes are shown in GiB: a "12 GB" card has 12 GiB
+
+
+@dataclass
+class Finding:
+    level: str
+    """'ok', 'info', 'warning' or 'error'"""
+    message: str
+    fix: str | None = None
+
+
+def gather(probes: Probes, output_dir: Path) -> dict[str, Any]:
+    """Every fact the doctor reports, as plain JSON-able values."""
+    return {
+        "system": probes.system(),
+        "torch": probes.torch(),
+        "nvidia_smi": probes.nvidia_smi(),
+        "bitsandbytes": probes.bitsandbytes(),
+        "versions": probes.versions(),
+        "memory": probes.memory(),
+        "disk": {"path": str(output_dir), "free": probes.disk_free(output_dir)},
+    }
+
+
+def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = False) -> tuple[list[Finding], str, bool]:
+    """Findings, the device a run would use, and whether the requested device is usable."""
+    t, smi, bnb = facts["torch"], facts["nvidia_smi"], facts["bitsandbytes"]
+    findings: list[Finding] = []
+    python = facts["system"].get("python_executable") or sys.executable
+    pip = f"{python} -m pip"
+    if not t.get("installed"):
+        findings.append(Finding("error", f"PyTorch is not importable ({t.get('error')})",
+                                f"{pip} install torch  # or: bash scripts/setup.sh"))
+        return findings, "none", False
+
+    cuda_ok = bool(t.get("cuda_available")) and bool(t.get("gpus"))
+    nvidia_present = bool(smi and smi.get("gpus"))
+    build = t.get("cuda_build")
+    version = t["version"].split("+")[0]
+    if cuda_ok:
+        names = ", ".join(g["name"] for g in t["gpus"])
+        findings.append(Finding("ok", f"CUDA works: {len(t['gpus'])} GPU{'s' * (len(t['gpus']) != 1)} ({names})"))
+        for g in t["gpus"]:
+            if not g.get("bf16"):
+                findings.append(Finding("info", f"{g['name']} (compute capability {g['capability']}) has no bf16: "
+                                        "training runs in float16 (model.dtype auto picks it)"))
+    elif t.get("hip_build"):
+        findings.append(Finding("error", f"ROCm build of PyTorch (HIP {t['hip_build']}) but no usable AMD GPU",
+                                "check `rocm-smi` and that your user is in the 'render' and 'video' groups"))
+    elif nvidia_present and not build:
+        driver = smi.get("driver")
+        tag = cuda_tag(version, driver)
+        fix = (f"{pip} install --force-reinstall torch=={version} --index-url {torch_index_url(tag)}" if tag else
+               "update the NVIDIA driver (it is older than any CUDA build of PyTorch supports)")
+        findings.append(Finding(
+            "error", f"PyTorch {t['version']} is a CPU-only build, but this machine has an NVIDIA GPU "
+            f"({smi['gpus'][0]['name']}, driver {driver}): the GPU is unused", fix))
+    elif nvidia_present and build:
+        driver = smi.get("driver")
+        need = min_driver_for(build)
+        too_old = need is not None and driver and _version_tuple(driver) < need
+        if too_old:
+            tag = cuda_tag(version, driver)
+            alternative = (f"\n     or install a PyTorch build this driver supports: {pip} install --force-reinstall "
+                           f"torch=={version} --index-url {torch_index_url(tag)}") if tag else ""
+            findings.append(Finding(
+                "error", f"The NVIDIA driver {driver} is too old for PyTorch's CUDA {build} build "
+                f"(needs {'.'.join(map(str, need))} or newer)",
+                "update the driver (Ubuntu: sudo ubuntu-drivers install; others: https://www.nvidia.com/drivers)"
+                + alternative))
+        else:
+            reason = t.get("cuda_error") or "torch.cuda.is_available() is False"
+            findings.append(Finding("error", f"nvidia-smi sees {smi['gpus'][0]['name']} but PyTorch (CUDA {build}) "
+                                    f"cannot use it: {reason}",
+                                    "check CUDA_VISIBLE_DEVICES, then reboot after a driver update "
+                                    "(the loaded kernel module must match the installed driver)"))
+    elif smi and smi.get("error"):
+        findings.append(Finding("error", f"nvidia-smi is installed but fails: {smi['error']}",
+                                "reinstall or reload the NVIDIA driver (a reboot after a driver update usually fixes this)"))
+
+    if not cuda_ok and not t.get("mps") and not nvidia_present:
+        threads = facts["system"].get("cpu_threads") or 1
+        findings.append(Finding(
+            "info", f"No GPU: training runs on the CPU ({threads} threads), in float32. The default run "
+            "(SmolLM2-135M, 54 steps) takes about 9 minutes on 2 cores (~100-150 tokens/s); a 7B model "
+            "is ~50x slower per token and needs ~30 GiB of RAM: use a GPU for it. `mathtune data` and `eval` work as well."))
+    if t.get("mps"):
+        findings.append(Finding("ok", "Apple MPS is available (training in float32; no 4-bit QLoRA on MPS)"))
+
+    if bnb.get("installed"):
+        if not cuda_ok:
+            findings.append(Finding("warning" if not need_4bit else "error",
+                                    "bitsandbytes is installed but there is no usable CUDA GPU: 4-bit QLoRA and "
+                                    "8-bit optimizers are unavailable", "set model.load_in_4bit: false and "
+                                    "train.optimizer: adamw_torch (or fix CUDA above)"))
+        elif not bnb.get("usable"):
+            findings.append(Finding("error" if need_4bit else "warning",
+                                    f"bitsandbytes {bnb.get('version')} does not work: {bnb.get('error')}",
+                                    f"{pip} install --upgrade bitsandbytes"))
+        else:
+            findings.append(Finding("ok", f"bitsandbytes {bnb['version']} works: QLoRA available"))
+    elif need_4bit or cuda_ok:
+        findings.append(Finding("error" if need_4bit else "info",
+                                "bitsandbytes is not installed: no 4-bit QLoRA or 8-bit optimizers",
+                                f"{pip} install bitsandbytes  # or: pip install 'mathtune[qlora]'"))
+
+    # auto is the best device here: an NVIDIA GPU that PyTorch cannot use is a failure, not a CPU run.
+    best = "cuda" if cuda_ok or nvidia_present else ("mps" if t.get("mps") else "cpu")
+    device = best if requested == "auto" else requested
+    usable = {"cuda": cuda_ok, "mps": bool(t.get("mps")), "cpu": True}[device]
+    if need_4bit and not (cuda_ok and bnb.get("usable")):
+        usable = False
+    return findings, device, usable
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def plan_from_config(cfg, device: str) -> Plan:
+    """The memory-relevant settings of a config, with 'auto' dtype resolved for `device`."""
+    if cfg.model.dtype != "auto":
+        dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
+    else:
+        dtype_bytes = 2 if device == "cuda" else 4
+    return Plan(device=device, dtype_bytes=dtype_bytes, load_in_4bit=cfg.model.load_in_4bit, lora_r=cfg.lora.r,
+                lora_targets=cfg.lora.target_modules, batch_size=cfg.train.batch_size,
+                seq_len=cfg.data.max_seq_length, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                optimizer=cfg.train.optimizer)
+
+
+def capacity(facts: dict[str, Any], device: str) -> tuple[float | None, str]:
+    """Bytes available to a run on `device`, and what they are."""
+    if device == "cuda":
+        gpus = facts["torch"].get("gpus") or (facts["nvidia_smi"] or {}).get("gpus") or []
+        if not gpus:
+            return None, "no GPU"
+        g = max(gpus, key=lambda g: g.get("memory_free") or g["memory_total"])
+        free = g.get("memory_free") or g["memory_total"]
+        return float(free), f"{g['name']}: {free / GIB:.1f} GiB free of {g['memory_total'] / GIB:.1f} GiB"
+    available = facts["memory"].get("available")
+    if available is None:
+        return None, "RAM unknown"
+    return float(available), f"RAM: {available / GIB:.1f} GiB available of {facts['memory']['total'] / GIB:.1f} GiB"
+
+
+def estimate_run(shape: ModelShape, plan: Plan, room: float | None) -> dict[str, Any]:
+    estimate = estimate_memory(shape, plan)
+    result: dict[str, Any] = {"plan": plan.__dict__, "bytes": estimate, "capacity": room,
+                              "fits": room is not None and estimate["total"] <= room}
+    if room is not None and not result["fits"]:
+        found = fit_plan(shape, plan, room)
+        result["fix"] = {"set": plan.overrides(found[0]), "total": found[1]["total"]} if found else None
+    return result
+
+
+def run_doctor(model: str | None = None, config: Path | None = None, device: str | None = None,
+               as_json: bool = False, probes: Probes = PROBES, out: Callable[[str], None] = print) -> int:
+    """`mathtune doctor`: gather, diagnose, estimate, print; returns the exit status."""
+    from mathtune.config import load_config
+
+    cfg = load_config(config, {"model.path": model} if model else None, check_machine=False)
+    facts = gather(probes, Path(cfg.output.dir or "runs"))
+    requested = device or cfg.model.device
+    findings, resolved, usable = diagnose(facts, requested, need_4bit=cfg.model.load_in_4bit)
+    report: dict[str, Any] = {**facts, "findings": [f.__dict__ for f in findings],
+                              "device": {"requested": requested, "resolved": resolved, "usable": usable}}
+    if model:
+        shape = read_model_shape(Path(model))
+        room, where = capacity(facts, resolved)
+        plan = plan_from_config(cfg, resolved)
+        report["model"] = {"path": model, **shape.__dict__}
+        report["estimate"] = {**estimate_run(shape, plan, room), "where": where}
+        if not report["estimate"]["fits"]:
+            usable = False
+    report["ok"] = usable
+    out(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
+    return 0 if usable else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Text output
+
+
+def format_report(r: dict[str, Any]) -> str:
+    s, t, smi, bnb, mem = r["system"], r["torch"], r["nvidia_smi"], r["bitsandbytes"], r["memory"]
+    lines = [f"system        {s['os']}, Python {s['python']}, {s['cpu_threads']} CPU threads"
+             + (f" (torch uses {t['threads']})" if t.get("threads") else "")]
+    ram = f"{mem['total'] / GIB:.1f} GiB total, {mem['available'] / GIB:.1f} GiB available" if mem.get("total") else "unknown"
+    disk = f"{r['disk']['free'] / GIB:.1f} GiB free at {r['disk']['path']}" if r["disk"]["free"] is not None else "unknown"
+    lines += [f"memory        RAM {ram}; disk {disk}"]
+    if t.get("installed"):
+        build = f"CUDA {t['cuda_build']}" if t.get("cuda_build") else f"ROCm {t['hip_build']}" if t.get("hip_build") else "CPU-only"
+        lines.append(f"pytorch       {t['version']} ({build} build), CUDA available: {'yes' if t.get('cuda_available') else 'no'}"
+                     + ("" if t.get("cuda_available") or not t.get("cuda_error") else f" ({t['cuda_error']})"))
+        for i, g in enumerate(t.get("gpus") or []):
+            free = f", {g['memory_free'] / GIB:.1f} GiB free" if g.get("memory_free") else ""
+            lines.append(f"gpu {i}         {g['name']}: {g['memory_total'] / GIB:.1f} GiB{free}, compute capability "
+                         f"{g['capability']}, bf16 {'yes' if g.get('bf16') else 'no'}")
+        lines.append(f"mps           {'available' if t.get('mps') else 'not available'}")
+    else:
+        lines.append(f"pytorch       not importable: {t.get('error')}")
+    if smi is None:
+        lines.append("nvidia-smi    not found")
+    elif smi.get("error"):
+        lines.append(f"nvidia-smi    fails: {smi['error']}")
+    else:
+        gpus = "; ".join(f"{g['name']} {g['memory_total'] / GIB:.1f} GiB" for g in smi["gpus"])
+        lines.append(f"nvidia-smi    driver {smi['driver']} (CUDA up to {smi.get('cuda') or '?'}): {gpus}")
+    lines.append("bitsandbytes  " + (("works" if bnb.get("usable") else f"installed, not usable ({bnb.get('error')})")
+                                     + f" ({bnb.get('version')})" if bnb.get("installed") else "not installed"))
+    lines.append("libraries     " + ", ".join(f"{k} {v or '-'}" for k, v in r["versions"].items()))
+    lines += ["", "diagnosis"]
+    for f in r["findings"]:
+        lines.append(f"  [{f['level']}] {f['message']}")
+        if f["fix"]:
+            lines.append(f"     fix: {f['fix']}")
+    if "estimate" in r:
+        lines += ["", *format_estimate(r["model"], r["estimate"])]
+    d = r["device"]
+    lines += ["", f"device {d['requested']}" + (f" -> {d['resolved']}" if d["resolved"] != d["requested"] else "")
+              + (": usable" if d["usable"] else ": NOT usable") + ("" if r["ok"] or not d["usable"] else
+                                                                  ", but the planned run does not fit")]
+    return "\n".join(lines)
+
+
+def format_estimate(m: dict[str, Any], e: dict[str, Any]) -> list[str]:
+    p, b = e["plan"], e["bytes"]
+    precision = "4-bit NF4" if p["load_in_4bit"] else {2: "16-bit", 4: "float32"}[p["dtype_bytes"]]
+    lines = [f"memory estimate for {m['path']} ({m['params'] / 1e9:.2f}B parameters, {m['layers']} layers, "
+             f"hidden {m['hidden']}, from the {m['source']})",
+             f"  plan: {p['device']}, {precision} weights, LoRA r={p['lora_r']}, batch {p['batch_size']} x "
+             f"{p['seq_len']} tokens, gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, "
+             f"{p['optimizer']}"]
+    for part in ("weights", "lora", "activations", "logits", "overhead"):
+        extra = f" ({b['lora_params'] / 1e6:.1f}M trainable parameters, their gradients and optimizer state)" \
+            if part == "lora" else ""
+        lines.append(f"  {part:<12}{b[part] / GIB:7.2f} GiB{extra}")
+    lines.append(f"  {'total':<12}{b['total'] / GIB:7.2f} GiB  vs {e['where']}: "
+                 + ("fits" if e["fits"] else "does NOT fit"))
+    if not e["fits"] and e.get("fix"):
+        lines.append(f"  fits with: {' '.join('--set ' + s for s in e['fix']['set'])} "
+                     f"(about {e['fix']['total'] / GIB:.1f} GiB)")
+    elif not e["fits"] and e["capacity"] is not None:
+        lines.append("  no setting makes it fit here: use a larger GPU or a smaller model")
+    return lines

@@ -1,0 +1,202 @@
+"""`mathtune doctor` on faked machines: diagnoses, the exact fix commands, exit codes, estimates."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mathtune.cli import main
+from mathtune.doctor import run_doctor
+from mathtune.hardware import PROBES, Probes, cuda_tag, probe_disk_free, probe_memory, probe_nvidia_smi, probe_torch
+from tests.test_memory import MATHSTRAL
+
+GIB = 1 << 30
+PY = "/venv/bin/python"
+
+
+def machine(torch=None, smi=None, bnb=None, ram=64 * GIB) -> Probes:
+    return Probes(
+        system=lambda: {"os": "Linux 6.8 x86_64", "python": "3.11.7", "python_executable": PY, "cpu_threads": 16},
+        torch=lambda: torch or cpu_torch(),
+        nvidia_smi=lambda: smi,
+        bitsandbytes=lambda: bnb or {"installed": False},
+        versions=lambda: {"torch": (torch or cpu_torch())["version"], "transformers": "5.0.0", "peft": "0.17.0"},
+        memory=lambda: {"total": ram, "available": ram - GIB},
+        disk_free=lambda path: 500 * GIB,
+    )
+
+
+def cpu_torch(version="2.7.1+cpu"):
+    return {"installed": True, "version": version, "cuda_build": None, "hip_build": None, "cuda_available": False,
+            "cuda_error": None, "threads": 16, "mps": False, "gpus": []}
+
+
+def cuda_torch(gpu_gib=24, name="NVIDIA GeForce RTX 4090", capability="8.9", free_gib=None):
+    gpu = {"name": name, "memory_total": gpu_gib * GIB, "memory_free": (free_gib or gpu_gib - 0.5) * GIB,
+           "capability": capability, "bf16": int(capability.split(".")[0]) >= 8}
+    return {**cpu_torch("2.7.1+cu128"), "cuda_build": "12.8", "cuda_available": True, "gpus": [gpu]}
+
+
+def smi(driver="570.86.15", name="NVIDIA GeForce RTX 4090", gib=24):
+    return {"driver": driver, "cuda": "12.8", "gpus": [{"name": name, "memory_total": gib * GIB,
+                                                       "memory_free": gib * GIB - GIB}], "error": None}
+
+
+BNB_OK = {"installed": True, "version": "0.45.5", "usable": True, "error": None}
+
+
+def doctor(probes, *args, **kwargs) -> tuple[int, str]:
+    lines = []
+    code = run_doctor(*args, probes=probes, out=lines.append, **kwargs)
+    return code, "\n".join(lines)
+
+
+def test_a_working_gpu_machine_passes():
+    code, text = doctor(machine(cuda_torch(), smi(), BNB_OK))
+    assert code == 0
+    assert "[ok] CUDA works: 1 GPU (NVIDIA GeForce RTX 4090)" in text
+    assert "gpu 0         NVIDIA GeForce RTX 4090: 24.0 GiB, 23.5 GiB free, compute capability 8.9, bf16 yes" in text
+    assert "[ok] bitsandbytes 0.45.5 works: QLoRA available" in text
+    assert "device auto -> cuda: usable" in text
+
+
+def test_cpu_only_wheel_beside_an_nvidia_driver_gets_the_pip_command_for_a_matching_cuda_build():
+    probes = machine(cpu_torch("2.7.1+cpu"), smi("550.54.14", "NVIDIA GeForce RTX 3060", 12))
+    code, text = doctor(probes)
+    assert code == 1  # auto: the best device here is the GPU, and it is unusable
+    assert ("[error] PyTorch 2.7.1+cpu is a CPU-only build, but this machine has an NVIDIA GPU "
+            "(NVIDIA GeForce RTX 3060, driver 550.54.14): the GPU is unused") in text
+    assert (f"fix: {PY} -m pip install --force-reinstall torch==2.7.1 "
+            "--index-url https://download.pytorch.org/whl/cu128") in text
+    assert "device auto -> cuda: NOT usable" in text
+    # Asking for the CPU explicitly is fine: it works, and the diagnosis is still shown.
+    code, text = doctor(probes, device="cpu")
+    assert code == 0 and "CPU-only build" in text
+
+
+@pytest.mark.parametrize("torch_version,driver,tag", [
+    ("2.7.1", "550.54.14", "12.8"), ("2.9.0", "580.82.07", "13.0"), ("2.9.0", "560.35.03", "12.8"),
+    ("2.6.0", "470.182.03", "11.8"), ("2.8.0", "470.182.03", None), ("2.13.0", "590.10", "13.0"),
+    ("2.4.1", "535.104.05", "12.4"), ("2.7.1", None, None),
+])
+def test_the_cuda_build_matches_the_driver(torch_version, driver, tag):
+    assert cuda_tag(torch_version, driver) == tag
+
+
+def test_a_driver_too_old_for_the_cuda_build():
+    torch = {**cuda_torch(), "cuda_available": False, "gpus": [],
+             "cuda_error": "The NVIDIA driver on your system is too old (found version 11040)."}
+    code, text = doctor(machine(torch, smi("470.182.03")))
+    assert code == 1
+    assert "[error] The NVIDIA driver 470.182.03 is too old for PyTorch's CUDA 12.8 build (needs 525.60.13 or newer)" in text
+    assert "fix: update the driver (Ubuntu: sudo ubuntu-drivers install" in text
+    assert f"{PY} -m pip install --force-reinstall torch==2.7.1 --index-url https://download.pytorch.org/whl/cu118" in text
+
+
+def test_a_gpu_torch_cannot_use_for_another_reason_shows_torchs_own_message():
+    torch = {**cuda_torch(), "cuda_available": False, "gpus": [], "cuda_error": "CUDA unknown error"}
+    code, text = doctor(machine(torch, smi("570.86.15")), device="cuda")
+    assert code == 1 and "cannot use it: CUDA unknown error" in text and "CUDA_VISIBLE_DEVICES" in text
+
+
+def test_bitsandbytes_without_cuda():
+    bnb = {"installed": True, "version": "0.45.5", "usable": False, "error": "no CUDA GPU"}
+    code, text = doctor(machine(cpu_torch(), None, bnb))
+    assert code == 0  # the CPU works; QLoRA is what does not
+    assert "[warning] bitsandbytes is installed but there is no usable CUDA GPU: 4-bit QLoRA" in text
+    assert "fix: set model.load_in_4bit: false and train.optimizer: adamw_torch" in text
+
+
+def test_a_4bit_plan_needs_cuda_and_bitsandbytes(tmp_path):
+    config = tmp_path / "qlora.yaml"
+    config.write_text("model:\n  load_in_4bit: true\n")
+    code, text = doctor(machine(cuda_torch(), smi(), {"installed": False}), config=config)
+    assert code == 1
+    assert "[error] bitsandbytes is not installed" in text and f"fix: {PY} -m pip install bitsandbytes" in text
+    assert doctor(machine(cuda_torch(), smi(), BNB_OK), config=config)[0] == 0
+
+
+def test_no_gpu_at_all_says_what_works_on_the_cpu():
+    code, text = doctor(machine())
+    assert code == 0
+    assert "[info] No GPU: training runs on the CPU (16 threads), in float32" in text and "9 minutes" in text
+    code, text = doctor(machine(), device="cuda")
+    assert code == 1 and "device cuda: NOT usable" in text
+
+
+def test_json_output(tmp_path):
+    code, text = doctor(machine(cpu_torch(), smi("550.54.14")), as_json=True)
+    report = json.loads(text)
+    assert code == 1 and report["ok"] is False
+    assert report["device"] == {"requested": "auto", "resolved": "cuda", "usable": False}
+    assert report["findings"][0]["level"] == "error" and "--index-url" in report["findings"][0]["fix"]
+    assert report["memory"]["total"] == 64 * GIB and report["disk"]["free"] == 500 * GIB
+
+
+@pytest.fixture
+def mathstral_dir(tmp_path) -> Path:
+    folder = tmp_path / "mathstral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MATHSTRAL))
+    return folder
+
+
+def test_mathstral_qlora_estimate_on_a_12_gb_gpu(mathstral_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {load_in_4bit: true}\ndata: {max_seq_length: 1024}\n"
+                      "train: {batch_size: 1, gradient_checkpointing: true, optimizer: paged_adamw_8bit}\n")
+    rtx3060 = machine(cuda_torch(12, "NVIDIA GeForce RTX 3060", "8.6", free_gib=11.5), smi(gib=12), BNB_OK)
+    code, text = doctor(rtx3060, model=str(mathstral_dir), config=config)
+    assert code == 0
+    assert "(7.25B parameters, 32 layers, hidden 4096, from the config.json)" in text
+    assert "plan: cuda, 4-bit NF4 weights, LoRA r=16, batch 1 x 1024 tokens, gradient checkpointing on" in text
+    assert "  total          6.78 GiB  vs NVIDIA GeForce RTX 3060: 11.5 GiB free of 12.0 GiB: fits" in text
+
+
+def test_a_plan_that_does_not_fit_gets_the_settings_that_would(mathstral_dir):
+    config = Path(__file__).parents[1] / "configs" / "mathstral-7b-qlora.yaml"  # batch 4 x 1024
+    small = machine(cuda_torch(8, "NVIDIA GeForce RTX 3070", "8.6", free_gib=7.5), smi(gib=8), BNB_OK)
+    code, text = doctor(small, model=str(mathstral_dir), config=config)
+    assert code == 1
+    assert "does NOT fit" in text and "fits with: --set train.batch_size=1 (about 6.8 GiB)" in text
+    assert "device cuda: usable, but the planned run does not fit" in text
+    code, text = doctor(machine(cuda_torch(4, "Quadro", "7.5", free_gib=3.5), smi(gib=4), BNB_OK),
+                        model=str(mathstral_dir), config=config)
+    assert code == 1 and "no setting makes it fit here" in text
+
+
+def test_the_real_probes_read_this_machine(tmp_path):
+    memory = probe_memory()
+    assert memory["total"] > memory["available"] > 0
+    assert probe_disk_free(tmp_path / "not" / "yet" / "made") > 0
+    info = probe_torch()
+    assert info["installed"] and info["version"] and isinstance(info["gpus"], list)
+    assert main(["doctor", "--json"]) in (0, 1)  # whatever this machine is, the command answers
+
+
+def test_nvidia_smi_output_is_parsed(tmp_path, monkeypatch):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "" ]; then echo "| NVIDIA-SMI 550.54.14   Driver Version: 550.54.14   CUDA Version: 12.4 |"; exit 0; fi\n'
+        'echo "NVIDIA GeForce RTX 3060, 12288, 11900, 550.54.14"\n'
+        'echo "NVIDIA GeForce RTX 3060, 12288, 12000, 550.54.14"\n'
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    info = probe_nvidia_smi()
+    assert info["driver"] == "550.54.14" and info["cuda"] == "12.4" and info["error"] is None
+    assert info["gpus"][0] == {"name": "NVIDIA GeForce RTX 3060", "memory_total": 12288 << 20, "memory_free": 11900 << 20}
+    assert len(info["gpus"]) == 2
+    fake.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\n"
+                    "exit 9\n")
+    assert probe_nvidia_smi() == {"error": "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.",
+                                  "gpus": []}
+
+
+def test_default_probes_are_the_real_functions():
+    assert PROBES.torch is probe_torch and PROBES.nvidia_smi is probe_nvidia_smi

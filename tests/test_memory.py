@@ -1,0 +1,101 @@
+"""The memory estimator: shapes read without weights, exact parameter counts, known cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mathtune.errors import ModelError
+from mathtune.memory import GB, Plan, estimate_memory, fit_plan, read_model_shape, shape_from_config
+
+GIB = 1 << 30
+
+# Mathstral-7B-v0.1's config.json (mistralai/Mathstral-7B-v0.1), the fields the estimator reads.
+MATHSTRAL = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 32768, "tie_word_embeddings": False, "max_position_embeddings": 32768,
+}
+QLORA_1024 = Plan(device="cuda", dtype_bytes=2, load_in_4bit=True, lora_r=16, batch_size=1, seq_len=1024,
+                  gradient_checkpointing=True, optimizer="paged_adamw_8bit")
+
+
+def test_mathstral_7b_parameters_from_its_config():
+    shape = shape_from_config(MATHSTRAL)
+    assert shape.params == 7_248_023_552  # 7.25B, the published size
+    assert shape.lora_params(16) == 41_943_040  # r=16 on q, k, v, o, gate, up, down of 32 layers
+
+
+def test_mathstral_7b_qlora_fits_a_12_gb_gpu_at_1024_tokens_with_checkpointing(tmp_path):
+    folder = tmp_path / "mathstral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MATHSTRAL))
+    shape = read_model_shape(folder)
+    estimate = estimate_memory(shape, QLORA_1024)
+    # weights: 6.98B linear x 0.516 + 0.27B fp32 (embeddings, head, norms) = 4.68 GB
+    assert estimate["weights"] / GB == pytest.approx(4.68, abs=0.01)
+    assert estimate["total"] / GB == pytest.approx(7.28, abs=0.05)
+    assert estimate["total"] < 12 * GIB
+    # Without checkpointing the 32 layers' activations (5.5 GB) take it to 12.85 GB: more than the
+    # ~11.5 GiB a 12 GB card leaves free once the driver and a display have their share.
+    no_checkpointing = estimate_memory(shape, Plan(**{**QLORA_1024.__dict__, "gradient_checkpointing": False}))
+    assert no_checkpointing["activations"] / GB == pytest.approx(5.50, abs=0.01)
+    assert no_checkpointing["total"] / GB == pytest.approx(12.85, abs=0.05)
+
+
+def test_full_precision_7b_needs_far_more_and_fit_plan_finds_the_settings():
+    shape = shape_from_config(MATHSTRAL)
+    bf16 = Plan(device="cuda", dtype_bytes=2, batch_size=4, seq_len=1024)
+    assert estimate_memory(shape, bf16)["weights"] == 2 * shape.params
+    fixed, estimate = fit_plan(shape, bf16, 12 * GIB)
+    assert estimate["total"] <= 12 * GIB
+    assert bf16.overrides(fixed) == ["model.load_in_4bit=true", "train.gradient_checkpointing=true"]
+    assert fit_plan(shape, bf16, 2 * GIB) is None
+    # On a CPU there is no 4-bit: only checkpointing, batch, length and rank can change.
+    cpu = Plan(device="cpu", dtype_bytes=4, batch_size=8, seq_len=512)
+    fixed, _ = fit_plan(shape, cpu, 40 * GIB)
+    assert not fixed.load_in_4bit and fixed.gradient_checkpointing
+
+
+def test_lora_target_subset_counts_only_those_layers():
+    shape = shape_from_config(MATHSTRAL)
+    assert shape.lora_params(8, ["q_proj", "v_proj"]) == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
+
+
+def test_counts_match_a_real_model_and_peft(tiny_llama_dir):
+    """Parameters from config.json alone, and from the safetensors headers, equal the loaded model's;
+    the LoRA count equals PEFT's trainable parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from mathtune.config import LoraConfig
+    from mathtune.lora import apply_lora, count_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    shape = read_model_shape(tiny_llama_dir)
+    assert shape.source == "config.json + safetensors headers"
+    assert shape.params == model.num_parameters()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert shape_from_config(config).params == model.num_parameters()
+    trainable, _ = count_parameters(apply_lora(model, LoraConfig(r=4)))
+    assert shape.lora_params(4) == trainable
+
+
+def test_a_gguf_header_gives_the_shape_without_loading_weights(smollm_gguf):
+    shape = read_model_shape(smollm_gguf)
+    assert (shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.vocab) == (
+        30, 576, 1536, 9, 3, 49152)
+    assert shape.tied_embeddings and shape.source == "GGUF header" and shape.architecture == "llama"
+    assert shape.params == 134_515_008  # SmolLM2-135M
+
+
+def test_unreadable_model_paths_are_explained(tmp_path):
+    with pytest.raises(ModelError, match="expected a .gguf file, a Transformers folder"):
+        read_model_shape(tmp_path / "missing")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(ModelError, match="unreadable GGUF header"):
+        read_model_shape(bad)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
+    with pytest.raises(ModelError, match="none of hidden_size, n_embd, d_model found"):
+        read_model_shape(tmp_path)
