@@ -173,28 +173,28 @@ class Config(_Section):
             problems.append("data.fields: required when data.format is 'fields' (e.g. {prompt: pregunta, response: respuesta})")
         from mathtune.hardware import bitsandbytes_available, cuda_available
 
+        machine = (info.context or {}).get("check_machine", True)  # `mathtune doctor` plans for other machines
         needs_bnb = []
         if self.model.load_in_4bit:
             if self.model.device in ("cpu", "mps"):
                 problems.append(f"model.load_in_4bit: needs CUDA, but model.device is '{self.model.device}'")
-            elif (info.context or {}).get("check_machine", True):  # `mathtune doctor` plans for other machines
-                if not cuda_available():
-                    problems.append(
-                        "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
-                        "(run `mathtune doctor`); set it to false to train in full precision"
-                    )
-                else:
-                    needs_bnb.append("model.load_in_4bit")
+            elif machine and not cuda_available():
+                problems.append(
+                    "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
+                    "(run `mathtune doctor`); set it to false to train in full precision"
+                )
+            else:
+                needs_bnb.append("model.load_in_4bit")
         if self.model.dtype == "bfloat16" and self.model.device == "cpu":
             problems.append("model.dtype: bfloat16 on CPU trains ~100x slower than float32 here; use float32 or auto")
         if self.train.optimizer in BNB_OPTIMIZERS:
-            if self.model.device in ("cpu", "mps") or (self.model.device == "auto" and not cuda_available()):
+            if self.model.device in ("cpu", "mps") or (machine and self.model.device == "auto" and not cuda_available()):
                 where = f"model.device is '{self.model.device}'" if self.model.device != "auto" else "no CUDA GPU is usable here"
                 problems.append(f"train.optimizer: '{self.train.optimizer}' runs on CUDA through bitsandbytes, but {where}; "
                                 "use adamw_torch (or auto)")
             else:
                 needs_bnb.append("train.optimizer")
-        if needs_bnb and not bitsandbytes_available():
+        if machine and needs_bnb and not bitsandbytes_available():
             problems.append(f"{' and '.join(needs_bnb)}: needs the bitsandbytes package, which is not installed: "
                             "pip install 'mathtune[qlora]' (or bitsandbytes)")
         if problems:
