@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from mathtune.checkpoints import GracefulInterrupt, SafeTrainingMixin, TrainingInterrupted, is_disk_full, resume_hint
+from mathtune.checkpoints import (GracefulInterrupt, SafeTrainingMixin, TrainingInterrupted, is_disk_full, publish,
+                                  resume_hint)
 from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
 from mathtune.config import Config, dump_config, resolve_optimizer, summarize
 from mathtune.data.dataset import IGNORE_INDEX
@@ -261,14 +262,7 @@ def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = Tru
         raise
     if not write:
         return
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(target)
+    publish(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -340,7 +340,14 @@ def test_unsupported_architecture_names_what_is_supported_and_hf_still_works(tmp
     with pytest.raises(ModelError, match="model_type 'gpt2' is not supported \\(supported: llama, mistral, qwen2\\).*--to hf"):
         export_run(run, "gguf")
     assert not (run / "export" / "gpt2-f16.gguf").exists()
-    assert (export_run(run, "hf").path / "config.json").is_file()
+    merged = export_run(run, "hf").path
+    assert (merged / "config.json").is_file()
+    with pytest.raises(MathtuneError, match="already exists; pass --overwrite"):
+        export_run(run, "hf")
+    (merged / "marker").write_text("the older export")
+    assert export_run(run, "hf", overwrite=True).path == merged
+    assert (merged / "config.json").is_file() and not (merged / "marker").exists()
+    assert sorted(p.name for p in merged.parent.iterdir()) == ["gpt2-merged"]  # no .partial or .old left
 
 
 def test_not_a_run_folder_and_bad_choices_are_clear(tmp_path):

@@ -54,6 +54,17 @@ def packed_inputs(model, rows, per_example: bool) -> dict:
 PER_EXAMPLE_ARCHS = PADDING_FREE_ARCHS - {"falcon", "gemma2"}
 
 
+def assert_each_example_as_if_alone(model, rows, inputs) -> None:
+    """The packed row's logits, example by example, equal each example run on its own."""
+    with torch.no_grad():
+        logits = model(**inputs).logits[0]
+        start = 0
+        for row in rows:
+            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(row["input_ids"])], alone, rtol=1e-4, atol=1e-5)
+            start += len(row["input_ids"])
+
+
 @pytest.mark.parametrize("per_example", [False, True], ids=["masked-row", "per-example"])
 @pytest.mark.parametrize("arch", sorted(PADDING_FREE_ARCHS))
 def test_packed_logits_equal_each_example_alone(arch, per_example):
@@ -64,13 +75,7 @@ def test_packed_logits_equal_each_example_alone(arch, per_example):
     if per_example:
         assert (model.config._attn_implementation == PACKED_SDPA) == (arch in PER_EXAMPLE_ARCHS)
         assert ("cu_seq_lens_q" in inputs) == (arch in PER_EXAMPLE_ARCHS)
-    with torch.no_grad():
-        logits = model(**inputs).logits[0]
-        start = 0
-        for row in rows:
-            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-            torch.testing.assert_close(logits[start : start + len(row["input_ids"])], alone, rtol=1e-4, atol=1e-5)
-            start += len(row["input_ids"])
+    assert_each_example_as_if_alone(model, rows, inputs)
 
 
 def test_opt_is_not_packed_because_its_positions_come_from_the_mask():
@@ -133,13 +138,7 @@ def test_a_sliding_window_shorter_than_an_example_falls_back_to_the_masked_row()
     model.config.use_cache = False
     rows = examples()
     inputs = packed_inputs(model, rows, per_example=True)
-    with torch.no_grad():
-        logits = model(**inputs).logits[0]
-        start = 0
-        for row in rows:
-            alone = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
-            torch.testing.assert_close(logits[start : start + len(row["input_ids"])], alone, rtol=1e-4, atol=1e-5)
-            start += len(row["input_ids"])
+    assert_each_example_as_if_alone(model, rows, inputs)
 
 
 def test_build_trainer_packs_with_per_example_attention(tmp_path, tiny_llama_dir):

@@ -11,7 +11,6 @@ never overwritten without --overwrite.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +56,6 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
     if to == "hf":
         from mathtune.export.hf import merged_folder
 
-        if out.exists():
-            shutil.rmtree(out)
         notes = merged_folder(run_dir, cfg, out)
     else:
         _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know

@@ -10,9 +10,10 @@ place.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+
+from mathtune.checkpoints import publish
 
 
 def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
@@ -26,7 +27,7 @@ def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        publish(tmp, out)  # an older export of the same name stays whole until this one is
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
