@@ -158,9 +158,8 @@ def probe_nvidia_smi() -> dict | None:
 def probe_bitsandbytes() -> dict:
     """Installed? Importable? Does a 4-bit quantization run on the GPU?"""
     import importlib.metadata
-    import importlib.util
 
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not bitsandbytes_available():
         return {"installed": False}
     version = importlib.metadata.version("bitsandbytes")
     try:

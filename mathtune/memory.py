@@ -143,23 +143,18 @@ def _safetensors_params(folder: Path) -> int | None:
 def _gguf_shape(path: Path) -> ModelShape:
     from gguf import GGUFReader
 
+    from mathtune.model import gguf_field
+
     try:
         reader = GGUFReader(path)
-        fields = reader.fields
 
-        def scalar(key: str, default: int | None = None) -> int:
-            field = fields.get(key)
-            if field is None:
-                if default is None:
-                    raise KeyError(key)
-                return default
-            return int(field.parts[field.data[0]][0])
+        def scalar(key: str, *default: int) -> int:
+            return int(gguf_field(reader, key, *default))
 
-        arch_field = fields["general.architecture"]
-        arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+        arch = gguf_field(reader, "general.architecture")
         hidden = scalar(f"{arch}.embedding_length")
         heads = scalar(f"{arch}.attention.head_count")
-        tokens = fields.get("tokenizer.ggml.tokens")
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
         names = {t.name for t in reader.tensors}
         shape = ModelShape(
             params=sum(int(t.n_elements) for t in reader.tensors),

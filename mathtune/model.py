@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mathtune.errors import ModelError
 from mathtune.hardware import resolve_device, resolve_dtype
@@ -225,6 +225,20 @@ def gguf_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_REQUIRED = object()
+
+
+def gguf_field(reader, key: str, default: Any = _REQUIRED) -> Any:
+    """A GGUF metadata value (str, int, float or list) from a `gguf.GGUFReader`; KeyError when it is
+    missing and no default is given."""
+    field = reader.get_field(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise KeyError(key)
+        return default
+    return field.contents()
+
+
 def check_gguf_architecture(path: Path) -> tuple[str, int]:
     """The file's `general.architecture` and parameter count, or a ModelError listing what
     transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
@@ -233,8 +247,7 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
 
     try:
         reader = GGUFReader(path)
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
+        arch = gguf_field(reader, "general.architecture")
         n_params = sum(int(t.n_elements) for t in reader.tensors)
     except (ValueError, KeyError, IndexError, OSError) as exc:
         raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "

@@ -27,6 +27,7 @@ import numpy as np
 
 from mathtune.errors import ModelError
 from mathtune.export.adapter import Adapter
+from mathtune.model import gguf_field
 
 # Architectures whose GGUF tensors map one to one onto the Transformers modules LoRA adapts, each
 # round-tripped by a test. Others (gpt2's transposed Conv1D, bloom's fused QKV...) need more.
@@ -120,11 +121,6 @@ def planned(name: str, qtype, shape: tuple[int, ...], produce: Callable[[], np.n
     return PlannedTensor(name, qtype, tuple(int(s) for s in shape), produce)
 
 
-def field_value(reader, key: str, default=None):
-    field = reader.get_field(key)
-    return field.contents() if field is not None else default
-
-
 def tensor_names_for(adapter: Adapter, arch: str, n_blocks: int, available: set[str] | None = None) -> dict[str, str]:
     """GGUF tensor name of each adapted module, e.g. 'model.layers.0.self_attn.q_proj' -> 'blk.0.attn_q.weight'."""
     import gguf
@@ -142,7 +138,7 @@ def tensor_names_for(adapter: Adapter, arch: str, n_blocks: int, available: set[
 
 
 def mergeable_arch(reader, source: Path) -> str:
-    arch = field_value(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture", None)
     if arch not in MERGE_ARCHS:
         raise ModelError(f"{source}: merging into a GGUF of architecture '{arch}' is not supported (supported: "
                          f"{', '.join(MERGE_ARCHS)}); `--to hf` writes a merged Transformers model, and `--to gguf-lora` "
@@ -161,10 +157,10 @@ def merged_from_gguf(source: Path, adapter: Adapter, out: Path, quant: str, requ
     reader = gguf.GGUFReader(source)
     arch = mergeable_arch(reader, source)
     by_name = {t.name: t for t in reader.tensors}
-    names = tensor_names_for(adapter, arch, int(field_value(reader, f"{arch}.block_count")), set(by_name))
+    names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")), set(by_name))
     touched = {gguf_name: module for module, gguf_name in names.items()}
-    n_head = field_value(reader, f"{arch}.attention.head_count")
-    n_head_kv = field_value(reader, f"{arch}.attention.head_count_kv", n_head)
+    n_head = gguf_field(reader, f"{arch}.attention.head_count", None)
+    n_head_kv = gguf_field(reader, f"{arch}.attention.head_count_kv", n_head)
 
     writer = gguf.GGUFWriter(None, arch)
     writer.data_alignment = reader.alignment
