@@ -6,6 +6,7 @@
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
+    mathtune convert FILE.gguf [--output DIR] [--overwrite]
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
@@ -114,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the run's data.system_prompt)")
     chat.set_defaults(func=cmd_chat)
 
+    convert = commands.add_parser(
+        "convert",
+        help="a GGUF file as a Transformers folder (into the cache, or --output DIR), tensor by tensor",
+        description="Convert a GGUF file once, in bounded memory: prints the RAM and disk it needs, refuses when "
+        "the disk cannot hold the result, and writes DIR.partial, renamed when complete. Without --output the "
+        "result goes to mathtune's cache, where `mathtune train --model FILE.gguf` finds it.",
+    )
+    convert.add_argument("gguf", type=Path, metavar="FILE.gguf")
+    convert.add_argument("--output", type=Path, metavar="DIR", help="write a Transformers folder here instead")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    convert.set_defaults(func=cmd_convert)
+
     doctor = commands.add_parser(
         "doctor",
         help="can this machine train? PyTorch/CUDA/driver/bitsandbytes diagnosis with fixes; --model: memory estimate",
@@ -212,6 +225,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
         chat_gguf(args.gguf, args.max_new_tokens, args.system)
     else:
         chat_run(args.run_dir, args.max_new_tokens, args.system)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mathtune.convert import convert_command
+
+    convert_command(args.gguf, args.output, args.overwrite)
     return 0
 
 

@@ -2,20 +2,19 @@
 
     model, tokenizer, source = load_model(cfg.model)
 
-A GGUF file (an LM Studio download) is dequantized by transformers' `gguf_file=` loader. A model
-loaded that way carries a GGUF quantizer flag that `Trainer` refuses to train, and the conversion
-takes ~30 s even for 135M parameters, so the first load saves a plain Transformers copy (safetensors,
-tokenizer, chat template) in the cache, keyed by the file's content; later loads read that copy.
+A GGUF file (an LM Studio download) is converted once into a plain Transformers copy (safetensors,
+tokenizer, chat template) in the cache, keyed by the file's content, by mathtune/convert.py (tensor
+by tensor, in bounded memory); later loads read that copy. (A model loaded with transformers'
+`gguf_file=` carries a GGUF quantizer flag that `Trainer` refuses to train, and holds every
+dequantized tensor at once while loading.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -140,47 +139,37 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def convert_gguf(gguf_path: Path, cache: Path) -> tuple[str, bool]:
-    """A plain Transformers copy of a GGUF file in the cache; returns (folder, was it cached)."""
-    folder = _cache_folder(gguf_path, cache)
-    if (folder / "config.json").is_file():
-        return str(folder), True
-    _, n_params = check_gguf_architecture(gguf_path)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def convert_gguf(gguf_path: Path, cache: Path, plan=None) -> tuple[str, bool]:
+    """A plain Transformers copy of a GGUF file in the cache; returns (folder, was it cached).
 
-    # Small models keep float32 (exact dequantized values); from 1B parameters the copy is bf16,
-    # half the disk, and the 4-bit source's rounding is far larger than bf16's.
-    dtype = torch.float32 if n_params < 1e9 else torch.bfloat16
-    _warn_if_short_of_memory(gguf_path, n_params)
-    log.info("Converting %s (%.2fB parameters) to a Transformers model, once; cached in %s", gguf_path,
-             n_params / 1e9, folder)
-    started = time.perf_counter()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
-    except (ValueError, OSError, KeyError, EOFError) as exc:
-        raise ModelError(f"{gguf_path}: transformers could not read this GGUF file ({exc}). "
-                         "Is the file complete? A partial download is the usual cause.") from None
-    # The dequantized weights are plain tensors; drop the flag that makes Trainer refuse them.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "mathtune_source.json").write_text(
-        json.dumps({"gguf": str(gguf_path.resolve()), "size": gguf_path.stat().st_size}, indent=2)
-    )
+    One process converts while any other asking for the same file waits for it (an OS lock on the
+    entry, released by the kernel if the process dies); a damaged entry is converted again."""
+    from filelock import FileLock, Timeout
+
+    from mathtune.convert import convert, damage, plan_conversion
+
+    folder = _cache_folder(gguf_path, cache)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder) + ".lock")
     try:
-        tmp.rename(folder)  # atomic: a crash mid-save leaves a .tmp folder, never a half cache entry
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; its copy is as good
-    log.info("Converted in %.1f s", time.perf_counter() - started)
-    return str(folder), False
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("Another mathtune process is converting %s into %s; waiting for it", gguf_path.name, folder)
+        lock.acquire()
+    try:
+        if (folder / "config.json").is_file():
+            problem = damage(folder)
+            if problem is None:
+                return str(folder), True
+            log.warning("The cached conversion %s is damaged (%s): converting %s again", folder, problem, gguf_path)
+            shutil.rmtree(folder)
+        plan = plan or plan_conversion(gguf_path)
+        _warn_if_short_of_memory(gguf_path, plan.ram_bytes)
+        log.info("%s; converting once, cached in %s", plan.describe(), folder)
+        convert(plan, folder)
+        return str(folder), False
+    finally:
+        lock.release()
 
 
 def _cache_folder(gguf_path: Path, cache: Path) -> Path:
@@ -241,15 +230,18 @@ def gguf_field(reader, key: str, default: Any = _REQUIRED) -> Any:
 
 def check_gguf_architecture(path: Path) -> tuple[str, int]:
     """The file's `general.architecture` and parameter count, or a ModelError listing what
-    transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
-    from gguf import GGUFReader
+    transformers can load. Reads the header only (transformers' GGUF reader memory-maps the file)."""
+    import math
+    import struct
+
+    from transformers.integrations.gguf.reader import GgufHeader
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
-        reader = GGUFReader(path)
-        arch = gguf_field(reader, "general.architecture")
-        n_params = sum(int(t.n_elements) for t in reader.tensors)
-    except (ValueError, KeyError, IndexError, OSError) as exc:
+        header = GgufHeader.from_file(str(path))
+        arch = header.architecture
+        n_params = sum(math.prod(t.shape) for t in header.tensors)
+    except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
                          "download it again") from None
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
@@ -260,15 +252,13 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     return arch, n_params
 
 
-def _warn_if_short_of_memory(path: Path, n_params: int) -> None:
-    # transformers dequantizes every tensor to float32 before casting: ~4 bytes per parameter.
-    need = 4 * n_params
+def _warn_if_short_of_memory(path: Path, need: int) -> None:
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return
     if need > available:
-        log.warning("Converting %s needs about %.0f GB of RAM and %.0f GB are free: it may be killed by the "
+        log.warning("Converting %s needs about %.1f GB of RAM and %.1f GB are free: it may be killed by the "
                     "system. Close other programs or convert on a machine with more memory (once: the result is "
                     "cached).", path.name, need / 1e9, available / 1e9)
 

@@ -255,12 +255,12 @@ def qwen2_tokenizer():
     return fast
 
 
-def tiny_folder(arch: str, folder: Path) -> Path:
+def tiny_folder(arch: str, folder: Path, intermediate: int = 128) -> Path:
     from transformers import AutoModelForCausalLM
 
     tokenizer = {"llama": build_chatml_tokenizer, "qwen2": qwen2_tokenizer}.get(arch, lambda: spm_tokenizer(folder))()
     config = tiny_config(arch, len(tokenizer))
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, intermediate, 16
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key))
     torch.manual_seed(0)

@@ -1,0 +1,236 @@
+"""The streaming GGUF -> Transformers conversion: the same model as transformers' own `gguf_file=`
+loader, bounded memory, a cache entry that is whole, shared between processes and rebuilt when damaged.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mathtune.cli import main
+from mathtune.convert import INDEX, convert, damage, plan_conversion
+from mathtune.errors import ModelError
+from mathtune.model import _cache_folder, convert_gguf
+from tests.gguf_files import gemma3_gguf, kquant_gguf, scaled_llama_gguf, tiny_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = ["What is 12 * 7? The answer is \\boxed{84}.", "¿Cuánto es 3/4 + 1/8? La respuesta es 7/8."]
+
+
+def logits_of(model, tokenizer) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(**tokenizer(t, return_tensors="pt")).logits[0] for t in TEXTS]
+
+
+def assert_same_model(gguf_path: Path, folder: Path) -> None:
+    """The converted folder against transformers' own loader of the same file: logits within 1e-5,
+    same tokens, same chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    want = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    ref_tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert got.config.model_type == want.config.model_type
+    for text in TEXTS:
+        assert tokenizer(text)["input_ids"] == ref_tokenizer(text)["input_ids"]
+    assert tokenizer.chat_template == ref_tokenizer.chat_template
+    for g, w in zip(logits_of(got, ref_tokenizer), logits_of(want, ref_tokenizer)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_smollm2_q4_1_conversion_matches_transformers_loader(smollm_gguf, model_cache):
+    folder, _ = convert_gguf(smollm_gguf, model_cache)
+    folder = Path(folder)
+    assert json.loads((folder / INDEX).read_text())["weight_map"]["model.embed_tokens.weight"].endswith(".safetensors")
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "float32"
+    assert damage(folder) is None
+    assert_same_model(smollm_gguf, folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-ggufs")
+    files = {"llama-f16": tiny_gguf("llama", "f16", root), "mistral-q8_0": tiny_gguf("mistral", "q8_0", root),
+             "qwen2-q8_0": tiny_gguf("qwen2", "q8_0", root)}
+    files["llama-q4_k+q6_k"] = kquant_gguf(files["llama-f16"], root / "tiny-llama-kquant.gguf")
+    files["gemma3-f16"] = gemma3_gguf(root / "tiny-gemma3.gguf", tokenizer_source=files["mistral-q8_0"])
+    return files
+
+
+@pytest.mark.parametrize("name", ["llama-f16", "mistral-q8_0", "qwen2-q8_0", "llama-q4_k+q6_k", "gemma3-f16"])
+def test_tiny_conversion_matches_transformers_loader(tiny_files, name, tmp_path, caplog):
+    import gguf
+
+    source = tiny_files[name]
+    types = {t.tensor_type.name for t in gguf.GGUFReader(source).tensors}
+    assert {"llama-q4_k+q6_k": {"Q4_K", "Q6_K"}, "mistral-q8_0": {"Q8_0"}}.get(name, set()) <= types
+    plan = plan_conversion(source)
+    assert plan.streaming and plan.dtype == "float32"
+    with caplog.at_level(logging.INFO, logger="mathtune"):
+        convert(plan, tmp_path / "out", progress=False)
+    assert "transformers' loader" not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .partial left
+    assert_same_model(source, tmp_path / "out")
+
+
+def test_architectures_outside_the_streaming_path_use_transformers_loader_and_say_so(tiny_files, tmp_path,
+                                                                                    monkeypatch, caplog):
+    import mathtune.convert
+
+    monkeypatch.setattr(mathtune.convert, "STREAMING_ARCHS", ())
+    plan = plan_conversion(tiny_files["qwen2-q8_0"])
+    assert not plan.streaming and "whole model in memory" in plan.describe()
+    with caplog.at_level(logging.INFO, logger="mathtune"):
+        convert(plan, tmp_path / "out", progress=False)
+    assert "'qwen2' is converted with transformers' loader" in caplog.text
+    assert_same_model(tiny_files["qwen2-q8_0"], tmp_path / "out")
+
+
+# --- The cache entry: shared, checked, never half-written ------------------------------------------
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_a_message_naming_it(tiny_files, tmp_path, caplog):
+    source = tiny_files["llama-f16"]
+    folder = Path(convert_gguf(source, tmp_path)[0])
+    shard = next(folder.glob("*.safetensors"))
+    intact = shard.read_bytes()
+    for broken in (intact[:-100], intact[:8] + b"{not json" + intact[17:]):
+        shard.write_bytes(broken)
+        assert damage(folder) is not None
+        with caplog.at_level(logging.WARNING, logger="mathtune"):
+            again, cached = convert_gguf(source, tmp_path)
+        assert not cached and again == str(folder)
+        assert f"The cached conversion {folder} is damaged" in caplog.text
+        assert shard.read_bytes() == intact and damage(folder) is None
+        caplog.clear()
+    (folder / INDEX).write_text(json.dumps({"weight_map": {"x": "model-00009-of-00009.safetensors"}}))
+    assert "model-00009-of-00009.safetensors is missing" in damage(folder)
+
+
+def test_disk_full_during_conversion_leaves_nothing_and_says_what_was_needed(tiny_files, tmp_path, monkeypatch):
+    import mathtune.convert
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mathtune.convert, "write_safetensors_header", full)
+    with pytest.raises(ModelError, match=r"the disk filled up while converting tiny-llama-f16.gguf \(it needs about"):
+        convert_gguf(tiny_files["llama-f16"], tmp_path)
+    assert [p.name for p in (tmp_path / "gguf").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_disk_that_cannot_hold_the_result_is_refused_before_writing(tiny_files, tmp_path, monkeypatch):
+    import mathtune.convert
+
+    monkeypatch.setattr(mathtune.convert.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    with pytest.raises(ModelError, match=r"needs about 0\.\d GB of disk and 0\.0 GB are free"):
+        convert(plan_conversion(tiny_files["llama-f16"]), tmp_path / "out")
+    assert not any(tmp_path.iterdir())
+
+
+CONVERT_IN_CHILD = """
+import logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+from mathtune.model import convert_gguf
+print("RESULT", convert_gguf(Path(sys.argv[1]), Path(sys.argv[2])), flush=True)
+"""
+
+
+def test_two_processes_converting_one_file_convert_it_once(tiny_files, tmp_path):
+    """The second waits on the entry's OS lock, then uses the first one's conversion."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-c", CONVERT_IN_CHILD, str(tiny_files["qwen2-q8_0"]), str(tmp_path)]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lock = Path(str(_cache_folder(tiny_files["qwen2-q8_0"], tmp_path)) + ".lock")
+    while not lock.exists() and first.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    first_out = first.communicate(timeout=600)[0]
+    outputs = [first_out, second.stdout]
+    assert sum("Converted tiny-qwen2-q8_0.gguf" in out for out in outputs) == 1, outputs
+    assert "waiting for it" in second.stdout and "True)" in second.stdout.splitlines()[-1]
+
+
+# --- mathtune convert -------------------------------------------------------------------------------
+
+
+def test_convert_command_prints_what_it_needs_and_writes_a_folder(tiny_files, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main(["convert", str(tiny_files["mistral-q8_0"]), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "GB of RAM" in text and "GB of disk" in text and f"Converted: {out}" in text
+    assert (out / "config.json").is_file() and damage(out) is None
+    assert main(["convert", str(tiny_files["mistral-q8_0"]), "--output", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tiny_files["mistral-q8_0"]), "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_convert_command_fills_the_cache_once(tiny_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path))
+    assert main(["convert", str(tiny_files["llama-f16"])]) == 0
+    folder = _cache_folder(tiny_files["llama-f16"], tmp_path)
+    assert f"Converted: {folder}" in capsys.readouterr().out
+    assert main(["convert", str(tiny_files["llama-f16"])]) == 0
+    assert f"Already converted: {folder}" in capsys.readouterr().out
+
+
+# --- Memory: peak anonymous memory of a child process, sampled from /proc ----------------------------
+
+
+def peak_rss_anon(args: list[str], env: dict | None = None) -> tuple[int, float]:
+    """Run `args`; return the child's peak RssAnon in bytes (sampled every 20 ms) and its seconds."""
+    started = time.perf_counter()
+    child = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(child.stdout), daemon=True)
+    reader.start()
+    while child.poll() is None:
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon"))) * 1024)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.02)
+    reader.join()
+    assert child.returncode == 0, "".join(output)[-3000:]
+    return peak, time.perf_counter() - started
+
+
+CONVERT_ONLY = """
+import sys
+from pathlib import Path
+from mathtune.convert import convert, plan_conversion
+convert(plan_conversion(Path(sys.argv[1])), Path(sys.argv[2]), progress=False)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+def test_peak_memory_does_not_grow_with_the_number_of_layers(smollm_gguf, tmp_path):
+    """2 and 12 layers of hidden 1024, FFN 4096 (Q8_0, SmolLM2's tokenizer): the 10 extra layers hold
+    ~590 MB of float32 weights; the peak may differ by less than the largest single tensor."""
+    peaks = {}
+    for layers in (2, 12):
+        source = scaled_llama_gguf(tmp_path / f"l{layers}.gguf", smollm_gguf, layers, 1024, 4096, 16, 4)
+        peaks[layers], seconds = peak_rss_anon([sys.executable, "-c", CONVERT_ONLY, str(source), str(tmp_path / f"o{layers}")])
+        print(f"{layers} layers: peak RssAnon {peaks[layers] / 1e6:.0f} MB, {seconds:.1f} s")
+        shutil.rmtree(tmp_path / f"o{layers}")
+        source.unlink()
+    largest = 49152 * 1024 * 4  # the embedding in float32
+    assert peaks[12] - peaks[2] < largest
