@@ -187,7 +187,8 @@ def _metadata(plan: ConversionPlan):
         model = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(model).__name__]
     processor = TENSOR_PROCESSORS.get(plan.arch, TensorProcessor)(config=config.to_dict())
-    names = get_gguf_hf_weights_map(model, processor)
+    # The GGUF architecture, not config.model_type: gguf has no 'mistral' (such files are `llama`).
+    names = get_gguf_hf_weights_map(model, processor, model_type=plan.arch)
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")

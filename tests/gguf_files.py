@@ -32,8 +32,8 @@ def tiny_gguf(arch: str, quant: str, folder: Path) -> Path:
     from mathtune.export.gguf_hf import merged_from_folder
     from tests.test_export import tiny_folder
 
-    # transformers reads a `llama` file as mistral when general.name is exactly "mistral".
-    base = tiny_folder(arch, folder / arch, intermediate=256)
+    # Mistral-family files are stored as `llama` (as Mathstral's are), with a SentencePiece tokenizer.
+    base = tiny_folder(arch, folder / f"tiny-{arch}", intermediate=256)
     out = folder / f"tiny-{arch}-{quant}.gguf"
     merged_from_folder(base, AutoTokenizer.from_pretrained(base), Adapter(alpha=1.0, rslora=False), out, quant)
     return out
