@@ -332,9 +332,8 @@ def damage(folder: Path) -> str | None:
 
 def convert_command(gguf_path: Path, output: Path | None = None, overwrite: bool = False) -> Path:
     """`mathtune convert`: print what it will take, convert (into the cache unless --output), say where."""
-    from mathtune.model import cache_root, convert_gguf, resolve_source
-
     from mathtune.config import ModelConfig
+    from mathtune.model import cache_root, convert_gguf, resolve_source
 
     source = resolve_source(ModelConfig(path=str(gguf_path)))
     if source.kind != "gguf":

@@ -201,9 +201,77 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
         report["estimate"] = {**estimate_run(shape, plan, room), "where": where}
         if not report["estimate"]["fits"]:
             usable = False
+        report["conversion"] = conversion_needs(Path(model), cfg.model.cache_dir, facts)
+        if report["conversion"] and not report["conversion"]["fits"]:
+            usable = False
     report["ok"] = usable
     out(json.dumps(report, indent=2, default=str) if as_json else format_report(report))
     return 0 if usable else 1
+
+
+def conversion_needs(path: Path, cache_dir: Path | None, facts: dict[str, Any]) -> dict[str, Any] | None:
+    """For a GGUF file: the RAM and disk its one-time conversion takes, and whether they are here
+    (nothing to convert when the cache already holds it). None for a Transformers folder."""
+    import shutil
+
+    from mathtune.convert import damage, plan_conversion
+    from mathtune.model import GGUF_MAGIC, _cache_folder, cache_root
+
+    if not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            return None
+    plan = plan_conversion(path)
+    folder = _cache_folder(path, cache_root(cache_dir))
+    cached = (folder / "config.json").is_file() and damage(folder) is None
+    root = next((p for p in (folder, *folder.parents) if p.exists()), Path.cwd())
+    free = shutil.disk_usage(root).free
+    ram = facts["memory"].get("available")
+    return {"folder": str(folder), "cached": cached, "dtype": plan.dtype, "streaming": plan.streaming,
+            "ram": plan.ram_bytes, "disk": plan.disk_bytes, "disk_free": free, "ram_available": ram,
+            "fits": cached or (free >= plan.disk_bytes and (ram is None or ram >= plan.ram_bytes))}
+
+
+def format_conversion(c: dict[str, Any]) -> list[str]:
+    if c["cached"]:
+        return [f"conversion    done: {c['folder']}"]
+    ram = "" if c["ram_available"] is None else f" ({c['ram_available'] / GIB:.1f} GiB available)"
+    lines = [f"conversion    once, into {c['folder']}: {c['dtype']}, "
+             f"{'tensor by tensor' if c['streaming'] else 'whole model in memory'}; needs "
+             f"{c['ram'] / GIB:.1f} GiB of RAM{ram} and {c['disk'] / GIB:.1f} GiB of disk ({c['disk_free'] / GIB:.1f} "
+             f"GiB free): " + ("fits" if c["fits"] else "does NOT fit")]
+    if not c["fits"]:
+        lines.append("              convert elsewhere with `mathtune convert FILE.gguf --output DIR` and set model.path "
+                     "to DIR, or set MATHTUNE_CACHE to a disk with room")
+    return lines
+
+
+def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
+    """Refuse a run that cannot fit this machine before anything is converted or written: the doctor's
+    memory estimate of the run, and the RAM and disk of a GGUF file's conversion. Skipped for a hub id
+    (no local shape) and under a multi-process launch (the estimate is for one process)."""
+    import os
+
+    from mathtune.errors import ModelError
+
+    if source.kind == "hub" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    probes = probes or PROBES
+    facts = {"torch": probes.torch() if device == "cuda" else {}, "nvidia_smi": None, "memory": probes.memory()}
+    shape = read_model_shape(Path(source.path))
+    room, where = capacity(facts, device)
+    estimate = estimate_run(shape, plan_from_config(cfg, device), room)
+    check = f"mathtune doctor --model {source.path}"
+    if room is not None and not estimate["fits"]:
+        fix = estimate.get("fix")
+        hint = (f"It fits with: {' '.join('--set ' + s for s in fix['set'])} (about {fix['total'] / GIB:.1f} GiB)"
+                if fix else "No setting makes it fit here: use a larger GPU or a smaller model")
+        raise ModelError(f"{source.path} ({shape.params / 1e9:.2f}B parameters): this run needs about "
+                         f"{estimate['bytes']['total'] / GIB:.1f} GiB and {where}. {hint}. Details: {check}")
+    conversion = conversion_needs(Path(source.path), cfg.model.cache_dir, facts) if source.kind == "gguf" else None
+    if conversion and not conversion["fits"]:
+        raise ModelError("\n".join([f"{source.path}: its conversion does not fit this machine", *format_conversion(conversion)]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +314,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"     fix: {f['fix']}")
     if "estimate" in r:
         lines += ["", *format_estimate(r["model"], r["estimate"])]
+    if r.get("conversion"):
+        lines += format_conversion(r["conversion"])
     d = r["device"]
     lines += ["", f"device {d['requested']}" + (f" -> {d['resolved']}" if d["resolved"] != d["requested"] else "")
               + (": usable" if d["usable"] else ": NOT usable") + ("" if r["ok"] or not d["usable"] else

@@ -99,6 +99,7 @@ def setup(cfg: Config, resume: bool) -> Job:
     """Check everything, load the model, tokenize the data, apply LoRA, build the Trainer."""
     from mathtune import distributed
     from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
+    from mathtune.doctor import preflight
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora
     from mathtune.model import load_model, resolve_source
@@ -112,6 +113,7 @@ def setup(cfg: Config, resume: bool) -> Job:
     if problems:
         raise ConfigError(problems, "launch")
     device = resolve_device(cfg.model.device)
+    preflight(cfg, source, device)  # a run that cannot fit stops here, before a conversion or a run folder
     state = distributed.process_state(device)
     if not state.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress messages: rank 0's

@@ -516,3 +516,15 @@ def test_training_ends_by_pointing_to_export(tmp_path):
     summary = {"steps": 2, "train_seconds": 1.0, "tokens_per_second": 10.0, "tokens_seen": 20, "first_train_loss": 2.0,
                "last_train_loss": 1.0, "eval_loss_before": 2.0, "eval_loss_after": 1.5}
     assert f"mathtune export {tmp_path} --to gguf" in summary_text(summary, tmp_path)
+
+
+def test_hf_export_refuses_a_base_that_cannot_fit_before_loading_it(tmp_path, chatml_tokenizer, monkeypatch):
+    import mathtune.hardware
+    from tests.conftest import save_tiny_model
+
+    run = train_run(tmp_path, save_tiny_model("llama", tmp_path / "llama", chatml_tokenizer))
+    monkeypatch.setattr(mathtune.hardware, "probe_memory", lambda: {"total": 1 << 20, "available": 1 << 20})
+    with pytest.raises(ModelError, match=r"`--to hf` loads the whole base model \(0\.00B parameters in float32\): "
+                                         r"about 0\.5 GiB of RAM, and 0\.0 GiB are available\. `--to gguf` merges"):
+        export_run(run, "hf")
+    assert not (run / "export").exists() or not any((run / "export").iterdir())
