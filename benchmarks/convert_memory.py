@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/convert_memory.py --shape 2.3b            # both paths, side by side
     .venv/bin/python benchmarks/convert_memory.py --shape 7b --after-only # Mistral-7B shape: ~8 GB file, ~15 GB out
+    .venv/bin/python benchmarks/convert_memory.py --source FILE.gguf      # a file of your own (kept)
 
 Writes a Q8_0 GGUF of the shape (SmolLM2's real tokenizer and chat template, random weights) into
 --dir, converts it in a child process per path, and prints each child's peak anonymous memory
@@ -42,13 +43,15 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--after-only", action="store_true", help="skip transformers' loader (it needs ~2 GB per billion)")
     parser.add_argument("--dir", type=Path, help="where to write the files (default: a temporary folder)")
+    parser.add_argument("--source", type=Path, help="convert this GGUF (kept) instead of writing one of --shape")
     args = parser.parse_args()
     from mathtune.convert import plan_conversion
     from mathtune.model import embedded_model_path
 
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="convert-memory-"))
     try:
-        source = scaled_llama_gguf(work / f"llama-{args.shape}-Q8_0.gguf", embedded_model_path(), *SHAPES[args.shape])
+        source = args.source or scaled_llama_gguf(work / f"llama-{args.shape}-Q8_0.gguf", embedded_model_path(),
+                                                  *SHAPES[args.shape])
         plan = plan_conversion(source)
         print(f"{source.name}: {source.stat().st_size / 1e9:.2f} GB; {plan.describe()}")
         for path in ("after",) if args.after_only else ("before", "after"):
