@@ -258,6 +258,10 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
     if source.kind == "hub" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     probes = probes or PROBES
+    if source.kind == "gguf":
+        from mathtune.model import check_gguf_architecture
+
+        check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
     facts = {"torch": probes.torch() if device == "cuda" else {}, "nvidia_smi": None, "memory": probes.memory()}
     shape = read_model_shape(Path(source.path))
     room, where = capacity(facts, device)

@@ -267,9 +267,13 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
         header = GgufHeader.from_file(str(path))
         arch = header.architecture
         n_params = sum(math.prod(t.shape) for t in header.tensors)
+        end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
     except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
                          "download it again") from None
+    if path.stat().st_size < end:
+        raise ModelError(f"{path}: the file is truncated ({path.stat().st_size:,} bytes; its tensors end at {end:,}): "
+                         "a partial download? Download it again")
     supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
     normalized = {a.replace("_", "") for a in supported}
