@@ -58,6 +58,7 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora, count_parameters, lora_targets
+    from mathtune.evaluate import perplexity
     from mathtune.model import load_model, resolve_source
 
     # Every record, the model path and the run folder are checked before anything is written or
@@ -83,7 +84,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     started = time.perf_counter()
     with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
         model, tokenizer, source = load_model(cfg.model)
-    ensure_chat_template(tokenizer, cfg.model.chat_template)
+    if not data_report.text:  # plain text is trained without a chat template
+        ensure_chat_template(tokenizer, cfg.model.chat_template)
     # Training needs no KV cache, and packed batches are only kept apart when there is none.
     model.config.use_cache = False
     hit = " (cached conversion)" if source.cache_hit else ""
@@ -158,6 +160,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         "train_loss_mean": round(result.training_loss, 6),
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
+        "eval_perplexity_before": perplexity(eval_before),
+        "eval_perplexity_after": perplexity(eval_after),
         "resumed_from": str(checkpoint) if checkpoint else None,
         "device": device,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
@@ -177,6 +181,10 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
         if cfg.eval.at_end and sharded:
             log.info("Generation needs the whole model in one process: score the run with `mathtune eval %s "
                      "--base` on one GPU", run_dir)
+        elif cfg.eval.at_end and data_report.text:
+            log.info("Plain-text data has no questions to answer: the verified-accuracy evaluation is skipped; the "
+                     "held-out loss above is its evaluation (perplexity %s -> %s)", perplexity(eval_before),
+                     perplexity(eval_after))
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
             evaluate_held_out(cfg, model, tokenizer, run_dir, eval_conv)
