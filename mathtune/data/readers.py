@@ -213,9 +213,14 @@ def _read_csv(path: Path, sep: str | None) -> Iterator[tuple[str, Any]]:
                     yield f"{path} row {row}", RecordError("", _cell_count_problem(cells, columns, sep))
                     continue
                 yield f"{path} row {row}", dict(zip(columns, cells))
-    except UnicodeDecodeError as exc:
-        raise DataError([f"{path} row {row + 1}: not UTF-8 (byte 0x{exc.object[exc.start]:02x}); in Excel save it as "
-                         "'CSV UTF-8 (comma delimited)', in LibreOffice tick 'UTF-8' when saving"]) from None
+    except UnicodeDecodeError:
+        # The text layer decodes ahead of the rows it hands out: find the bad byte's line in the bytes.
+        try:
+            _decode(path.read_bytes(), path, 1)
+        except DataError as exc:
+            raise DataError([exc.problems[0].replace("save the file as UTF-8", "in Excel save it as 'CSV UTF-8 (comma "
+                                                     "delimited)', in LibreOffice tick 'UTF-8' when saving")]) from None
+        raise
     except csv.Error as exc:
         raise DataError([f"{path} row {row + 1}: not readable as CSV: {exc}"]) from None
 

@@ -406,7 +406,8 @@ def test_missing_file(tmp_path):
 
 def test_one_pretty_printed_object_is_explained(tmp_path):
     path = tmp_path / "one.json"
-    path.write_text(json.dumps({"data": [SHAPES["question_answer"]], "version": 2}, indent=2), encoding="utf-8")
+    # Holding no list of records (one list is read: tests/data/test_shapes.py)
+    path.write_text(json.dumps({"data": SHAPES["question_answer"], "version": 2}, indent=2), encoding="utf-8")
     with pytest.raises(DataError) as excinfo:
         list(read_json_records(path))
     (problem,) = excinfo.value.problems
