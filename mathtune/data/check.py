@@ -90,8 +90,10 @@ def check_files(paths: list[Path], on_problem: Callable[[str, str], None], cfg: 
         report.files.append(result)
         with progress_bar(path, "Checking") as progress:
             try:
-                for place, conv, result.format in iter_conversations(path, cfg, max_chars, keep_going=True,
-                                                                     progress=progress, on_note=result.notes.append):
+                notes = result.notes.append
+                for place, conv, fmt in iter_conversations(path, cfg, max_chars, keep_going=True, progress=progress,
+                                                           on_note=notes):
+                    result.format = fmt
                     result.records += 1
                     result.skipped += isinstance(conv, Skipped)
                     if isinstance(conv, RecordError):

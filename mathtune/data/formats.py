@@ -222,7 +222,8 @@ def _parts(parts: list, where: str) -> str:
     for j, part in enumerate(parts):
         place = f"{where}[{j}]"
         if not isinstance(part, dict):
-            raise RecordError(place, f"expected a content part such as {{\"type\": \"text\", \"text\": ...}}, got {_json_type(part)}")
+            raise RecordError(place, f"expected a content part such as {{\"type\": \"text\", \"text\": ...}}, "
+                                     f"got {_json_type(part)}")
         kind = part.get("type", "text" if "text" in part else None)
         if kind not in TEXT_PARTS:
             what = f"'{kind}' parts" if isinstance(kind, str) else "parts without a type"

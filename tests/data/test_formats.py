@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from mathtune.config import DataConfig
 from mathtune.data.dataset import DataReport, iter_conversations, load_conversations
-from mathtune.data.readers import read_json_records, read_records
 from mathtune.data.formats import PAIR_KEYS, Conversation, RecordError, detect_format, parse_record
+from mathtune.data.readers import read_json_records, read_records
 from mathtune.errors import DataError
 from tests.conftest import GSM8K, write_jsonl
 

@@ -13,12 +13,13 @@ import pytest
 from mathtune.cli import main
 from mathtune.config import DataConfig
 from mathtune.data.check import check_files
-from mathtune.data.dataset import DataReport, Skipped, build_datasets, iter_conversations, load_conversations
+from mathtune.data.dataset import DataReport, Skipped, iter_conversations, load_conversations
 from mathtune.data.formats import RecordError, detect_format, parse_record
 from mathtune.data.readers import read_records
 from mathtune.data.stats import dataset_stats
 from mathtune.errors import DataError
 from tests.conftest import write_jsonl
+from tests.data.test_dataset import build_datasets
 
 Q_ES, A_ES = "¿Cuánto es 3/4 + 1/8?", "Sumamos: 6/8 + 1/8 = 7/8. La respuesta es \\boxed{\\frac{7}{8}}."
 Q_EN, A_EN = "What is 12 * 7?", "12 * 7 = 84. The answer is \\boxed{84}."
@@ -268,7 +269,7 @@ def test_tsv_is_detected_as_question_answer(tmp_path):
     path = tmp_path / "qa.tsv"
     path.write_text(f"question\tanswer\ttopic\n{Q_EN}\t{A_EN}\tarithmetic\n{Q_ES}\t{A_ES}\t\n", encoding="utf-8")
     rows = list(iter_conversations(path))
-    assert [(place, fmt) for place, _, fmt in rows] == [(f"{path} row 2", "question_answer"), (f"{path} row 3", "question_answer")]
+    assert [(place, fmt) for place, _, fmt in rows] == [(f"{path} row {n}", "question_answer") for n in (2, 3)]
     assert [conv.topic for _, conv, _ in rows] == ["arithmetic", None]
 
 
