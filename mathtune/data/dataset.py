@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mathtune.config import DataConfig  # the reading settings every record goes through
 from mathtune.data.formats import Conversation, Document, RecordError, detect_format, parse_record
 from mathtune.data.readers import file_kind, read_records
 from mathtune.data.template import render_chat
@@ -33,8 +34,6 @@ from mathtune.errors import DataError, MathtuneError
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
-
-    from mathtune.config import DataConfig
 
 log = logging.getLogger("mathtune")
 
@@ -128,8 +127,6 @@ def iter_conversations(
     conversation longer than `max_chars` characters is an error too: it cannot fit the model (a
     document is cut into chunks instead). `keep_going`, `progress` and `on_note` are passed to
     `readers.read_records`; `on_note` also hears that preference pairs are read for their chosen side."""
-    from mathtune.config import DataConfig
-
     cfg = cfg or DataConfig()
     fields = cfg.fields.model_dump() if cfg.fields else None
     kind = file_kind(path)
@@ -200,8 +197,6 @@ def _as_column(exc: RecordError) -> RecordError:
 def _generate_rows(files: list[str], cfg: dict, file_ids: list, max_chars: int | None = None) -> Iterator[dict]:
     # file_ids (size, mtime) is unused here: it is in the signature so that datasets' cache key
     # changes when a file changes under the same name. cfg is DataConfig's JSON dump (hashable).
-    from mathtune.config import DataConfig
-
     data = DataConfig.model_validate(cfg)
     for path in files:
         for _, conv, _ in iter_conversations(Path(path), data, max_chars):

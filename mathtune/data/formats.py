@@ -36,6 +36,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
 MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
 TOOL_KEYS = ("tools", "functions")
+REFUSED_KEYS = frozenset(MEDIA_KEYS + TOOL_KEYS)
 UNSUPPORTED = "mathtune trains on text only; set data.on_invalid: skip to leave such records out"
 
 # key sets that identify a pair shape: (format, prompt key, response key, optional extra-input key)
@@ -185,8 +186,21 @@ def _turns(record: dict, key: str) -> list[dict]:
         raise RecordError(key, f"expected a list of turns, got {_json_type(turns)}")
     if not turns:
         raise RecordError(key, "is empty")
-    keys = {"conversations": SHAREGPT_KEYS, "messages": OPENAI_KEYS}.get(key) or _turn_keys(turns)
-    return [_turn(turn, f"{key}[{i}]", keys) for i, turn in enumerate(turns)]
+    keys = SHAREGPT_KEYS if key == "conversations" else OPENAI_KEYS if key == "messages" else _turn_keys(turns)
+    role_key, text_key, role_of = keys
+    messages = []
+    for i, turn in enumerate(turns):
+        # The usual turn, {"role": "user", "content": "some text"}, is taken as it is; any other goes
+        # through _turn, which names what is wrong. (Checking a million records stays fast.)
+        raw_role = turn.get(role_key) if type(turn) is dict else None
+        role = role_of(raw_role) if type(raw_role) is str else None
+        content = turn.get(text_key) if role else None
+        if (type(content) is str and content.strip() and "<image>" not in content and "tool_calls" not in turn
+                and "function_call" not in turn):
+            messages.append({"role": role, "content": content})
+        else:
+            messages.append(_turn(turn, f"{key}[{i}]", keys))
+    return messages
 
 
 def _turn(turn: Any, where: str, keys: tuple[str, str, Callable[[Any], str | None]]) -> dict[str, str]:
@@ -200,8 +214,9 @@ def _turn(turn: Any, where: str, keys: tuple[str, str, Callable[[Any], str | Non
     if role is None:
         accepted = ", ".join(SHAREGPT_ROLES if role_key == "from" else ROLES)
         raise RecordError(f"{where}.{role_key}", f"unknown role {raw_role!r}; expected one of {accepted}")
-    for call in ("tool_calls", "function_call"):
-        if turn.get(call):
+    if "tool_calls" in turn or "function_call" in turn:
+        call = "tool_calls" if turn.get("tool_calls") else "function_call" if turn.get("function_call") else None
+        if call:
             raise RecordError(f"{where}.{call}", f"tool calls are not supported; {UNSUPPORTED}")
     value = turn.get(text_key)
     content = _parts(value, f"{where}.{text_key}") if isinstance(value, list) else _text(turn, text_key, where)
@@ -233,6 +248,8 @@ def _parts(parts: list, where: str) -> str:
 
 
 def _refuse_media_and_tools(record: dict) -> None:
+    if record.keys().isdisjoint(REFUSED_KEYS):
+        return
     for key in MEDIA_KEYS:
         if record.get(key):
             raise RecordError(key, f"records with {key} are not supported; {UNSUPPORTED}")
@@ -243,6 +260,8 @@ def _refuse_media_and_tools(record: dict) -> None:
 
 def _desirable(record: dict) -> bool | None:
     """A KTO-style label: true/false (also as text, from a CSV cell); None when the record has none."""
+    if "label" not in record and "kto_tag" not in record:
+        return None
     for key in ("label", "kto_tag"):
         value = record.get(key)
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
