@@ -132,3 +132,18 @@ def test_a_short_training_run_on_text_reports_loss_and_perplexity(tmp_path, tiny
     assert tuned["loss"] == pytest.approx(summary["eval_loss_after"], abs=0.02)
     assert base["loss"] == pytest.approx(summary["eval_loss_before"], abs=0.02)
     assert tuned["perplexity"] < base["perplexity"]
+
+
+def test_check_stats_and_training_agree_on_text(tmp_path):
+    from mathtune.data.check import check_files
+
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"text": NOTES}, {"text": ""}, {"text": "La derivada de x^2 es 2x.",
+                                                                                    "label": False}])
+    cfg = DataConfig(on_invalid="skip")
+    checked = check_files([path], lambda *_: None, cfg).files[0]
+    stats = dataset_stats([path], cfg=cfg)
+    report = DataReport()
+    loaded = load_conversations([path], cfg, report)
+    assert (checked.records, checked.invalid, checked.skipped) == (stats.records, stats.invalid, stats.skipped) == (
+        report.records, report.skipped_invalid, report.skipped_undesirable) == (3, 1, 1)
+    assert list(loaded) == [{"text": NOTES, "topic": None}]
