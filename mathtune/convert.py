@@ -22,7 +22,6 @@ Architectures outside STREAMING_ARCHS go through transformers' loader as before,
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -109,6 +108,8 @@ def convert(plan: ConversionPlan, out: Path, progress: bool = True) -> None:
         raise ModelError(f"{out.parent}: converting {plan.gguf.name} needs about {plan.disk_bytes / 1e9:.1f} GB of "
                          f"disk and {free / 1e9:.1f} GB are free. Free some space, or convert elsewhere with "
                          f"`mathtune convert {plan.gguf} --output DIR` (or set MATHTUNE_CACHE to another disk).")
+    from mathtune.checkpoints import is_disk_full
+
     started = time.perf_counter()
     try:
         partial.mkdir()
@@ -123,18 +124,12 @@ def convert(plan: ConversionPlan, out: Path, progress: bool = True) -> None:
         partial.rename(out)  # atomic: a crash mid-write leaves DIR.partial, never a half folder at DIR
     except BaseException as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise ModelError(f"{out.parent}: the disk filled up while converting {plan.gguf.name} (it needs about "
                              f"{plan.disk_bytes / 1e9:.1f} GB; {shutil.disk_usage(out.parent).free / 1e9:.1f} GB are "
                              "free now). Nothing was kept; free some space and try again.") from None
         raise
     log.info("Converted %s in %.1f s into %s", plan.gguf.name, time.perf_counter() - started, out)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc)
 
 
 # --- The streaming path --------------------------------------------------------------------------
