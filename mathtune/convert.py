@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 STREAMING_ARCHS = ("llama", "qwen2", "gemma3")
 SHARD_BYTES = 2 << 30
 PIECE_BYTES = 64 << 20  # float32 bytes dequantized at once: bounds the memory of a large tensor
-BASE_RAM = 1.0e9  # the process itself with torch, transformers and the meta model (measured: ~0.7-0.9 GB)
+# The process with torch, transformers and the meta model. Measured whole-conversion peaks (RssAnon)
+# with SmolLM2's 49k vocabulary: 0.50 GB at 0.23B parameters, 0.48 GB at 2.3B, 0.55 GB at 7.4B.
+BASE_RAM = 0.6e9
 INDEX = "model.safetensors.index.json"
 SOURCE = "mathtune_source.json"
 
@@ -88,8 +90,9 @@ def plan_conversion(gguf_path: Path) -> ConversionPlan:
         largest = max(math.prod(t.shape) for t in header.tensors) * 4
         unsliced = max((math.prod(t.shape) * 4 for t in header.tensors if not _sliceable(t)), default=0)
         # A slice being dequantized holds its blocks, the float32 values and the cast copy (~3x);
-        # transformers' tokenizer and config readers ~3 KB per token (measured on a 152k vocabulary).
-        ram = BASE_RAM + 3 * min(largest, max(PIECE_BYTES, unsliced)) + 3000 * vocab
+        # transformers' tokenizer and config readers ~2 KB per token (the config, tokenizer and meta
+        # model of DeepSeek-R1-Distill-Qwen-7B, 152k tokens, peaked at 0.72 GB).
+        ram = BASE_RAM + 3 * min(largest, max(PIECE_BYTES, unsliced)) + 2000 * vocab
     else:
         ram = BASE_RAM + 4 * params  # every tensor dequantized to float32 before the cast
     return ConversionPlan(gguf_path, arch, params, dtype, streaming, int(disk), int(ram), header)
