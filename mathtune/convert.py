@@ -63,7 +63,7 @@ class ConversionPlan:
     disk_bytes: int
     ram_bytes: int
     header: object = field(default=None, repr=False)
-    """transformers' GgufHeader: the tensor table and where the data starts"""
+    """mathtune.model.GgufHeader: the tensor table and where the data starts"""
 
     def describe(self) -> str:
         how = "tensor by tensor" if self.streaming else "with transformers' loader (whole model in memory)"
@@ -73,13 +73,11 @@ class ConversionPlan:
 
 def plan_conversion(gguf_path: Path) -> ConversionPlan:
     """The conversion's dtype, disk and RAM, from the header alone (no tensor data is read)."""
-    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
-
-    from mathtune.model import check_gguf_architecture
+    from mathtune.model import check_gguf_architecture, gguf_header
 
     arch, params = check_gguf_architecture(gguf_path)
-    metadata, _ = read_gguf_metadata(str(gguf_path))
-    header = GgufHeader.from_file(str(gguf_path))
+    header = gguf_header(gguf_path)
+    metadata = header.metadata
     dtype = "float32" if params < 1e9 else "bfloat16"
     itemsize = 4 if dtype == "float32" else 2
     vocab = int(metadata.get("tokenizer.ggml.tokens") or metadata.get(f"{arch}.vocab_size") or 0)

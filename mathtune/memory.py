@@ -143,13 +143,11 @@ def _safetensors_params(folder: Path) -> int | None:
 def _gguf_shape(path: Path) -> ModelShape:
     import struct
 
-    from transformers.integrations.gguf.reader import GgufHeader, read_gguf_metadata
+    from mathtune.model import gguf_header
 
     try:
-        # transformers' header reader walks string arrays (a 152k vocabulary) without decoding them:
-        # a tenth of a second where gguf.GGUFReader takes tens of seconds.
-        metadata, _ = read_gguf_metadata(str(path))
-        tensors = GgufHeader.from_file(str(path)).tensors
+        header = gguf_header(path)
+        metadata, tensors = header.metadata, header.tensors
         arch = metadata["general.architecture"]
 
         def scalar(key: str, *default: int) -> int:

@@ -243,3 +243,15 @@ def test_gemma3_270m_q4_k_m_conversion_matches_transformers_loader(tmp_path):
     assert plan.streaming and plan.arch == "gemma3"
     convert(plan, tmp_path / "out", progress=False)
     assert_same_model(source, tmp_path / "out")
+
+
+def test_doctor_reports_the_conversion_and_whether_it_is_cached(tiny_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path))
+    source = tiny_files["qwen2-q8_0"]
+    main(["doctor", "--model", str(source), "--device", "cpu", "--json"])
+    conversion = json.loads(capsys.readouterr().out)["conversion"]
+    assert not conversion["cached"] and conversion["fits"] and conversion["dtype"] == "float32"
+    assert conversion["disk"] == plan_conversion(source).disk_bytes and conversion["ram"] < 2e9
+    convert_gguf(source, tmp_path)
+    main(["doctor", "--model", str(source), "--device", "cpu"])
+    assert f"conversion    done: {_cache_folder(source, tmp_path)}" in capsys.readouterr().out
