@@ -9,6 +9,7 @@
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
+    mathtune ui [--runs DIR] [--host HOST] [--port N] [--no-browser]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -147,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON document")
     stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
     stats.set_defaults(func=cmd_data_stats)
+
+    ui = commands.add_parser(
+        "ui", help="the whole job in a local web page (pip install 'mathtune[ui]')",
+        description="Start a local web server over the runs folder and open it in the browser. The address "
+        "printed carries an access token; only this machine can connect unless --host says otherwise.")
+    ui.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR", help="the runs folder (default: runs)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    ui.add_argument("--no-browser", action="store_true", help="print the address, don't open a browser")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 
@@ -231,6 +242,16 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     from mathtune.data.stats import run_stats
 
     run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from mathtune.ui.server import serve
+    except ImportError as exc:
+        raise MathtuneError(f"mathtune ui needs its optional packages ({exc.name} is missing): "
+                            "pip install 'mathtune[ui]'") from None
+    serve(args.runs, host=args.host, port=args.port, open_browser=not args.no_browser)
     return 0
 
 
