@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mathtune.config import Config, dump_config, load_config, parse_override
+from mathtune.config import Config, load_config, parse_override
 from mathtune.errors import ConfigError, MathtuneError
 
 SECTIONS = ("lora", "train", "data", "eval", "model")
@@ -82,11 +82,15 @@ def _text(value: Any) -> str:
 
 
 def submitted(form) -> dict[str, Any]:
-    """The form's settings as text by dotted key (checkboxes: true when present)."""
+    """The form's settings as text by dotted key. A checkbox is true when present (HTML sends nothing for
+    an unchecked one); another field left out of the request keeps its default."""
     out: dict[str, Any] = {}
     for fields in form_fields().values():
         for f in fields:
-            out[f.key] = "true" if f.kind == "bool" and form.get(f.key) else form.get(f.key, "")
+            if f.kind == "bool":
+                out[f.key] = "true" if form.get(f.key) else "false"
+            elif f.key in form:
+                out[f.key] = form[f.key]
     return out
 
 
@@ -125,10 +129,6 @@ def problems_by_field(error: ConfigError) -> tuple[dict[str, list[str]], list[st
         else:
             other.append(problem.removesuffix(" (from command line)"))
     return by_key, other
-
-
-def config_yaml(cfg: Config) -> str:
-    return dump_config(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,23 +59,34 @@ def run_name_ok(name: str) -> bool:
 
 
 def run_dir(runs: Path, name: str) -> Path:
-    """RUNS/NAME for an existing run folder; the name is checked, never used as a path as it comes."""
-    if not run_name_ok(name) or not (runs / name / "config.yaml").is_file():
+    """RUNS/NAME of a run folder, or of a run this UI started that has not written its folder yet
+    (it loads the model and data first). The name is checked, never used as a path as it comes."""
+    if not run_name_ok(name) or not _config_file(runs, name).is_file():
         raise MathtuneError(f"{name!r}: no such run in {runs}")
     return runs / name
+
+
+def name_taken(runs: Path, name: str) -> bool:
+    return (runs / name).exists() or (runs / UI_DIR / f"{name}.yaml").exists()
+
+
+def _config_file(runs: Path, name: str) -> Path:
+    written = runs / name / "config.yaml"
+    return written if written.is_file() else runs / UI_DIR / f"{name}.yaml"
 
 
 def list_runs(runs: Path, trainer: Trainer) -> list[RunView]:
     if not runs.is_dir():
         return []
-    folders = [p for p in runs.iterdir() if p.is_dir() and run_name_ok(p.name) and (p / "config.yaml").is_file()]
-    folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    return [read_run(runs, p.name, trainer) for p in folders]
+    names = {p.name for p in runs.iterdir() if p.is_dir() and (p / "config.yaml").is_file()}
+    names |= {p.stem for p in (runs / UI_DIR).glob("*.yaml")}
+    configs = sorted((_config_file(runs, n) for n in names if run_name_ok(n)), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [read_run(runs, p.parent.name if p.name == "config.yaml" else p.stem, trainer) for p in configs]
 
 
 def read_run(runs: Path, name: str, trainer: Trainer) -> RunView:
     path = run_dir(runs, name)
-    config = _read(path / "config.yaml", yaml.safe_load) or {}
+    config = _read(_config_file(runs, name), yaml.safe_load) or {}
     summary = _read(path / "train_summary.json", json.loads)
     evaluation = _read(path / "eval" / "summary.json", json.loads)
     metrics = read_metrics(path)
@@ -136,11 +147,10 @@ class Trainer:
         if not run_name_ok(name):
             raise MathtuneError(f"{name!r}: a run name is letters, digits, '.', '_' and '-' (up to 80)")
         target = runs / name
-        if target.exists():
+        if name_taken(runs, name):
             raise MathtuneError(f"{target}: exists already; choose another run name")
-        ui = runs / UI_DIR
-        ui.mkdir(parents=True, exist_ok=True)
-        saved = ui / f"{name}.yaml"
+        saved = runs / UI_DIR / f"{name}.yaml"
+        saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(config_text, encoding="utf-8")
         self._launch(runs, name, ["train", "--config", str(saved), "--output", str(target)])
 
@@ -192,6 +202,7 @@ class Trainer:
 
     def _launch(self, runs: Path, name: str, args: list[str]) -> None:
         log_path = runs / UI_DIR / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)  # a run started by the CLI, resumed here
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
         # Its own session / process group: Ctrl-C in the terminal of `mathtune ui` does not stop the runs,
         # and on Windows CTRL_BREAK_EVENT can be sent to the run alone.

@@ -68,7 +68,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        query = dict(pairs)
         if not host_allowed(headers.get("host", ""), self.bind_host):
             return await _refuse(send, "Host header not allowed: open the address mathtune ui printed.")
         cookie = SimpleCookie(headers.get("cookie", ""))
@@ -76,7 +77,7 @@ class Guard:
         from_cookie = cookie[name].value if name in cookie else ""
         if "token" in query and _same(query["token"], self.token) and scope["method"] == "GET":
             # First visit: keep the token in a cookie and drop it from the address bar and history.
-            rest = urlencode([(k, v) for k, v in query.items() if k != "token"])
+            rest = urlencode([(k, v) for k, v in pairs if k != "token"])
             location = scope["path"] + (f"?{rest}" if rest else "")
             return await _redirect(send, location, f"{name}={self.token}; HttpOnly; SameSite=Strict; Path=/")
         if not _same(from_cookie, self.token):

@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from mathtune.config import dump_config
 from mathtune.errors import ConfigError, DataError, MathtuneError
 from mathtune.ui import form as settings
 from mathtune.ui import runs as run_files
@@ -87,8 +88,8 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
 
     def new_run_page(request: Request, choice: dict, fields, field_problems, other_problems, status_code: int = 200):
         data = [_data_file(runs, ref) for ref in choice["data"]]
-        check = _check([p for _, p in data]) if data else None
-        stats = _stats([p for _, p in data], choice["model"]) if data and check and check["ok"] else None
+        check = _check([p for _, p, _ in data], {str(p): label for _, p, label in data}) if data else None
+        stats = _stats([p for _, p, _ in data], choice["model"]) if data and check and check["ok"] else None
         return page(request, "new.html", status_code=status_code, choice=choice, data=data, check=check, stats=stats,
                     sections=fields, field_problems=field_problems, other_problems=other_problems,
                     models=_lmstudio_models(), default_name=_default_name(runs))
@@ -103,18 +104,19 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
         if file is None or isinstance(file, str):
             raise MathtuneError("no file chosen")
         saved = await security.save_upload(file, runs / run_files.UI_DIR / "uploads", app.state.upload_limit)
-        choice = _choice(str(form.get("model", "")), [*form.getlist("data"), f"upload:{saved.name}"])
+        label = Path(file.filename or "").name[:80]  # shown on the page only; the file is saved.name
+        choice = _choice(str(form.get("model", "")), [*form.getlist("data"), f"upload:{saved.name}/{label}"])
         return RedirectResponse(_new_url(choice), status_code=303)
 
     @app.post("/runs")
     async def start_run(request: Request):
         form = await request.form()
         choice = _choice(str(form.get("model", "")), form.getlist("data"))
-        data = [p for _, p in (_data_file(runs, ref) for ref in choice["data"])]
+        data = [p for _, p, _ in (_data_file(runs, ref) for ref in choice["data"])]
         values = settings.submitted(form)
         name = str(form.get("name", "")).strip()
         try:
-            if not run_files.run_name_ok(name) or (runs / name).exists():
+            if not run_files.run_name_ok(name) or run_files.name_taken(runs, name):
                 raise ConfigError([f"run name {name!r}: letters, digits, '.', '_' and '-', not an existing run"])
             if data and not _check(data)["ok"]:
                 raise ConfigError(["data: the files have invalid records (see above)"])
@@ -122,7 +124,7 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
         except ConfigError as exc:
             by_field, other = settings.problems_by_field(exc)
             return new_run_page(request, choice, settings.form_fields(values), by_field, other, status_code=422)
-        app.state.trainer.start(runs, name, settings.dump_config(cfg))
+        app.state.trainer.start(runs, name, dump_config(cfg))
         return RedirectResponse(f"/runs/{name}", status_code=303)
 
     @app.post("/api/estimate")
@@ -152,7 +154,9 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
                 current = view(name)
                 metrics = run_files.read_metrics(current.path)
                 job = app.state.jobs.get(name)
-                event = {"status": current.status, "metrics": metrics[sent:], "progress": run_files.progress(current, metrics),
+                reset = len(metrics) < sent  # a resumed run drops the lines past its checkpoint
+                sent = 0 if reset else sent
+                event = {"status": current.status, "reset": reset, "metrics": metrics[sent:], "progress": run_files.progress(current, metrics),
                          "log": run_files.log_tail(runs, name), "job": job.as_dict() if job else None,
                          "exports": [p.name for p in exported_files(current.path)]}
                 sent = len(metrics)
@@ -258,24 +262,29 @@ def _new_url(choice: dict) -> str:
     return "/new?" + urlencode([("model", choice["model"]), *(("data", d) for d in choice["data"])])
 
 
-def _data_file(runs: Path, ref: str) -> tuple[str, Path]:
-    """('upload:<generated name>' | 'path:<typed path>') -> (ref, checked file)."""
+def _data_file(runs: Path, ref: str) -> tuple[str, Path, str]:
+    """('upload:<generated name>/<client's name>' | 'path:<typed path>') -> (ref, checked file, label).
+    The client's name of an upload is a label on the page, never part of a path."""
     kind, _, value = ref.partition(":")
     if kind == "upload":
-        return ref, security.uploaded_file(runs / run_files.UI_DIR / "uploads", value)
+        name, _, label = value.partition("/")
+        return ref, security.uploaded_file(runs / run_files.UI_DIR / "uploads", name), label or name
     if kind == "path":
         path = security.typed_data_file(value)
-        return f"path:{path}", path
+        return f"path:{path}", path, str(path)
     raise MathtuneError(f"{ref!r}: expected upload:NAME or path:FILE")
 
 
-def _check(paths: list[Path]) -> dict:
-    """`mathtune data check` on the files: every problem with its place."""
+def _check(paths: list[Path], labels: dict[str, str] | None = None) -> dict:
+    """`mathtune data check` on the files: every problem with its place (file:line), the file by its label."""
     from mathtune.data.check import check_files
     from mathtune.data.dataset import MAX_CHARS_PER_TOKEN
 
+    def named(place: str) -> str:
+        return next((labels[p] + place[len(p):] for p in labels or {} if place.startswith(p)), place)
+
     problems: list[tuple[str, str]] = []
-    report = check_files(paths, lambda place, message: problems.append((place, message)),
+    report = check_files(paths, lambda place, message: problems.append((named(place), message)),
                          max_chars=MAX_CHARS_PER_TOKEN * 512)
     return {"ok": report.ok, "problems": problems, "files": report.files}
 
@@ -327,7 +336,7 @@ def _default_name(runs: Path) -> str:
     from datetime import datetime
 
     stem = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 100))) if not (runs / name).exists())
+    return next(name for name in (stem, *(f"{stem}-{i}" for i in range(2, 100))) if not run_files.name_taken(runs, name))
 
 
 def _lmstudio_models() -> list:

@@ -14,6 +14,7 @@ function watchRun(name) {
   const source = new EventSource(`/runs/${encodeURIComponent(name)}/events`);
   source.onmessage = (message) => {
     const e = JSON.parse(message.data);
+    if (e.reset) { train.length = 0; evals.length = 0; }
     for (const m of e.metrics) {
       if ("loss" in m) train.push([m.step, m.loss]);
       if ("eval_loss" in m) evals.push([m.step, m.eval_loss]);
