@@ -132,6 +132,8 @@ def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_pa
     page.click("#resume")
     expect(page.locator("#status")).to_have_class("status finished", timeout=300_000)
     assert int(page.locator("#chart").get_attribute("data-points")) > stopped_at
+    expect(page.locator("#stop")).to_be_hidden()
+    expect(page.locator("#resume")).to_be_hidden()
     shot("05-run-finished")
 
     # Results: the accuracy table written by the evaluation at the end of training
