@@ -206,7 +206,8 @@ def test_memory_estimate_is_the_doctors(app, client, tiny_llama_dir, monkeypatch
     e = result["estimate"]
     assert result["problems"] == {} and e["fits"] is True and e["capacity_gib"] == 12.0 and e["device"] == "cpu"
     monkeypatch.setitem(facts["memory"], "available", 1000)
-    e = client.post("/api/estimate", headers=csrf(app), data={"model": str(tiny_llama_dir), "model.device": "cpu"}).json()["estimate"]
+    form = {"model": str(tiny_llama_dir), "model.device": "cpu"}
+    e = client.post("/api/estimate", headers=csrf(app), data=form).json()["estimate"]
     assert e["fits"] is False and e["total_gib"] > 0
 
 
@@ -262,7 +263,8 @@ def _run_folder(runs, name, log=None, summary=None, checkpoint=False):
 
 
 def test_runs_page_shows_each_status_from_the_run_folders(client, runs):
-    _run_folder(runs, "done", summary={"steps": 10, "eval_loss_before": 6.0, "eval_loss_after": 5.0, "model": {"path": "/m/tiny"}})
+    _run_folder(runs, "done", summary={"steps": 10, "eval_loss_before": 6.0, "eval_loss_after": 5.0,
+                                       "model": {"path": "/m/tiny"}})
     (runs / "done" / "eval").mkdir()
     (runs / "done" / "eval" / "summary.json").write_text(json.dumps(
         {"models": {"base": {"accuracy": 0.1}, "finetuned": {"accuracy": 0.25}}}))

@@ -156,7 +156,8 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
                 job = app.state.jobs.get(name)
                 reset = len(metrics) < sent  # a resumed run drops the lines past its checkpoint
                 sent = 0 if reset else sent
-                event = {"status": current.status, "reset": reset, "metrics": metrics[sent:], "progress": run_files.progress(current, metrics),
+                event = {"status": current.status, "reset": reset, "metrics": metrics[sent:],
+                         "progress": run_files.progress(current, metrics),
                          "log": run_files.log_tail(runs, name), "job": job.as_dict() if job else None,
                          "exports": [p.name for p in exported_files(current.path)]}
                 sent = len(metrics)
