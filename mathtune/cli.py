@@ -6,6 +6,7 @@
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
+    mathtune models [--cache | --remove NAME] [--json]
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
@@ -114,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the run's data.system_prompt)")
     chat.set_defaults(func=cmd_chat)
 
+    models = commands.add_parser(
+        "models",
+        help="the GGUF models in LM Studio's folders: architecture, size, trainable?, converted copy cached?",
+        description="List the GGUF files in LM Studio's models folders ($MATHTUNE_LMSTUDIO_DIR, ~/.lmstudio/models, "
+        "~/.cache/lm-studio/models), read from their headers. Train one with --model and a unique piece of its name.",
+    )
+    models.add_argument("--cache", action="store_true", help="list mathtune's converted copies (folder, source, size)")
+    models.add_argument("--remove", metavar="NAME", help="delete the converted copy whose folder or source has NAME in it")
+    models.add_argument("--json", action="store_true", help="print one JSON document")
+    models.set_defaults(func=cmd_models)
+
     doctor = commands.add_parser(
         "doctor",
         help="can this machine train? PyTorch/CUDA/driver/bitsandbytes diagnosis with fixes; --model: memory estimate",
@@ -213,6 +225,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     else:
         chat_run(args.run_dir, args.max_new_tokens, args.system)
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mathtune.lmstudio import run_models
+
+    if args.cache and args.remove:
+        raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
+    return run_models(cache_list=args.cache, remove=args.remove, as_json=args.json)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -243,7 +243,6 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     """The file's `general.architecture` and parameter count, or a ModelError listing what
     transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
         reader = GGUFReader(path)
@@ -252,12 +251,23 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     except (ValueError, KeyError, IndexError, OSError) as exc:
         raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
                          "download it again") from None
-    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
-    normalized = {a.replace("_", "") for a in supported}
-    if arch.replace("_", "").replace("-", "") not in normalized:
-        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: {', '.join(supported)}")
+    if not gguf_architecture_supported(arch):
+        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: "
+                         f"{', '.join(gguf_supported_architectures())}")
     return arch, n_params
+
+
+def gguf_supported_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+def gguf_architecture_supported(arch: str) -> bool:
+    """Whether transformers' GGUF loader reads a file of this `general.architecture`."""
+    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
+    normalized = {a.replace("_", "") for a in gguf_supported_architectures()}
+    return arch.replace("_", "").replace("-", "") in normalized
 
 
 def _warn_if_short_of_memory(path: Path, n_params: int) -> None:
