@@ -4,7 +4,7 @@
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
     mathtune report RUN_DIR
-    mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
+    mathtune export RUN_DIR --to gguf|lmstudio|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
     mathtune models [--cache | --remove NAME] [--json]
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="YAML config file (e.g. configs/default.yaml, RUN_DIR/config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    train.add_argument("--model", help="GGUF file, Transformers folder or hub id (model.path)")
+    train.add_argument("--model", help="GGUF file, Transformers folder, hub id, or a unique part of the name of a "
+                       "model `mathtune models` lists (model.path)")
     train.add_argument("--data", action="append", type=Path, metavar="FILE", help="training file (data.files, repeatable)")
     train.add_argument("--output", type=Path, metavar="DIR", help="run folder (output.dir)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -91,13 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="the fine-tuned model as GGUF (LM Studio, llama.cpp), a llama.cpp LoRA GGUF, or merged safetensors",
         description="Merge the run's LoRA adapter into its base and write RUN_DIR/export/<name>-<quant>.gguf "
-        "(--to gguf), the adapter alone as a llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers "
-        "folder (--to hf). From a GGUF base every metadata field is kept and untouched tensors keep their bytes.",
+        "(--to gguf) or the same file into LM Studio's models folder (--to lmstudio), the adapter alone as a "
+        "llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers folder (--to hf). From a GGUF base every metadata field is kept and untouched tensors keep their bytes.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    export.add_argument("--to", required=True, choices=["gguf", "gguf-lora", "hf"], help="what to write")
+    export.add_argument("--to", required=True, choices=["gguf", "lmstudio", "gguf-lora", "hf"],
+                        help="what to write; lmstudio: the --to gguf file, into LM Studio's models folder under "
+                        "mathtune/<run name>/")
     export.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"],
-                        help="type of the tensors LoRA changed (--to gguf; default f16)")
+                        help="type of the tensors LoRA changed (--to gguf and lmstudio; default f16)")
     export.add_argument("--requant-all", action="store_true",
                         help="convert every matrix to --quant, not only the ones LoRA changed")
     export.add_argument("--output", type=Path, metavar="PATH", help="output file or folder (default: RUN_DIR/export/...)")
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnose broken installs with the command that fixes them. Exit status 0 when the requested device is "
         "usable (and, with --model, the planned run fits on it), 1 otherwise.",
     )
-    doctor.add_argument("--model", metavar="PATH", help="GGUF file or Transformers folder: estimate the run's memory")
+    doctor.add_argument("--model", metavar="PATH", help="GGUF file, Transformers folder or part of an LM Studio "
+                        "model's name: estimate the run's memory")
     doctor.add_argument("--config", type=Path, metavar="FILE", help="the planned run's YAML (batch, length, LoRA, 4-bit)")
     doctor.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to check (default: model.device)")
     doctor.add_argument("--json", action="store_true", help="print one JSON document")

@@ -216,8 +216,7 @@ def claims_hub_id(text: str, dirs: list[Path] | None = None) -> bool:
     """Whether an `org/name` string means an LM Studio model rather than the hub: some listed model
     has it in its name (e.g. 'lmstudio-community/Mathstral-7B-v0.1-GGUF', LM Studio's own label),
     and the local hub cache holds no model of that id."""
-    text = text.lower()
-    if not any(text in name.lower() for name, _ in gguf_files(dirs)):
+    if not any(text.lower() in name.lower() for name, _ in gguf_files(dirs)):
         return False
     from huggingface_hub import try_to_load_from_cache
 

@@ -81,15 +81,20 @@ def cache_root(cfg_cache_dir: Path | None) -> Path:
 
 
 def resolve_source(cfg: ModelConfig) -> ModelSource:
-    """Decide what `cfg.path` names, failing early with a message that says what was expected."""
+    """Decide what `cfg.path` names, failing early with a message that says what was expected.
+
+    In this order: empty, the embedded SmolLM2 GGUF; an existing file (GGUF) or folder (Transformers);
+    `org/name` (one '/', not starting with '.', '/' or '~', not ending in .gguf), a hub id as always,
+    unless a model in LM Studio's folders has it in its name and the local hub cache holds no such
+    model (LM Studio labels its downloads 'lmstudio-community/Mathstral-7B-v0.1-GGUF'); any other
+    string that is not an absolute, ./ or ~ path: a unique piece of the name of a GGUF file in LM
+    Studio's folders (`mathtune models` lists them; `mathstral`, `mathstral q8`), logged with the
+    file it chose. See mathtune/lmstudio.py."""
+    from mathtune import lmstudio
+
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
     if path.is_file():
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
-                             "model.path takes a .gguf file, a Transformers folder or a hub id")
-        return ModelSource("gguf", str(path), load_from="")
+        return _gguf_source(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -99,8 +104,27 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         return ModelSource("folder", str(path), load_from=str(path))
     text = str(cfg.path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
-        return ModelSource("hub", text, load_from=text)
+        if not lmstudio.claims_hub_id(text):
+            return ModelSource("hub", text, load_from=text)
+    if not path.is_absolute() and not text.startswith((".", "~")):
+        try:
+            found = lmstudio.find_model(text)
+        except lmstudio.NoModelFound as exc:
+            raise ModelError(f"{text}: no such file or folder, and {exc} (expected a .gguf file, a Transformers "
+                             "folder, a hub id org/name or part of the name of a model `mathtune models` lists)"
+                             ) from None
+        log.info("model.path '%s' is %s (found in LM Studio's models)", text, found)
+        return _gguf_source(found)
     raise ModelError(f"{text}: no such file or folder (expected a .gguf file, a Transformers folder or a hub id org/name)")
+
+
+def _gguf_source(path: Path) -> ModelSource:
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
+                         "model.path takes a .gguf file, a Transformers folder or a hub id")
+    return ModelSource("gguf", str(path), load_from="")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -64,7 +64,9 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     # loaded: a typo costs neither a run folder nor a model conversion.
     data_report = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
-    resolve_source(cfg.model)
+    source = resolve_source(cfg.model)
+    if source.kind == "gguf" and cfg.model.path and not Path(cfg.model.path).expanduser().is_file():
+        cfg.model.path = source.path  # a name fragment (--model mathstral): the run records the file it chose
     problems = distributed.launch_problems(cfg)
     if problems:
         raise ConfigError(problems, "launch")

@@ -7,6 +7,7 @@ small GGUF files written with the `gguf` package (plus a link to the real SmolLM
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from mathtune.cli import main
+from mathtune.config import ModelConfig
 from mathtune.errors import ModelError
 from mathtune.lmstudio import (
     NoModelFound,
@@ -24,6 +26,8 @@ from mathtune.lmstudio import (
     read_header,
     remove_cached,
 )
+from mathtune.model import resolve_source
+from tests.test_doctor import doctor, machine
 
 MATHSTRAL = "lmstudio-community/Mathstral-7B-v0.1-GGUF/Mathstral-7B-v0.1-Q4_K_M.gguf"
 MATHSTRAL_Q8 = "lmstudio-community/Mathstral-7B-v0.1-GGUF/Mathstral-7B-v0.1-Q8_0.gguf"
@@ -40,6 +44,9 @@ def write_gguf(path: Path, arch: str = "llama", file_type: int | None = 15, tens
     if file_type is not None:
         writer.add_file_type(file_type)
     writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
     writer.add_token_list([f"tok{i}" for i in range(300)])
     writer.add_token_scores([0.0] * 300)
     for key, value in fields.items():
@@ -206,21 +213,26 @@ def test_a_fragment_that_matches_nothing_names_the_folders_searched(lm_studio, h
 # mathtune's cache
 
 
-@pytest.fixture
-def converted(lm_studio, tmp_path) -> Path:
-    """A tiny llama GGUF in LM Studio's folder, converted into mathtune's cache (MATHTUNE_CACHE)."""
+def tiny_gguf(path: Path, work: Path) -> Path:
+    """A real, trainable tiny llama GGUF (F16) at `path`, written from a Transformers folder."""
     from transformers import AutoTokenizer
 
     from mathtune.export.adapter import Adapter
     from mathtune.export.gguf_hf import merged_from_folder
-    from mathtune.model import cache_root, convert_gguf
     from tests.test_export import tiny_folder
 
-    folder = tiny_folder("llama", tmp_path / "tiny-llama")
-    gguf_path = lm_studio / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf"
-    gguf_path.parent.mkdir(parents=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    merged_from_folder(folder, tokenizer, Adapter(alpha=1.0, rslora=False), gguf_path, "f16")
+    folder = tiny_folder("llama", work / "tiny-llama")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged_from_folder(folder, AutoTokenizer.from_pretrained(folder), Adapter(alpha=1.0, rslora=False), path, "f16")
+    return path
+
+
+@pytest.fixture
+def converted(lm_studio, tmp_path) -> Path:
+    """A tiny llama GGUF in LM Studio's folder, converted into mathtune's cache (MATHTUNE_CACHE)."""
+    from mathtune.model import cache_root, convert_gguf
+
+    gguf_path = tiny_gguf(lm_studio / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf", tmp_path)
     convert_gguf(gguf_path, cache_root(None))
     return gguf_path
 
@@ -284,3 +296,132 @@ def test_models_command_without_lm_studio_says_where_it_looked(home, capsys):
     out = capsys.readouterr().out
     assert f"No LM Studio models folder found (looked at {home}/.lmstudio/models" in out
     assert "MATHTUNE_LMSTUDIO_DIR" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# model.path: a piece of a listed model's name
+
+
+def test_model_path_takes_a_unique_piece_of_a_name_and_says_which_file(lm_studio, caplog):
+    with caplog.at_level(logging.INFO, logger="mathtune"):
+        source = resolve_source(ModelConfig(path="smollm2"))
+    assert (source.kind, source.path) == ("gguf", str(lm_studio / SMOL))
+    assert f"model.path 'smollm2' is {lm_studio / SMOL} (found in LM Studio's models)" in caplog.text
+    assert resolve_source(ModelConfig(path="Mathstral-7B-v0.1-Q8_0.gguf")).path == str(lm_studio / MATHSTRAL_Q8)
+    with pytest.raises(ModelError, match="'mathstral' matches 2 of the GGUF model"):
+        resolve_source(ModelConfig(path="mathstral"))
+    with pytest.raises(ModelError, match="Zip-GGUF/not-really.gguf: not a GGUF file"):
+        resolve_source(ModelConfig(path="not-really"))  # found, then checked like any GGUF path
+
+
+def test_hub_ids_stay_hub_ids_unless_they_name_an_lm_studio_model_the_hub_cache_lacks(lm_studio, tmp_path,
+                                                                                       monkeypatch):
+    import huggingface_hub.constants
+
+    hub = resolve_source(ModelConfig(path="mistralai/Mathstral-7B-v0.1"))
+    assert (hub.kind, hub.path) == ("hub", "mistralai/Mathstral-7B-v0.1")
+    # LM Studio's own label for a download: its publisher/model folder.
+    label = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_source(ModelConfig(path=label)).path == str(lm_studio / SMOL)
+    with pytest.raises(ModelError, match="'lmstudio-community/Mathstral-7B-v0.1-GGUF' matches 2"):
+        resolve_source(ModelConfig(path="lmstudio-community/Mathstral-7B-v0.1-GGUF"))
+    # The same id downloaded from the hub (a config.json in the hub cache) is the hub's, as before.
+    snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct-GGUF"
+    (snapshot / "snapshots" / "abc123").mkdir(parents=True)
+    (snapshot / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (snapshot / "refs").mkdir()
+    (snapshot / "refs" / "main").write_text("abc123")
+    assert resolve_source(ModelConfig(path=label)).kind == "hub"
+
+
+def test_a_name_that_matches_nothing_says_where_it_looked(lm_studio, home, tmp_path, capsys):
+    with pytest.raises(ModelError, match=f"qwen-math: no such file or folder, and no GGUF model in LM Studio's "
+                                         f"folders \\(searched {lm_studio}\\) has 'qwen-math' in its name"):
+        resolve_source(ModelConfig(path="qwen-math"))
+    with pytest.raises(ModelError, match="no such file or folder \\(expected"):  # a path, not a name: as before
+        resolve_source(ModelConfig(path=str(tmp_path / "qwen-math.gguf")))
+    # mathtune train stops before anything is written; mathtune doctor says the same.
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "2+2?", "output": "4"}\n' * 4)
+    assert main(["train", "--model", "qwen-math", "--data", str(data), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"(searched {lm_studio})" in err and "`mathtune models` lists" in err and not (tmp_path / "run").exists()
+    with pytest.raises(ModelError, match=f"\\(searched {lm_studio}\\)"):
+        doctor(machine(), model="qwen-math")
+
+
+def test_doctor_estimates_a_model_named_by_a_piece_of_its_name(lm_studio):
+    code, text = doctor(machine(), model="mathstral q8", as_json=True)
+    report = json.loads(text)
+    assert report["model"]["path"] == str(lm_studio / MATHSTRAL_Q8) and report["model"]["layers"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained from LM Studio, exported back to it
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory) -> Path:
+    """A tiny llama GGUF in a fake LM Studio folder, trained for 3 steps with --model and a piece of its name."""
+    from tests.test_export import train_run
+
+    root = tmp_path_factory.mktemp("from-lmstudio")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(root / "home"))
+        mp.setenv("USERPROFILE", str(root / "home"))
+        tiny_gguf(root / "home" / ".lmstudio" / "models" / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf", root)
+        return train_run(root, "tiny-llama", root / "cache")
+
+
+def test_the_run_records_the_file_a_name_chose(lm_run):
+    from mathtune.config import load_run_config
+
+    chosen = lm_run.parent / "home" / ".lmstudio" / "models" / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf"
+    assert load_run_config(lm_run).model.path == str(chosen)  # export and resume find the same base later
+
+
+def test_export_to_lmstudio_writes_the_gguf_export_into_its_models_folder(lm_run, home, capsys):
+    models = home / ".lmstudio" / "models"
+    models.mkdir(parents=True)
+    assert main(["export", str(lm_run), "--to", "lmstudio"]) == 0
+    out = capsys.readouterr().out
+    written = models / "mathtune" / "run" / "tiny-llama-f16.gguf"
+    assert f"Written {written}" in out and "mathtune/run/tiny-llama-f16.gguf" in out
+    assert not list(written.parent.glob("*.partial"))
+    # The very file --to gguf writes, now listed among LM Studio's models.
+    assert main(["export", str(lm_run), "--to", "gguf", "--overwrite"]) == 0
+    assert written.read_bytes() == (lm_run / "export" / "tiny-llama-f16.gguf").read_bytes()
+    [listed] = [m for m in list_models() if m.name == "mathtune/run/tiny-llama-f16.gguf"]
+    assert listed.trainable and listed.quantization == "F16"
+
+    # Never replaced without --overwrite; --quant picks the file as for --to gguf.
+    before = written.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["export", str(lm_run), "--to", "lmstudio"]) == 2
+    assert f"{written}: already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert written.stat().st_mtime_ns == before
+    assert main(["export", str(lm_run), "--to", "lmstudio", "--overwrite"]) == 0
+    assert main(["export", str(lm_run), "--to", "lmstudio", "--quant", "q8_0"]) == 0
+    assert sorted(p.name for p in written.parent.iterdir()) == ["tiny-llama-f16.gguf", "tiny-llama-q8_0.gguf"]
+    capsys.readouterr()
+    assert main(["export", str(lm_run), "--to", "lmstudio", "--output", str(home / "x.gguf")]) == 2
+    assert "--to lmstudio writes into LM Studio's models folder" in capsys.readouterr().err
+
+
+def test_export_to_lmstudio_goes_to_the_named_folder_first(lm_run, home, tmp_path, monkeypatch):
+    (home / ".lmstudio" / "models").mkdir(parents=True)
+    own = tmp_path / "D" / "LLMs"
+    own.mkdir(parents=True)
+    monkeypatch.setenv("MATHTUNE_LMSTUDIO_DIR", str(own))
+    assert main(["export", str(lm_run), "--to", "lmstudio"]) == 0
+    assert (own / "mathtune" / "run" / "tiny-llama-f16.gguf").is_file()
+    assert not (home / ".lmstudio" / "models" / "mathtune").exists()
+
+
+def test_export_to_lmstudio_without_its_folder_says_where_it_looked(lm_run, home, capsys):
+    assert main(["export", str(lm_run), "--to", "lmstudio"]) == 2
+    err = capsys.readouterr().err
+    assert f"no LM Studio models folder found (looked at {home}/.lmstudio/models, {home}/.cache/lm-studio/models; " \
+           "set MATHTUNE_LMSTUDIO_DIR to LM Studio's models folder if it is elsewhere)" in err
+    assert not list(home.rglob("*.gguf"))
