@@ -201,7 +201,12 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
     report: dict[str, Any] = {**facts, "findings": [f.__dict__ for f in findings],
                               "device": {"requested": requested, "resolved": resolved, "usable": usable}}
     if model:
-        report["model"], report["estimate"] = model_estimate(cfg, model, facts, resolved)
+        model_path = Path(model).expanduser()
+        if not model_path.exists():  # a piece of an LM Studio model's name (--model mathstral), or a mistake
+            from mathtune.model import resolve_source
+
+            model_path = Path(resolve_source(cfg.model).path)
+        report["model"], report["estimate"] = model_estimate(cfg, str(model_path), facts, resolved)
         if not report["estimate"]["fits"]:
             usable = False
     report["ok"] = usable
