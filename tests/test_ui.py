@@ -26,7 +26,7 @@ def runs(tmp_path):
 def app(runs, tmp_path):
     from mathtune.ui.server import create_app
 
-    return create_app(runs, TOKEN, port=8765, upload_limit=4096, lmstudio_dir=tmp_path / "lmstudio")
+    return create_app(runs, TOKEN, port=8765, upload_limit=4096)
 
 
 @pytest.fixture
@@ -171,6 +171,21 @@ def test_run_files_are_served_by_name_only(client, runs):
 
 
 # -- The settings form ----------------------------------------------------------------------------
+
+
+def test_lm_studio_models_are_offered_with_what_mathtune_knows_of_them(client, tmp_path, monkeypatch, smollm_gguf):
+    folder = tmp_path / "lmstudio" / "HuggingFaceTB" / "SmolLM2"
+    folder.mkdir(parents=True)
+    (folder / smollm_gguf.name).symlink_to(smollm_gguf)
+    (folder / "broken.gguf").write_bytes(b"not a gguf")
+    monkeypatch.setenv("MATHTUNE_LMSTUDIO_DIR", str(tmp_path / "lmstudio"))
+    page = client.get("/new").text
+    assert "Your LM Studio models" in page
+    shown = r"[^>]*>\s*HuggingFaceTB/SmolLM2/SmolLM2.*?llama · 0\.13B · Q4_1"
+    assert re.search(rf'value="{re.escape(str(folder / smollm_gguf.name))}"{shown}', page, re.S)
+    assert re.search(r'value="[^"]*broken.gguf"[^>]*disabled', page)
+    chosen = client.get("/new", params={"model": str(folder / smollm_gguf.name)}).text
+    assert re.search(r'value="[^"]*SmolLM2[^"]*\.gguf"[^>]*\s*checked', chosen)
 
 
 def test_the_form_comes_from_the_config_defaults_and_field_docs(client):

@@ -40,7 +40,7 @@ def ui_server(tmp_path_factory):
     port = sock.getsockname()[1]
     threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the training processes
-    app = create_app(runs, TOKEN, port=port, lmstudio_dir=tmp_path_factory.mktemp("lmstudio-models"))
+    app = create_app(runs, TOKEN, port=port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -69,9 +69,12 @@ def browser():
         b.close()
 
 
-def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_path):
+def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_path, monkeypatch):
     from playwright.sync_api import expect
 
+    lmstudio = tmp_path / "lmstudio-models"
+    lmstudio.mkdir()
+    monkeypatch.setenv("MATHTUNE_LMSTUDIO_DIR", str(lmstudio))  # read by the server, in this process
     app, base = ui_server
     shots = tmp_path / "shots"
     shots.mkdir()
@@ -150,14 +153,15 @@ def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_pa
     assert page.locator("#answer-tuned").inner_text().strip() and page.locator("#answer-base").inner_text().strip()
     shot("07-chat")
 
-    # Export a GGUF, then copy it into (a stand-in for) LM Studio's models folder
+    # Export a GGUF, then the same straight into (a stand-in for) LM Studio's models folder
     page.click("header >> text=Export")
     page.click("#export")
     expect(page.locator("#exported")).to_contain_text(".gguf", timeout=90_000)
     shot("08-export")
-    page.click("#exported >> text=Copy into LM Studio")
-    expect(page.locator("#message")).to_contain_text("Copied to")
-    assert list(app.state.lmstudio_dir.rglob("*.gguf"))
+    page.check('input[value="lmstudio-f16"]')
+    page.click("#export")
+    expect(page.locator("#job")).to_contain_text(str(lmstudio / "mathtune" / "first"), timeout=90_000)
+    assert [p.name for p in (lmstudio / "mathtune" / "first").iterdir()] == [f"{tiny_llama_dir.name}-f16.gguf"]
 
     # Runs list and Spanish
     page.goto(f"{base}/")

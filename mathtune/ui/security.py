@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import secrets
 import socket
 import uuid
@@ -173,4 +174,6 @@ def _resolved(text: str) -> Path:
     text = text.strip().strip('"')
     if not text or "\x00" in text:
         raise MathtuneError("empty path")
-    return Path(text).expanduser().resolve()
+    # Absolute and normalised ('..' removed) but links kept: LM Studio's folders often hold links to
+    # model files, and the page shows the path the user chose.
+    return Path(os.path.abspath(Path(text).expanduser()))

@@ -29,7 +29,7 @@ from mathtune.ui import form as settings
 from mathtune.ui import runs as run_files
 from mathtune.ui import security
 from mathtune.ui.i18n import LANGUAGES, pick_language, translator
-from mathtune.ui.work import EXPORTS, ChatModels, Jobs, copy_to_lmstudio, evaluate_and_report, export, exported_files
+from mathtune.ui.work import EXPORTS, ChatModels, Jobs, evaluate_and_report, export, exported_files
 
 HERE = Path(__file__).parent
 EVENT_SECONDS = 1.0
@@ -39,12 +39,11 @@ RUN_FILES = {"report": "report.html", "loss": "plots/loss.png", "accuracy": "plo
 
 
 def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1",
-               upload_limit: int = security.MAX_UPLOAD_BYTES, lmstudio_dir: Path | None = None) -> FastAPI:
+               upload_limit: int = security.MAX_UPLOAD_BYTES) -> FastAPI:
     runs = Path(runs).resolve()
     app = FastAPI(title="mathtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runs, app.state.csrf, app.state.upload_limit = runs, secrets.token_urlsafe(24), upload_limit
     app.state.trainer, app.state.jobs, app.state.chat = run_files.Trainer(), Jobs(), ChatModels()
-    app.state.lmstudio_dir = lmstudio_dir
     app.add_middleware(security.Guard, token=token, csrf=app.state.csrf, port=port, bind_host=host)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
@@ -222,8 +221,11 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
     @app.get("/runs/{name}/export", response_class=HTMLResponse)
     def export_page(request: Request, name: str):
         current = view(name)
-        return page(request, "export.html", run=current, choices=list(EXPORTS), files=exported_files(current.path),
-                    job=app.state.jobs.get(name), lmstudio=app.state.lmstudio_dir)
+        from mathtune.lmstudio import model_dirs
+
+        choices = [c for c in EXPORTS if model_dirs() or EXPORTS[c][0] != "lmstudio"]
+        return page(request, "export.html", run=current, choices=choices, files=exported_files(current.path),
+                    job=app.state.jobs.get(name))
 
     @app.post("/runs/{name}/export")
     async def start_export(request: Request, name: str):
@@ -233,16 +235,6 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
             raise MathtuneError(f"{choice!r}: expected one of {', '.join(EXPORTS)}")
         app.state.jobs.start(name, "export", lambda: export(path, choice))
         return RedirectResponse(f"/runs/{name}/export", status_code=303)
-
-    @app.post("/runs/{name}/export/copy")
-    async def copy_export(request: Request, name: str):
-        path = _finished(view(name))
-        wanted = str((await request.form()).get("file", ""))
-        file = next((p for p in exported_files(path) if p.name == wanted), None)  # a listed name, never a path
-        if file is None or app.state.lmstudio_dir is None:
-            raise MathtuneError(f"{wanted!r}: no such exported file, or no LM Studio models folder here")
-        target = copy_to_lmstudio(file, app.state.lmstudio_dir)
-        return page(request, "error.html", message=f"Copied to {target}", ok=True)
 
     return app
 
@@ -341,13 +333,10 @@ def _default_name(runs: Path) -> str:
 
 
 def _lmstudio_models() -> list:
-    return []
+    """The GGUF files in LM Studio's models folders, as `mathtune models` lists them."""
+    from mathtune.lmstudio import list_models
 
-
-def _lmstudio_dir() -> Path | None:
-    """LM Studio's models folder where it exists (its default: ~/.lmstudio/models)."""
-    folder = Path.home() / ".lmstudio" / "models"
-    return folder if folder.is_dir() else None
+    return list_models()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +363,7 @@ def serve(runs: Path, host: str = "127.0.0.1", port: int = 8765, open_browser: b
         raise MathtuneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another with --port") from None
     port = sock.getsockname()[1]
     token = security.new_token()
-    app = create_app(runs, token, port=port, host=host, lmstudio_dir=_lmstudio_dir())
+    app = create_app(runs, token, port=port, host=host)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/?token={token}"
     print(f"mathtune ui: runs in {Path(runs).resolve()}\n  open {url}\n  (Ctrl-C stops the server; "

@@ -8,7 +8,6 @@ thread are its progress. Training never runs here: it is a process of its own (r
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +18,10 @@ from mathtune.errors import MathtuneError
 
 log = logging.getLogger("mathtune")
 
-EXPORTS = {"gguf-f16": ("gguf", "f16"), "gguf-q8_0": ("gguf", "q8_0"), "gguf-lora": ("gguf-lora", "f16"),
-           "hf": ("hf", "f16")}
-"""The export choices of the Export page: --to and --quant of `mathtune export`."""
+EXPORTS = {"gguf-f16": ("gguf", "f16"), "gguf-q8_0": ("gguf", "q8_0"), "lmstudio-f16": ("lmstudio", "f16"),
+           "gguf-lora": ("gguf-lora", "f16"), "hf": ("hf", "f16")}
+"""The export choices of the Export page: --to and --quant of `mathtune export` (lmstudio: where LM Studio's
+models folder exists)."""
 
 
 @dataclass
@@ -109,23 +109,6 @@ def export(run_dir: Path, choice: str) -> list[str]:
 def exported_files(run_dir: Path) -> list[Path]:
     folder = run_dir / "export"
     return sorted(p for p in folder.iterdir() if not p.name.endswith((".partial", ".tmp"))) if folder.is_dir() else []
-
-
-def copy_to_lmstudio(file: Path, models_dir: Path) -> Path:
-    """Copy an exported GGUF to LM Studio's <models>/mathtune/<name>/<file>.gguf; never over an existing file."""
-    if file.suffix != ".gguf":
-        raise MathtuneError(f"{file.name}: only GGUF files load in LM Studio")
-    target = models_dir / "mathtune" / file.stem / file.name
-    if target.exists():
-        raise MathtuneError(f"{target}: already there")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    try:
-        shutil.copyfile(file, partial)
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
 
 
 # ---------------------------------------------------------------------------------------------
