@@ -333,3 +333,24 @@ def test_ui_without_its_packages_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mathtune.ui.server", None)
     assert main(["ui", "--no-browser"]) == 2
     assert "pip install 'mathtune[ui]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host,warned", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_ui_command_binds_localhost_by_default_and_warns_for_other_hosts(monkeypatch, capsys, tmp_path, host, warned):
+    import uvicorn
+
+    from mathtune.cli import main
+
+    served = []
+
+    def run(self, sockets):
+        served.append(sockets[0].getsockname())
+        sockets[0].close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    args = ["ui", "--runs", str(tmp_path), "--port", "0", "--no-browser"] + (["--host", host] if warned else [])
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert served[0][0] == host
+    assert re.search(rf"open http://127\.0\.0\.1:{served[0][1]}/\?token=[\w-]{{20,}}", out)
+    assert ("WARNING: listening on 0.0.0.0" in err) == warned

@@ -80,8 +80,11 @@ def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_pa
     shots.mkdir()
     page = browser.new_page(viewport={"width": 1200, "height": 900}, locale="en-US")
 
+    phases = []
+
     def shot(name: str) -> None:
         page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+        phases.append(f"{name} {time.perf_counter() - started:.0f} s")
 
     started = time.perf_counter()
     page.goto(f"{base}/?token={TOKEN}")
@@ -170,7 +173,7 @@ def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_pa
     expect(page.locator("h1")).to_have_text("Entrenamientos")
     expect(page.locator("#runs")).to_contain_text("terminado")
     shot("09-runs-es")
-    print(f"\nbrowser flow: {time.perf_counter() - started:.1f} s; screenshots in {shots}")
+    print(f"\nbrowser flow: {time.perf_counter() - started:.1f} s ({', '.join(phases)}); screenshots in {shots}")
 
 
 def _at_least(n: int):

@@ -63,7 +63,8 @@ function drawChart(svg, series) {
   series.forEach(([points, kind], i) => {
     if (!points.length) return;
     const path = points.map((p) => `${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(" ");
-    out += `<polyline class="line ${kind}" points="${path}"/>`;
+    // Evaluations are a few points far apart (often before and after only): dots, not a line between them.
+    if (kind === "train") out += `<polyline class="line ${kind}" points="${path}"/>`;
     out += points.map((p) => `<circle class="dot ${kind}" cx="${X(p[0]).toFixed(1)}" cy="${Y(p[1]).toFixed(1)}" r="2.5"/>`).join("");
     out += `<text class="legend ${kind}" x="${W - right - 4}" y="${top + 14 + 16 * i}" text-anchor="end">${svg.dataset[kind]}</text>`;
   });
