@@ -11,8 +11,6 @@ import pytest
 
 from tests.conftest import math_records, write_jsonl
 
-pytest.importorskip("fastapi")
-
 TOKEN = "test-token"
 ORIGIN = "http://127.0.0.1:8765"
 
@@ -230,7 +228,8 @@ def test_memory_estimate_is_the_doctors(app, client, tiny_llama_dir, monkeypatch
 
 
 def test_start_runs_mathtune_train_as_an_argument_list_with_the_saved_config(app, client, runs, tmp_path, fake_popen,
-                                                                             tiny_llama_dir):
+                                                                             tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("MATHTUNE_TRAIN__MAX_STEPS", "999")  # the server's environment, not the form
     data = write_jsonl(tmp_path / "d.jsonl", math_records(6))
     form = {"name": "r3; rm -rf ~", "model": str(tiny_llama_dir), "data": f"path:{data}", "train.max_steps": "3"}
     assert client.post("/runs", headers=csrf(app), data=form).status_code == 422  # not a run name
@@ -253,6 +252,7 @@ def test_start_runs_mathtune_train_as_an_argument_list_with_the_saved_config(app
     expected = signal.CTRL_BREAK_EVENT if sys.platform == "win32" else signal.SIGINT
     assert proc.signals == [expected]  # what Ctrl-C sends: the run saves a checkpoint
     assert proc.kwargs.get("start_new_session") or proc.kwargs.get("creationflags")
+    assert "MATHTUNE_TRAIN__MAX_STEPS" not in proc.kwargs["env"]
     assert client.post("/runs/r3/stop", headers=csrf(app)).status_code == 400  # not running any more
 
     (runs / "r3").mkdir()
@@ -284,11 +284,12 @@ def test_runs_page_shows_each_status_from_the_run_folders(client, runs):
     (runs / "done" / "eval" / "summary.json").write_text(json.dumps(
         {"models": {"base": {"accuracy": 0.1}, "finetuned": {"accuracy": 0.25}}}))
     _run_folder(runs, "stopped", log="Interrupted at step 2; ...\n[mathtune ui] exit status 130\n")
+    _run_folder(runs, "terminated", log="mathtune: error: Interrupted by SIGTERM at step 2; checkpoint saved in x\n")
     _run_folder(runs, "broken", log="mathtune: error: data.files: bad\n[mathtune ui] exit status 2\n")
     _run_folder(runs, "cli-stopped", checkpoint=True)
     _run_folder(runs, "unknown")
     page = client.get("/").text
-    for name, status in [("done", "finished"), ("stopped", "interrupted"), ("broken", "failed"),
+    for name, status in [("done", "finished"), ("stopped", "interrupted"), ("terminated", "interrupted"), ("broken", "failed"),
                          ("cli-stopped", "interrupted"), ("unknown", "incomplete")]:
         assert re.search(rf'href="/runs/{name}">{name}</a></td>\s*<td><span class="status {status}"', page), name
     assert "6.000 → 5.000" in page and "10.0% → 25.0%" in page

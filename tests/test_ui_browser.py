@@ -19,9 +19,6 @@ import pytest
 
 from tests.conftest import math_records, write_jsonl
 
-pytest.importorskip("fastapi")
-playwright = pytest.importorskip("playwright.sync_api")
-
 TOKEN = "browser-test-token"
 
 
@@ -63,7 +60,9 @@ def ui_server(tmp_path_factory):
 def browser():
     chromium = shutil.which("chromium")
     assert chromium, "the browser tests need Debian's chromium: apt-get install chromium (.ci/run does it)"
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         yield b
         b.close()

@@ -33,6 +33,8 @@ from mathtune.errors import MathtuneError
 UI_DIR = ".ui"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 EXIT_LINE = "[mathtune ui] exit status "
+INTERRUPTED = re.compile(r"Interrupted( by \w+)? at step \d+")
+"""What a stopped run prints ("Interrupted at step 3", "Interrupted by SIGTERM at step 3") with its resume hint."""
 
 
 @dataclass
@@ -176,9 +178,6 @@ class Trainer:
         proc = self.procs.get(name)
         return proc is not None and proc.poll() is None
 
-    def pid(self, name: str) -> int | None:
-        return self.procs[name].pid if self.alive(name) else None
-
     def status(self, runs: Path, name: str, finished: bool) -> str:
         if self.alive(name):
             return "running"
@@ -187,7 +186,7 @@ class Trainer:
         log = log_tail(runs, name, 4000)
         code = next((int(line[len(EXIT_LINE):]) for line in reversed(log.splitlines())
                      if line.startswith(EXIT_LINE) and line[len(EXIT_LINE):].lstrip("-").isdigit()), None)
-        if "Interrupted at step" in log or code == 130:
+        if INTERRUPTED.search(log) or code == 130:
             return "interrupted"
         if (code not in (None, 0)) or "mathtune: error" in log:
             return "failed"
@@ -195,15 +194,13 @@ class Trainer:
 
         return "interrupted" if last_checkpoint(runs / name / "checkpoints") else "incomplete"
 
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            if self.alive(name):
-                self.stop(name)
-
     def _launch(self, runs: Path, name: str, args: list[str]) -> None:
         log_path = runs / UI_DIR / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)  # a run started by the CLI, resumed here
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+        # The run's settings are the saved config alone: MATHTUNE_SECTION__KEY variables of the server's
+        # environment would override the form without showing on it (MATHTUNE_CACHE and the like stay).
+        env = {k: v for k, v in os.environ.items() if not (k.startswith("MATHTUNE_") and "__" in k)}
+        env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
         # Its own session / process group: Ctrl-C in the terminal of `mathtune ui` does not stop the runs,
         # and on Windows CTRL_BREAK_EVENT can be sent to the run alone.
         extra: dict[str, Any] = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32"
