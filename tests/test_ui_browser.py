@@ -164,6 +164,7 @@ def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_pa
     page.click("#export")
     expect(page.locator("#job")).to_contain_text(str(lmstudio / "mathtune" / "first"), timeout=90_000)
     assert [p.name for p in (lmstudio / "mathtune" / "first").iterdir()] == [f"{tiny_llama_dir.name}-f16.gguf"]
+    shot("09-export-lmstudio")
 
     # Runs list and Spanish
     page.goto(f"{base}/")
@@ -171,7 +172,7 @@ def test_the_whole_job_in_the_browser(ui_server, browser, tiny_llama_dir, tmp_pa
     page.click("#lang")
     expect(page.locator("h1")).to_have_text("Entrenamientos")
     expect(page.locator("#runs")).to_contain_text("terminado")
-    shot("09-runs-es")
+    shot("10-runs-es")
     print(f"\nbrowser flow: {time.perf_counter() - started:.1f} s ({', '.join(phases)}); screenshots in {shots}")
 
 

@@ -37,6 +37,10 @@ INTERRUPTED = re.compile(r"Interrupted( by \w+)? at step \d+")
 """What a stopped run prints ("Interrupted at step 3", "Interrupted by SIGTERM at step 3") with its resume hint."""
 
 
+class NoSuchRun(MathtuneError):
+    pass
+
+
 @dataclass
 class RunView:
     name: str
@@ -64,7 +68,7 @@ def run_dir(runs: Path, name: str) -> Path:
     """RUNS/NAME of a run folder, or of a run this UI started that has not written its folder yet
     (it loads the model and data first). The name is checked, never used as a path as it comes."""
     if not run_name_ok(name) or not _config_file(runs, name).is_file():
-        raise MathtuneError(f"{name!r}: no such run in {runs}")
+        raise NoSuchRun(f"{name!r}: no such run in {runs}")
     return runs / name
 
 

@@ -60,7 +60,7 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
 
     @app.exception_handler(MathtuneError)
     async def user_error(request: Request, exc: MathtuneError):
-        code = 413 if isinstance(exc, security.TooLarge) else 404 if "no such run" in str(exc) else 400
+        code = 413 if isinstance(exc, security.TooLarge) else 404 if isinstance(exc, run_files.NoSuchRun) else 400
         if request.headers.get("x-csrf-token") or request.url.path.startswith("/api/"):
             return JSONResponse({"error": str(exc)}, status_code=code)
         return page(request, "error.html", status_code=code, message=str(exc))
