@@ -3,6 +3,7 @@
     mathtune train [--config FILE] [--model PATH] [--data FILE ...] [--output DIR] [--set KEY=VALUE ...]
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
+    mathtune eval RUN_DIR --bench gsm8k [--limit N]
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from mathtune import __version__
+from mathtune.bench import BENCHES
 from mathtune.errors import MathtuneError
 
 
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length cap (eval.max_new_tokens)")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="generation batch size (eval.batch_size)")
     evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
+    evaluate.add_argument("--bench", choices=sorted(BENCHES), help="base vs fine-tuned on a benchmark shipped with "
+                          "mathtune (gsm8k: 300 GSM8K test problems), written to RUN_DIR/bench/NAME")
     evaluate.set_defaults(func=cmd_eval)
 
     report = commands.add_parser(
@@ -182,8 +186,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise MathtuneError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    if args.bench and args.data:
+        raise MathtuneError("--bench scores a benchmark shipped with mathtune; don't pass --data with it")
     evaluate_run(args.run_dir, data_files=args.data, split=args.split, limit=args.limit,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base)
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base, bench=args.bench)
     return 0
 
 

@@ -187,16 +187,31 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
 
 
 def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
-    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split."""
-    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model
+    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split,
+    then on the benchmarks of eval.bench; a significant drop is repeated as the last words."""
+    from mathtune.accuracy import significant_drop
+    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model, run_benches
 
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
-    log.info("Scoring base and fine-tuned answers on %d held-out examples", len(examples))
+    log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
     result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                             meta={"data": "run", "split": "eval"})
     log.info("\n%s", comparison_table(result))
+    warnings = [significant_drop(result, "the held-out split")]
+    if cfg.eval.bench:
+        run_benches(cfg, model, tokenizer, run_dir, cfg.eval.bench, limit=cfg.eval.bench_limit)
+        warnings += [significant_drop(_read_summary(run_dir / "bench" / name), name) for name in cfg.eval.bench]
+    else:
+        log.info("General math was not checked (eval.bench is off: minutes on a CPU). Base vs fine-tuned on "
+                 "GSM8K: mathtune eval %s --bench gsm8k [--limit 100]", run_dir)
+    for warning in filter(None, warnings):
+        log.warning("WARNING: %s", warning)
     return result
+
+
+def _read_summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
