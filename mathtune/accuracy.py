@@ -111,12 +111,13 @@ def comparison_table(summary: dict) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("95% intervals: Wilson (accuracy), Newcombe paired (change); p: McNemar exact test, same problems.")
+    lines.append("95% intervals: Wilson (accuracy)" + (", Newcombe paired (change); p: McNemar exact test on the "
+                                                      "same problems" if change else "") + ".")
     for name in names:
         m = models[name]
         label = "fine-tuned" if name == "finetuned" else name
-        lines.append(f"{label}: {m['correct']} correct, {m['wrong']} wrong, {m['truncated']} truncated (hit "
-                     f"{summary.get('protocol', {}).get('max_new_tokens', 'the')} tokens without an answer)")
+        lines.append(f"{label}: {m['correct']} correct, {m['wrong']} wrong, {m['truncated']} truncated (hit the "
+                     "token limit without an answer)")
     tuned = models.get("finetuned") or first
     if tuned["uncheckable"]:
         loss = ", ".join(f"{'fine-tuned' if n == 'finetuned' else n} {models[n]['reference_loss']}" for n in reversed(names))
