@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 from mathtune.confidence import SIGNIFICANCE, compare, interval
+from mathtune.display import percent
 
 MIN_COMPARE = 10
 """Examples a topic needs before its base vs fine-tuned change is shown."""
@@ -150,7 +151,3 @@ def _points(c: dict) -> str:
 
 def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
-
-
-def percent(value: float) -> str:
-    return f"{100 * value:.1f}%"

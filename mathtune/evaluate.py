@@ -138,7 +138,7 @@ def reference_loss(model, tokenizer, example: EvalExample, max_seq_length: int) 
 
 
 def score(model, tokenizer, examples: list[EvalExample], max_new_tokens: int, batch_size: int,
-          max_seq_length: int = 2048) -> list[dict[str, Any]]:
+          max_seq_length: int) -> list[dict[str, Any]]:
     """For each example: the response, its verdict, and (uncheckable ones) the reference's loss.
 
     `truncated`: the answer hit max_new_tokens without stating a final answer; the verifier's
@@ -185,10 +185,11 @@ def _quote(text: str, limit: int = 80) -> str:
 
 
 def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path, *, base: bool,
-                   max_new_tokens: int, batch_size: int, meta: dict | None = None,
-                   finetuned: bool = True) -> dict[str, Any]:
+                   max_new_tokens: int, batch_size: int, max_seq_length: int,
+                   meta: dict | None = None, finetuned: bool = True) -> dict[str, Any]:
     """Score the fine-tuned PEFT model (and its base with the adapter disabled); write out_dir.
 
+    `max_seq_length` (the run's data.max_seq_length) bounds the reference-loss examples;
     finetuned=False scores `model` itself as the base (a model without an adapter).
     """
     started = time.perf_counter()
@@ -197,10 +198,10 @@ def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path,
     # Not merged for speed (~20% faster): unmerging in place leaves float error in the base weights.
     runs = {}
     if finetuned:
-        runs["finetuned"] = score(model, tokenizer, examples, max_new_tokens, batch_size)
+        runs["finetuned"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     if base:
         with model.disable_adapter() if finetuned else nullcontext():
-            runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size)
+            runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     model.train(was_training)
 
     summary = {
@@ -222,12 +223,15 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
     (with `bench`: base and fine-tuned on a shipped benchmark, written to bench/NAME/)."""
     from mathtune.config import load_run_config
     from mathtune.data.dataset import DataReport, load_conversations, split_conversations
+    from mathtune.model import load_trained
 
     cfg = load_run_config(run_dir)
     if bench:
         model, tokenizer = load_trained(run_dir, cfg)
-        return run_benches(cfg, model, tokenizer, run_dir, [bench], limit=limit, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+        summaries = run_benches(cfg, model, tokenizer, run_dir, [bench], limit=limit, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+        warn_about_drops(summaries)
+        return summaries[bench]
     if data_files:
         # Another dataset than the run's: detect its shape; keep the run's system prompt.
         data_cfg = cfg.data.model_copy(update={"files": data_files, "format": "auto", "fields": None})
@@ -247,44 +251,36 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
     summary = evaluate_model(
         model, tokenizer, examples, run_dir / "eval", base=base,
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
+        max_seq_length=cfg.data.max_seq_length,
         meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split},
     )
     log.info("\n%s\n\nWritten to %s", comparison_table(summary), run_dir / "eval")
-    warning = significant_drop(summary, "these examples")
-    if warning:
-        log.warning("WARNING: %s", warning)
+    warn_about_drops({"these examples": summary})
     return summary
 
 
 def run_benches(cfg, model, tokenizer, run_dir: Path, names: list[str], *, limit: int | None = None,
-                max_new_tokens: int | None = None, batch_size: int | None = None) -> dict[str, Any]:
-    """Base vs fine-tuned on each shipped benchmark (mathtune.bench); a significant drop is warned about."""
+                max_new_tokens: int | None = None, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
+    """Base vs fine-tuned on each shipped benchmark (mathtune.bench): {name: its summary}."""
     from mathtune.bench import run_bench
 
-    summary: dict[str, Any] = {}
+    summaries = {}
     for name in names:
         summary = run_bench(model, tokenizer, name, run_dir / "bench" / name, limit=limit or None,
                             max_new_tokens=max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
-                            system_prompt=cfg.data.system_prompt)
+                            max_seq_length=cfg.data.max_seq_length, system_prompt=cfg.data.system_prompt)
         log.info("\n%s: %s\n%s\n\nWritten to %s", name, summary["data"], comparison_table(summary),
                  run_dir / "bench" / name)
-        warning = significant_drop(summary, name)
+        summaries[name] = summary
+    return summaries
+
+
+def warn_about_drops(summaries: dict[str, dict]) -> None:
+    """Log, last, every significant drop from base to fine-tuned ({what was scored: summary})."""
+    for what, summary in summaries.items():
+        warning = significant_drop(summary, what)
         if warning:
             log.warning("WARNING: %s", warning)
-    return summary
-
-
-def load_trained(run_dir: Path, cfg):
-    """The run's base model with its adapter, and the tokenizer saved beside the adapter."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from mathtune.model import ensure_pad_token, load_model
-
-    base, _, _ = load_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    ensure_pad_token(tokenizer)
-    return PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer
 
 
 def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[dict]], summary: dict) -> None:

@@ -6,16 +6,14 @@ import json
 import logging
 import re
 
-import pytest
 import torch
 
+from mathtune.bench import BENCHES
 from mathtune.cli import main
-from mathtune.config import LoraConfig
+from mathtune.config import LoraConfig, ModelConfig
 from mathtune.evaluate import EvalExample, Generated, eval_examples, generate, score, stop_token_ids
 from mathtune.lora import apply_lora
 from mathtune.model import load_model
-from mathtune.config import ModelConfig
-from mathtune.bench import BENCHES
 from tests.test_train import tiny_run_config
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from mathtune.accuracy import comparison_table, paired_change, summarize
 from mathtune.config import dump_config, load_config
 from mathtune.errors import MathtuneError
-from mathtune.accuracy import comparison_table, paired_change, summarize
 from mathtune.evaluate import EvalExample, write_eval
 from mathtune.report import write_report
 
@@ -161,7 +161,7 @@ def test_report_is_one_self_contained_file(run_dir):
 def test_table_numbers_are_those_of_the_summary(run_dir):
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     rows = _table(write_report(run_dir).read_text(encoding="utf-8"))
-    tuned, base, change = summary["models"]["finetuned"], summary["models"]["base"], summary["change"]
+    tuned, change = summary["models"]["finetuned"], summary["change"]
     assert list(rows) == ["algebra", "geometry", "all"]
     for topic, row in rows.items():
         t = tuned if topic == "all" else tuned["by_topic"][topic]
@@ -290,3 +290,17 @@ def test_page_renders_in_a_browser(run_dir, tmp_path):
     )
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC)
     assert shot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("eval_steps, joined", [((0, 54), False), ((0, 20, 40, 54), True)])
+def test_eval_loss_is_a_line_only_when_it_was_measured_along_the_way(eval_steps, joined):
+    from mathtune.display import pyplot
+    from mathtune.report import loss_figure
+
+    metrics = [{"step": s, "loss": 2.0 - s / 100} for s in range(10, 55, 10)]
+    metrics += [{"step": s, "eval_loss": 1.9 - s / 100} for s in eval_steps]
+    fig = loss_figure(metrics)
+    held_out = next(line for line in fig.axes[0].lines if line.get_label().startswith("eval loss"))
+    assert list(held_out.get_xdata()) == list(eval_steps)
+    assert (held_out.get_linestyle() != "None") == joined
+    pyplot().close(fig)

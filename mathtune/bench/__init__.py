@@ -52,7 +52,7 @@ def bench_examples(name: str, limit: int | None = None, system_prompt: str | Non
 
 
 def run_bench(model, tokenizer, name: str, out_dir: Path, *, limit: int | None = None, batch_size: int = 16,
-              max_new_tokens: int | None = None, system_prompt: str | None = None,
+              max_new_tokens: int | None = None, max_seq_length: int = 2048, system_prompt: str | None = None,
               finetuned: bool = True) -> dict[str, Any]:
     """Score the base model (and, with `finetuned`, the PEFT model) on benchmark `name`; write out_dir.
 
@@ -66,4 +66,5 @@ def run_bench(model, tokenizer, name: str, out_dir: Path, *, limit: int | None =
              len(examples), name, bench.description)
     return evaluate_model(model, tokenizer, examples, out_dir, base=True, finetuned=finetuned,
                           max_new_tokens=max_new_tokens or bench.max_new_tokens, batch_size=batch_size,
+                          max_seq_length=max_seq_length,
                           meta={"bench": name, "data": bench.description, "split": "test"})
