@@ -149,6 +149,41 @@ def test_bench_scores_base_and_finetuned_on_the_shipped_gsm8k_sample(tmp_path, t
     assert main(["eval", str(run), "--bench", "gsm8k", "--data", "x.jsonl"]) == 2
 
 
+def test_eval_bench_runs_after_training_and_a_significant_drop_is_the_last_word(tmp_path, tiny_llama_dir, caplog,
+                                                                                monkeypatch):
+    import mathtune.accuracy
+    from mathtune.train import train
+
+    seen = []
+
+    def drop_on_gsm8k(summary, what):
+        seen.append((what, summary["examples"]))
+        return "Fine-tuning made the model worse on gsm8k" if what == "gsm8k" else None
+
+    monkeypatch.setattr(mathtune.accuracy, "significant_drop", drop_on_gsm8k)
+    monkeypatch.setattr("mathtune.evaluate.significant_drop", drop_on_gsm8k)
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
+    cfg.eval.bench, cfg.eval.bench_limit = ["gsm8k"], 2
+    caplog.set_level(logging.INFO, logger="mathtune")
+    train(cfg)
+    run = tmp_path / "run"
+    summary = json.loads((run / "bench" / "gsm8k" / "summary.json").read_text())
+    assert summary["examples"] == 2 and set(summary["models"]) == {"base", "finetuned"}
+    assert seen == [("the held-out split", 3), ("gsm8k", 2)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["WARNING: Fine-tuning made the model worse on gsm8k"]
+    assert 'id="bench-gsm8k"' in (run / "report.html").read_text(encoding="utf-8")
+
+
+def test_without_eval_bench_training_says_how_to_check_general_math(tmp_path, tiny_llama_dir, caplog):
+    from mathtune.train import train
+
+    caplog.set_level(logging.INFO, logger="mathtune")
+    train(tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1))
+    assert f"mathtune eval {tmp_path / 'run'} --bench gsm8k" in caplog.text
+    assert not (tmp_path / "run" / "bench").exists()
+
+
 def test_the_shipped_gsm8k_sample_is_300_test_problems_with_license_and_source():
     bench = BENCHES["gsm8k"]
     lines = bench.file.read_text(encoding="utf-8").splitlines()
