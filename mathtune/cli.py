@@ -8,8 +8,8 @@
     mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
-    mathtune data check FILE... [--config FILE] [--json]
-    mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
+    mathtune data check FILE... [--config FILE] [--set KEY=VALUE ...] [--json]
+    mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -161,6 +161,8 @@ def _add_data(commands) -> None:
         "record is invalid or a file unreadable, 0 otherwise.")
     check.add_argument("files", type=Path, nargs="+", metavar="FILE")
     check.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format and data.fields")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a data setting, e.g. --set data.documents=blocks (repeatable)")
     check.add_argument("--json", action="store_true", help="print one JSON document")
     check.set_defaults(func=cmd_data_check)
     stats = data_commands.add_parser(
@@ -170,6 +172,8 @@ def _add_data(commands) -> None:
     stats.add_argument("files", type=Path, nargs="+", metavar="FILE")
     stats.add_argument("--model", metavar="PATH", help="GGUF file, Transformers folder or hub id: count tokens")
     stats.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format/fields/max_seq_length")
+    stats.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set data.preference=chosen (repeatable)")
     stats.add_argument("--json", action="store_true", help="print one JSON document")
     stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
     stats.set_defaults(func=cmd_data_stats)
@@ -249,15 +253,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    from mathtune.config import parse_override
     from mathtune.data.check import run_check
 
-    return run_check(args.files, as_json=args.json, config=args.config)
+    overrides = dict(parse_override(text) for text in args.set)
+    return run_check(args.files, as_json=args.json, config=args.config, overrides=overrides)
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
+    from mathtune.config import parse_override
     from mathtune.data.stats import run_stats
 
-    run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot)
+    overrides = dict(parse_override(text) for text in args.set)
+    run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot,
+              overrides=overrides)
     return 0
 
 

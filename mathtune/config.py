@@ -66,7 +66,7 @@ class LoraConfig(_Section):
 
 
 PairFormat = Literal["alpaca", "question_answer", "prompt_completion", "query_response", "fields"]
-RecordFormat = Literal["auto", "messages", "sharegpt", PairFormat]
+RecordFormat = Literal["auto", "messages", "sharegpt", "text", PairFormat]
 
 
 class FieldMap(_Section):
@@ -80,11 +80,22 @@ class FieldMap(_Section):
 
 class DataConfig(_Section):
     files: list[Path] = []
-    """Training files (JSON array or JSONL). Empty: the bundled Spanish/English math dataset."""
+    """Training files: JSONL, JSON, CSV, TSV, Parquet, or .txt/.md plain text. Empty: the bundled
+    Spanish/English math dataset."""
     eval_files: list[Path] = []
     """Explicit evaluation files; when given, eval_fraction is not used."""
     format: RecordFormat = "auto"
-    """Record shape; auto detects it per file from the first record's keys."""
+    """Record shape; auto detects it per file from the first record's keys. text: plain documents
+    (continued pre-training: no chat template, every token trained, packed into max_seq_length chunks)."""
+    documents: Literal["file", "blocks"] = "file"
+    """How a .txt/.md file is cut into documents: file: the whole file is one; blocks: each block of
+    text between blank lines is one."""
+    preference: Literal["chosen"] | None = None
+    """Preference data (chosen/rejected pairs) is refused unless this is 'chosen': then the prompts
+    and their chosen answers are trained on and the rejected answers left out."""
+    on_undesirable: Literal["skip", "train"] = "skip"
+    """Records with a KTO-style "label": false show what not to answer. skip: leave them out, count
+    them and warn; train: train on them like any other record."""
     fields: FieldMap | None = None
     """Field names for format: fields, e.g. {prompt: pregunta, response: respuesta}."""
     system_prompt: str | None = None

@@ -17,12 +17,16 @@ Every accuracy comes with its 95% interval, and base vs fine-tuned with the pair
 McNemar's test (mathtune.accuracy); the protocol (prompt, decoding, verifier) is printed and saved
 beside the scores. Writes RUN_DIR/eval/predictions.jsonl (one line per example, both models side
 by side) and RUN_DIR/eval/summary.json; --bench writes RUN_DIR/bench/NAME/ instead.
+
+Plain-text data (data.format: text) has no questions to answer: its held-out documents are packed
+as in training and scored by loss and perplexity (RUN_DIR/eval/perplexity.json).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -222,7 +226,7 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
     """`mathtune eval`: load the run's base model and adapter, score the chosen examples, write eval/
     (with `bench`: base and fine-tuned on a shipped benchmark, written to bench/NAME/)."""
     from mathtune.config import load_run_config
-    from mathtune.data.dataset import DataReport, load_conversations, split_conversations
+    from mathtune.data.dataset import DataReport, is_text, load_conversations, split_conversations
     from mathtune.model import load_trained
 
     cfg = load_run_config(run_dir)
@@ -244,6 +248,11 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
             from datasets import concatenate_datasets
 
             conversations = concatenate_datasets([train_conv, eval_conv])
+    if is_text(conversations):
+        model, tokenizer = load_trained(run_dir, cfg)
+        documents = conversations.select(range(min(limit, len(conversations)))) if limit else conversations
+        return evaluate_text(model, tokenizer, documents, run_dir / "eval", base, cfg.data.max_seq_length,
+                             meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split})
     examples = eval_examples(conversations, limit)
     model, tokenizer = load_trained(run_dir, cfg)
     log.info("Scoring %d examples (%s%s)", len(examples), "fine-tuned and base" if base else "fine-tuned",
@@ -293,3 +302,50 @@ def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     write_text(out_dir / "predictions.jsonl", "".join(lines))
     write_json(out_dir / "summary.json", summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain text: loss and perplexity
+
+
+def evaluate_text(model, tokenizer, documents, out_dir: Path, base: bool, max_seq_length: int, meta: dict) -> dict:
+    """Mean loss per token and perplexity of held-out documents, packed as in training
+    (`dataset.pack_documents`), fine-tuned and, with `base`, the base model (adapter disabled)."""
+    from mathtune.data.dataset import pack_documents
+
+    chunks = pack_documents(documents, tokenizer, max_seq_length)
+    models = {"finetuned": text_loss(model, chunks)}
+    if base:
+        with model.disable_adapter():
+            models["base"] = text_loss(model, chunks)
+    summary = {**meta, "documents": len(documents), "chunks": len(chunks), "models": models}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "perplexity.json", summary)
+    lines = [f"{name:<10} loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  ({m['tokens']} tokens)"
+             for name, m in models.items()]
+    log.info("Plain text: loss and perplexity on %d held-out documents\n%s\n\nWritten to %s", len(documents),
+             "\n".join(lines), out_dir / "perplexity.json")
+    return summary
+
+
+def text_loss(model, chunks) -> dict[str, float]:
+    """Mean next-token loss over every token of `chunks` (rows of input_ids), one chunk at a time."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in chunks:
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            predicted = ids.shape[1] - 1  # the first token is predicted by nothing
+            total += model(input_ids=ids, labels=ids).loss.item() * predicted
+            tokens += predicted
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"loss": round(mean, 6), "perplexity": perplexity(mean), "tokens": tokens}
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean loss per trained token): roughly how many tokens the model hesitates between."""
+    return None if loss is None else round(math.exp(min(loss, 50.0)), 3)

@@ -8,6 +8,7 @@ import tracemalloc
 import pytest
 
 from mathtune.cli import main
+from mathtune.config import DataConfig
 from mathtune.data.builtin import builtin_files
 from mathtune.data.dataset import tokenize_conversation
 from mathtune.data.formats import detect_format, parse_record
@@ -66,7 +67,7 @@ def test_near_key_ignores_case_accents_punctuation_spacing_and_latex():
 
 
 def test_token_lengths_are_those_of_training(files, chatml_tokenizer):
-    stats = dataset_stats(files, chatml_tokenizer, max_seq_length=40)
+    stats = dataset_stats(files, chatml_tokenizer, DataConfig(max_seq_length=40))
     expected = []
     for record in PAIRS[:-1] + CONVERSATIONS:
         conv = parse_record(record, detect_format(record))
