@@ -72,7 +72,7 @@ def test_an_answer_that_hits_the_token_limit_is_truncated_not_wrong(tiny_llama_d
     talker = _always_says(model, digit).eval()
     assert generate(talker, tokenizer, prompt, max_new_tokens=5, batch_size=1) == [Generated("77777", True)]
     example = EvalExample(prompt[0], "The answer is \\boxed{84}.", "arithmetic", True)
-    [result] = score(talker, tokenizer, [example], max_new_tokens=5, batch_size=1)
+    [result] = score(talker, tokenizer, [example], max_new_tokens=5, batch_size=1, max_seq_length=64)
     # The verifier's fallback reads 77777 from the cut-off text; no answer was stated, so truncated.
     assert (result["correct"], result["predicted"], result["truncated"]) == (False, "77777", True)
     stopper = _always_says(model, chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")).eval()
