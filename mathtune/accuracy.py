@@ -80,8 +80,9 @@ def significant_drop(summary: dict, what: str) -> str | None:
         return None
     models = summary["models"]
     return (f"Fine-tuning made the model worse on {what}: {percent(models['base']['accuracy'])} -> "
-            f"{percent(models['finetuned']['accuracy'])} ({_points(change)}, McNemar exact p = "
-            f"{_p(change['p_value'])}, {models['finetuned']['checked']} problems). Narrow fine-tuning can cost general "
+            f"{percent(models['finetuned']['accuracy'])} ({_points(change)}, McNemar exact p "
+            f"{'< 0.001' if change['p_value'] < 0.001 else '= ' + p_text(change['p_value'])}, "
+            f"{models['finetuned']['checked']} problems). Narrow fine-tuning can cost general "
             "ability: fewer steps, a lower learning rate or mixing in general math data usually help.")
 
 
@@ -106,7 +107,7 @@ def comparison_table(summary: dict) -> str:
         if change:
             c = topic_row(change, topic)
             cells += [f"n < {MIN_COMPARE}, too few" if c.get("too_small") else _points(c),
-                      "" if c.get("too_small") else _p(c["p_value"])]
+                      "" if c.get("too_small") else p_text(c["p_value"])]
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
@@ -149,5 +150,6 @@ def _points(c: dict) -> str:
     return f"{100 * c['difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}]"
 
 
-def _p(p: float) -> str:
+def p_text(p: float) -> str:
+    """A p-value as the tables show it: '<0.001', '0.031', '0.50'."""
     return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"

@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mathtune.accuracy import MIN_COMPARE, accuracy_text, protocol_text, significant_drop, topic_row
+from mathtune.accuracy import MIN_COMPARE, accuracy_text, p_text, protocol_text, significant_drop, topic_row
 from mathtune.display import png, pyplot
 from mathtune.errors import MathtuneError
 from mathtune.files import write_bytes, write_text
@@ -161,7 +161,7 @@ def _accuracy_section(evaluation: dict, table_id: str = "accuracy") -> str:
                 trend = "" if not c["significant"] else "up" if c["difference"] > 0 else "down"
                 cells.append(f'<td class="num change {trend}">{100 * c["difference"]:+.1f} '
                              f'[{100 * c["low"]:+.1f}, {100 * c["high"]:+.1f}]</td>')
-                cells.append(f'<td class="num p">{c["p_value"]:.3g}</td>')
+                cells.append(f'<td class="num p">{p_text(c["p_value"])}</td>')
         rows.append(f'<tr class="{"all" if topic == "all" else "row"}" data-topic="{escape(topic)}">{"".join(cells)}</tr>')
     table = f'<table id="{escape(table_id)}" class="accuracy">{"".join(rows)}</table>'
     counts = "; ".join(f"{'fine-tuned' if n == 'finetuned' else n}: {models[n]['correct']} correct, {models[n]['wrong']} "

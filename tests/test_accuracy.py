@@ -72,7 +72,7 @@ def test_only_a_significant_drop_is_warned_about():
     drop = summary(_results([True] * 15 + [False] * 25))
     warning = significant_drop(drop, "gsm8k")
     assert warning.startswith("Fine-tuning made the model worse on gsm8k: 75.0% -> 37.5% (-37.5 [")
-    assert "McNemar exact p = <0.001, 40 problems" in warning
+    assert "McNemar exact p < 0.001, 40 problems" in warning
     assert significant_drop(summary(_results([True] * 28 + [False] * 12)), "gsm8k") is None  # -5 points: noise
     assert significant_drop(summary(_results([True] * 40)), "gsm8k") is None  # a significant gain
     assert significant_drop({"models": drop["models"], "change": None}, "gsm8k") is None  # one model only

@@ -173,7 +173,7 @@ def test_table_numbers_are_those_of_the_summary(run_dir):
                                 "finetuned": "66.7% [20.8-93.8]", "change": "n < 10: too few to compare"}
     assert (change["difference"], change["only_tuned"], change["only_base"]) == (0.4, 2, 0)
     assert rows["all"]["change"] == f"+40.0 [{100 * change['low']:+.1f}, {100 * change['high']:+.1f}]"
-    assert rows["all"]["p"] == "0.5"
+    assert rows["all"]["p"] == "0.50"
     html = write_report(run_dir).read_text(encoding="utf-8")
     assert 'class="num change "' in html  # p = 0.5: not coloured as a gain
     # The same cells as the table `mathtune eval` prints.
@@ -203,7 +203,7 @@ def test_a_significant_drop_is_a_warning_and_a_bench_gets_its_own_section(run_di
     html = write_report(run_dir).read_text(encoding="utf-8")
     assert 'id="no-bench"' not in html and 'id="bench-gsm8k"' in html
     assert "Fine-tuning made the model worse on gsm8k: 66.7% -&gt; 26.7% (-40.0 [" in html
-    assert "McNemar exact p = &lt;0.001" in html
+    assert "McNemar exact p &lt; 0.001" in html
     rows = _table(html, "bench-gsm8k-accuracy")
     assert rows["arithmetic"]["change"].startswith("-40.0 [") and 'class="num change down"' in html
     assert (run_dir / "plots" / "bench-gsm8k.png").read_bytes().startswith(PNG_MAGIC)
