@@ -19,7 +19,6 @@ on a 2-core machine (3x that for a 152k-token 7B), while skipping the arrays tak
 from __future__ import annotations
 
 import json
-import logging
 import math
 import mmap
 import os
@@ -33,8 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from mathtune.errors import ModelError
-
-log = logging.getLogger(__name__)
 
 ENV_DIR = "MATHTUNE_LMSTUDIO_DIR"
 # Relative to the home folder: the current default first, then the one older versions used.
@@ -167,7 +164,8 @@ def _split_parts(path: Path) -> list[Path]:
     if not split:
         return [path]
     stem, total = path.name[: split.start()], split.group(2)
-    return sorted(path.parent.glob(f"{stem}-?????-of-{total}.gguf"))
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(stem)
+                  and (m := SPLIT_PART.search(p.name)) and m.start() == len(stem) and m.group(2) == total)
 
 
 def _cached_copy(path: Path, cache: Path) -> Path | None:
@@ -175,7 +173,10 @@ def _cached_copy(path: Path, cache: Path) -> Path | None:
 
     if not cache.is_dir():  # nothing converted yet: no need to fingerprint every file
         return None
-    folder = _cache_folder(path, cache)
+    try:
+        folder = _cache_folder(path, cache)
+    except OSError:  # unreadable now: then it cannot be loaded either
+        return None
     return folder if (folder / "config.json").is_file() else None
 
 
@@ -306,8 +307,9 @@ _STRING, _ARRAY = 8, 9
 
 def read_header(path: Path) -> GGUFHeader:
     """Metadata and tensor table of a GGUF file (v2/v3, little-endian); ValueError when it is not one."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf import GGML_QUANT_SIZES
 
+    sizes = {int(qtype): block for qtype, block in GGML_QUANT_SIZES.items()}
     size = path.stat().st_size
     if size < 24:
         raise ValueError(f"{size} bytes: too short for a GGUF header")
@@ -330,9 +332,9 @@ def read_header(path: Path) -> GGUFHeader:
                 shape = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
                 qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
                 pos += 4 + 8 * n_dims + 12
-                if qtype not in {t.value for t in GGMLQuantizationType}:
+                if qtype not in sizes:
                     raise ValueError(f"tensor {name}: type {qtype} unknown to the installed gguf package")
-                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+                block, block_bytes = sizes[qtype]
                 tensors.append((name, tuple(shape), qtype))
                 ends.append(offset + math.prod(shape) // block * block_bytes)
         except struct.error as exc:
