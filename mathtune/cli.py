@@ -3,13 +3,19 @@
     mathtune train [--config FILE] [--model PATH] [--data FILE ...] [--output DIR] [--set KEY=VALUE ...]
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
+    mathtune eval RUN_DIR --bench gsm8k [--limit N]
     mathtune report RUN_DIR
-    mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
+    mathtune export RUN_DIR --to gguf|lmstudio|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
+<<<<<<< HEAD
     mathtune convert FILE.gguf [--output DIR] [--overwrite]
+=======
+    mathtune models [--cache | --remove NAME] [--json]
+>>>>>>> main
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--set KEY=VALUE ...] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
+    mathtune ui [--runs DIR] [--host HOST] [--port N] [--no-browser]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -22,6 +28,7 @@ import sys
 from pathlib import Path
 
 from mathtune import __version__
+from mathtune.bench import BENCHES
 from mathtune.errors import MathtuneError
 
 
@@ -49,9 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_export(commands)
     _add_chat(commands)
+<<<<<<< HEAD
     _add_convert(commands)
+=======
+    _add_models(commands)
+>>>>>>> main
     _add_doctor(commands)
     _add_data(commands)
+    _add_ui(commands)
     return parser
 
 
@@ -65,7 +77,8 @@ def _add_train(commands) -> None:
     train.add_argument("--config", type=Path, help="YAML config file (e.g. configs/default.yaml, RUN_DIR/config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    train.add_argument("--model", help="GGUF file, Transformers folder or hub id (model.path)")
+    train.add_argument("--model", help="GGUF file, Transformers folder, hub id, or a unique part of the name of a "
+                       "model `mathtune models` lists (model.path)")
     train.add_argument("--data", action="append", type=Path, metavar="FILE", help="training file (data.files, repeatable)")
     train.add_argument("--output", type=Path, metavar="DIR", help="run folder (output.dir)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -89,6 +102,8 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length cap (eval.max_new_tokens)")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="generation batch size (eval.batch_size)")
     evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
+    evaluate.add_argument("--bench", choices=sorted(BENCHES), help="base vs fine-tuned on a benchmark shipped with "
+                          "mathtune (gsm8k: 300 GSM8K test problems), written to RUN_DIR/bench/NAME")
     evaluate.set_defaults(func=cmd_eval)
 
 
@@ -108,13 +123,16 @@ def _add_export(commands) -> None:
         "export",
         help="the fine-tuned model as GGUF (LM Studio, llama.cpp), a llama.cpp LoRA GGUF, or merged safetensors",
         description="Merge the run's LoRA adapter into its base and write RUN_DIR/export/<name>-<quant>.gguf "
-        "(--to gguf), the adapter alone as a llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers "
-        "folder (--to hf). From a GGUF base every metadata field is kept and untouched tensors keep their bytes.",
+        "(--to gguf) or the same file into LM Studio's models folder (--to lmstudio), the adapter alone as a "
+        "llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers folder (--to hf). From a GGUF base every "
+        "metadata field is kept and untouched tensors keep their bytes.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    export.add_argument("--to", required=True, choices=["gguf", "gguf-lora", "hf"], help="what to write")
+    export.add_argument("--to", required=True, choices=["gguf", "lmstudio", "gguf-lora", "hf"],
+                        help="what to write; lmstudio: the --to gguf file, into LM Studio's models folder under "
+                        "mathtune/<run name>/")
     export.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"],
-                        help="type of the tensors LoRA changed (--to gguf; default f16)")
+                        help="type of the tensors LoRA changed (--to gguf and lmstudio; default f16)")
     export.add_argument("--requant-all", action="store_true",
                         help="convert every matrix to --quant, not only the ones LoRA changed")
     export.add_argument("--output", type=Path, metavar="PATH", help="output file or folder (default: RUN_DIR/export/...)")
@@ -135,6 +153,7 @@ def _add_chat(commands) -> None:
     chat.set_defaults(func=cmd_chat)
 
 
+<<<<<<< HEAD
 def _add_convert(commands) -> None:
     convert = commands.add_parser(
         "convert",
@@ -147,6 +166,19 @@ def _add_convert(commands) -> None:
     convert.add_argument("--output", type=Path, metavar="DIR", help="write a Transformers folder here instead")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     convert.set_defaults(func=cmd_convert)
+=======
+def _add_models(commands) -> None:
+    models = commands.add_parser(
+        "models",
+        help="the GGUF models in LM Studio's folders: architecture, size, trainable?, converted copy cached?",
+        description="List the GGUF files in LM Studio's models folders ($MATHTUNE_LMSTUDIO_DIR, ~/.lmstudio/models, "
+        "~/.cache/lm-studio/models), read from their headers. Train one with --model and a unique piece of its name.",
+    )
+    models.add_argument("--cache", action="store_true", help="list mathtune's converted copies (folder, source, size)")
+    models.add_argument("--remove", metavar="NAME", help="delete the converted copy whose folder or source has NAME in it")
+    models.add_argument("--json", action="store_true", help="print one JSON document")
+    models.set_defaults(func=cmd_models)
+>>>>>>> main
 
 
 def _add_doctor(commands) -> None:
@@ -157,7 +189,8 @@ def _add_doctor(commands) -> None:
         "diagnose broken installs with the command that fixes them. Exit status 0 when the requested device is "
         "usable (and, with --model, the planned run fits on it), 1 otherwise.",
     )
-    doctor.add_argument("--model", metavar="PATH", help="GGUF file or Transformers folder: estimate the run's memory")
+    doctor.add_argument("--model", metavar="PATH", help="GGUF file, Transformers folder or part of an LM Studio "
+                        "model's name: estimate the run's memory")
     doctor.add_argument("--config", type=Path, metavar="FILE", help="the planned run's YAML (batch, length, LoRA, 4-bit)")
     doctor.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to check (default: model.device)")
     doctor.add_argument("--json", action="store_true", help="print one JSON document")
@@ -189,6 +222,18 @@ def _add_data(commands) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON document")
     stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
     stats.set_defaults(func=cmd_data_stats)
+
+
+def _add_ui(commands) -> None:
+    ui = commands.add_parser(
+        "ui", help="the whole job in a local web page (pip install 'mathtune[ui]')",
+        description="Start a local web server over the runs folder and open it in the browser. The address "
+        "printed carries an access token; only this machine can connect unless --host says otherwise.")
+    ui.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR", help="the runs folder (default: runs)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    ui.add_argument("--no-browser", action="store_true", help="print the address, don't open a browser")
+    ui.set_defaults(func=cmd_ui)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -223,8 +268,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise MathtuneError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    if args.bench and args.data:
+        raise MathtuneError("--bench scores a benchmark shipped with mathtune; don't pass --data with it")
     evaluate_run(args.run_dir, data_files=args.data, split=args.split, limit=args.limit,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base)
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base, bench=args.bench)
     return 0
 
 
@@ -256,11 +303,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+<<<<<<< HEAD
 def cmd_convert(args: argparse.Namespace) -> int:
     from mathtune.convert import convert_command
 
     convert_command(args.gguf, args.output, args.overwrite)
     return 0
+=======
+def cmd_models(args: argparse.Namespace) -> int:
+    from mathtune.lmstudio import run_models
+
+    if args.cache and args.remove:
+        raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
+    return run_models(cache_list=args.cache, remove=args.remove, as_json=args.json)
+>>>>>>> main
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -284,6 +340,16 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(text) for text in args.set)
     run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot,
               overrides=overrides)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from mathtune.ui.server import serve
+    except ImportError as exc:
+        raise MathtuneError(f"mathtune ui needs its optional packages ({exc.name} is missing): "
+                            "pip install 'mathtune[ui]'") from None
+    serve(args.runs, host=args.host, port=args.port, open_browser=not args.no_browser)
     return 0
 
 

@@ -31,7 +31,9 @@ ENV_PREFIX = "MATHTUNE_"
 
 class _Section(BaseModel):
     # extra="forbid" turns a typo into an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: the docstring under each field becomes its description, the help
+    # text that `mathtune ui` shows beside the field (one source for the docs and the form).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
@@ -154,12 +156,20 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     at_end: bool = True
     """After training, score base and fine-tuned answers on the held-out split and print the table."""
-    max_examples: int = Field(40, ge=0)
-    """Held-out examples scored at the end of training (0: all). Generation is the slow part:
-    40 examples, base and fine-tuned, take about 2 minutes of a 2-core CPU with SmolLM2-135M."""
+    max_examples: int = Field(200, ge=0)
+    """Held-out examples scored at the end of training: the whole split when it has at most this
+    many (the default run's 82), else the first this many (0: all). Fewer than ~100 give intervals
+    of +-10 points or more. Generation is the slow part: SmolLM2-135M on a 2-core CPU answers
+    about one held-out problem per second, base and fine-tuned together."""
     max_new_tokens: int = Field(96, gt=0)
     """Answer length cap; the bundled references are at most 84 tokens (SmolLM2 tokenizer)."""
     batch_size: int = Field(16, gt=0)
+    bench: list[Literal["gsm8k"]] = []
+    """Shipped benchmarks scored base vs fine-tuned after training, to catch a loss of general math
+    (mathtune.bench). Off by default: GSM8K takes minutes on a CPU (`mathtune eval RUN --bench
+    gsm8k` runs it later)."""
+    bench_limit: int = Field(0, ge=0)
+    """Problems of each benchmark to score (0: all 300 of GSM8K's sample)."""
 
 
 class OutputConfig(_Section):

@@ -109,6 +109,8 @@ def setup(cfg: Config, resume: bool) -> Job:
     data = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data)
     source = resolve_source(cfg.model)
+    if source.kind == "gguf" and cfg.model.path and not Path(cfg.model.path).expanduser().is_file():
+        cfg.model.path = source.path  # a name fragment (--model mathstral): the run records the file it chose
     problems = distributed.launch_problems(cfg)
     if problems:
         raise ConfigError(problems, "launch")
@@ -262,15 +264,21 @@ def _log_lora(model) -> None:
 
 
 def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
-    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split."""
-    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model
+    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split,
+    then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
+    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model, run_benches, warn_about_drops
 
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
-    log.info("Scoring base and fine-tuned answers on %d held-out examples", len(examples))
+    log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
     result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                             max_seq_length=cfg.data.max_seq_length, meta={"data": "run", "split": "eval"})
     log.info("\n%s", comparison_table(result))
+    benches = run_benches(cfg, model, tokenizer, run_dir, cfg.eval.bench, limit=cfg.eval.bench_limit)
+    if not cfg.eval.bench:
+        log.info("General math was not checked (eval.bench is off: minutes on a CPU). Base vs fine-tuned on "
+                 "GSM8K: mathtune eval %s --bench gsm8k [--limit 100]", run_dir)
+    warn_about_drops({"the held-out split": result, **benches})
     return result
 
 

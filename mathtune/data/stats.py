@@ -20,7 +20,8 @@ grow with the number of records, except for two 8-byte hashes per record used to
   commands ("What is 3/4?" vs "what is  3 / 4 ?"). Same question: records whose user turns,
   normalized so, repeat an earlier record's (possibly with another answer).
 - Checkable: the last answer has a final answer `verify.reference_answer` can read (\\boxed{},
-  "#### 72", "The answer is ..."); these are what `mathtune eval` can score.
+  "#### 72", "The answer is ...", or an answer that is nothing else: "84", "3/4", "x = 3"); these
+  are what `mathtune eval` can score, with the same rule.
 - Topic: the record's "topic" field, else the one `topics.conversation_topic` detects.
 """
 

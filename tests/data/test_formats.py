@@ -9,12 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mathtune.bench import BENCHES
 from mathtune.config import DataConfig
 from mathtune.data.dataset import DataReport, iter_conversations, load_conversations
 from mathtune.data.formats import PAIR_KEYS, Conversation, RecordError, detect_format, parse_record
 from mathtune.data.readers import read_json_records, read_records
 from mathtune.errors import DataError
-from tests.conftest import GSM8K, write_jsonl
+from tests.conftest import write_jsonl
+
+GSM8K_SAMPLE = BENCHES["gsm8k"].file  # 300 real GSM8K test lines shipped in the package
 
 Q = "¿Cuánto es 3/4 + 1/8?"
 A = "Sumamos: 6/8 + 1/8 = 7/8. La respuesta es \\boxed{\\frac{7}{8}}."
@@ -555,7 +558,7 @@ def test_load_conversations_all_invalid_with_skip_fails(tmp_path, hf_cache):
 
 
 def test_gsm8k_test_head_loads_as_question_answer(tmp_path, hf_cache):
-    with (GSM8K / "test.jsonl").open(encoding="utf-8") as fh:
+    with GSM8K_SAMPLE.open(encoding="utf-8") as fh:
         head = [next(fh) for _ in range(50)]
     path = tmp_path / "gsm8k-head.jsonl"
     path.write_text("".join(head), encoding="utf-8")
@@ -573,14 +576,14 @@ def test_gsm8k_test_head_loads_as_question_answer(tmp_path, hf_cache):
         assert re.search(r"#### -?[\d,]+(\.\d+)?$", row["messages"][1]["content"]), row["messages"][1]["content"][-40:]
 
 
-def test_gsm8k_train_streams_without_errors():
+def test_gsm8k_sample_streams_without_errors():
     count = 0
-    for place, conv, fmt in iter_conversations(GSM8K / "train.jsonl"):
+    for place, conv, fmt in iter_conversations(GSM8K_SAMPLE):
         assert isinstance(conv, Conversation), (place, conv)
         assert fmt == "question_answer"
         count += 1
-    assert count == 7473
-    assert place == f"{GSM8K / 'train.jsonl'}:7473"
+    assert count == 300
+    assert place == f"{GSM8K_SAMPLE}:300"
 
 
 # ---------------------------------------------------------------------------------------------
