@@ -7,11 +7,8 @@
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|lmstudio|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
-<<<<<<< HEAD
     mathtune convert FILE.gguf [--output DIR] [--overwrite]
-=======
     mathtune models [--cache | --remove NAME] [--json]
->>>>>>> main
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--set KEY=VALUE ...] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
@@ -56,11 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_export(commands)
     _add_chat(commands)
-<<<<<<< HEAD
     _add_convert(commands)
-=======
     _add_models(commands)
->>>>>>> main
     _add_doctor(commands)
     _add_data(commands)
     _add_ui(commands)
@@ -153,7 +147,6 @@ def _add_chat(commands) -> None:
     chat.set_defaults(func=cmd_chat)
 
 
-<<<<<<< HEAD
 def _add_convert(commands) -> None:
     convert = commands.add_parser(
         "convert",
@@ -166,7 +159,8 @@ def _add_convert(commands) -> None:
     convert.add_argument("--output", type=Path, metavar="DIR", help="write a Transformers folder here instead")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     convert.set_defaults(func=cmd_convert)
-=======
+
+
 def _add_models(commands) -> None:
     models = commands.add_parser(
         "models",
@@ -178,7 +172,6 @@ def _add_models(commands) -> None:
     models.add_argument("--remove", metavar="NAME", help="delete the converted copy whose folder or source has NAME in it")
     models.add_argument("--json", action="store_true", help="print one JSON document")
     models.set_defaults(func=cmd_models)
->>>>>>> main
 
 
 def _add_doctor(commands) -> None:
@@ -303,20 +296,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-<<<<<<< HEAD
 def cmd_convert(args: argparse.Namespace) -> int:
     from mathtune.convert import convert_command
 
     convert_command(args.gguf, args.output, args.overwrite)
     return 0
-=======
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from mathtune.lmstudio import run_models
 
     if args.cache and args.remove:
         raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
     return run_models(cache_list=args.cache, remove=args.remove, as_json=args.json)
->>>>>>> main
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -209,7 +209,7 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
         report["model"], report["estimate"] = model_estimate(cfg, str(model_path), facts, resolved)
         if not report["estimate"]["fits"]:
             usable = False
-        report["conversion"] = conversion_needs(Path(model), cfg.model.cache_dir, facts)
+        report["conversion"] = conversion_needs(model_path, cfg.model.cache_dir, facts)
         if report["conversion"] and not report["conversion"]["fits"]:
             usable = False
     report["ok"] = usable
@@ -271,16 +271,14 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
 
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
     facts = {"torch": probes.torch() if device == "cuda" else {}, "nvidia_smi": None, "memory": probes.memory()}
-    shape = read_model_shape(Path(source.path))
-    room, where = capacity(facts, device)
-    estimate = estimate_run(shape, plan_from_config(cfg, device), room)
+    model, estimate = model_estimate(cfg, source.path, facts, device)
     check = f"mathtune doctor --model {source.path}"
-    if room is not None and not estimate["fits"]:
+    if estimate["capacity"] is not None and not estimate["fits"]:
         fix = estimate.get("fix")
         hint = (f"It fits with: {' '.join('--set ' + s for s in fix['set'])} (about {fix['total'] / GIB:.1f} GiB)"
                 if fix else "No setting makes it fit here: use a larger GPU or a smaller model")
-        raise ModelError(f"{source.path} ({shape.params / 1e9:.2f}B parameters): this run needs about "
-                         f"{estimate['bytes']['total'] / GIB:.1f} GiB and {where}. {hint}. Details: {check}")
+        raise ModelError(f"{source.path} ({model['params'] / 1e9:.2f}B parameters): this run needs about "
+                         f"{estimate['bytes']['total'] / GIB:.1f} GiB and {estimate['where']}. {hint}. Details: {check}")
     conversion = conversion_needs(Path(source.path), cfg.model.cache_dir, facts) if source.kind == "gguf" else None
     if conversion and not conversion["fits"]:
         raise ModelError("\n".join([f"{source.path}: its conversion does not fit this machine", *format_conversion(conversion)]))

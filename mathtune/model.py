@@ -319,16 +319,9 @@ def gguf_header(path: Path) -> GgufHeader:
 
 def check_gguf_architecture(path: Path) -> tuple[str, int]:
     """The file's `general.architecture` and parameter count, or a ModelError listing what
-<<<<<<< HEAD
     transformers can load (or saying the file is truncated). Reads the header only."""
     import math
     import struct
-
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-=======
-    transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
-    from gguf import GGUFReader
->>>>>>> main
 
     try:
         header = gguf_header(path)
@@ -338,21 +331,9 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError) as exc:
         raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
                          "download it again") from None
-<<<<<<< HEAD
     if path.stat().st_size < end:
         raise ModelError(f"{path}: the file is truncated ({path.stat().st_size:,} bytes; its tensors end at {end:,}): "
                          "a partial download? Download it again")
-    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
-    normalized = {a.replace("_", "") for a in supported}
-    if arch.replace("_", "").replace("-", "") not in normalized:
-        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; "
-                         f"supported: {', '.join(supported)}")
-    return arch, n_params
-
-
-def _warn_if_short_of_memory(path: Path, need: int) -> None:
-=======
     if not gguf_architecture_supported(arch):
         raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: "
                          f"{', '.join(gguf_supported_architectures())}")
@@ -372,10 +353,7 @@ def gguf_architecture_supported(arch: str) -> bool:
     return arch.replace("_", "").replace("-", "") in normalized
 
 
-def _warn_if_short_of_memory(path: Path, n_params: int) -> None:
-    # transformers dequantizes every tensor to float32 before casting: ~4 bytes per parameter.
-    need = 4 * n_params
->>>>>>> main
+def _warn_if_short_of_memory(path: Path, need: int) -> None:
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
