@@ -11,6 +11,9 @@ the same sandbox, filters and globals as transformers, plus
 
 - arithmetic (`*`, `**`, `%`, `+`), calls and filters refuse numbers above MAX_NUMBER, format
   widths of millions, and results longer than MAX_CHARS, before the operation runs;
+- every string Jinja itself assembles (`~`, the output, `{% set %}` blocks, macro bodies) is counted
+  piece by piece as it is joined, and a list or dict is measured before it is turned into text, so a
+  template that doubles a string fails on size after a few megabytes, not on time after gigabytes;
 - no `lipsum` (it writes as much text as asked);
 - a wall-clock budget per render (RENDER_SECONDS): an interval timer on the main thread interrupts
   Python-level loops, and every call, attribute access and operator checks the deadline too.
@@ -99,6 +102,7 @@ def sandbox_class():
         """Jinja's immutable sandbox with limits on sizes and on time."""
 
         intercepted_binops = frozenset({"*", "**", "%", "+"})
+        code_generator_class = _bounded_code_generator()
         _deadline = float("inf")
         _max_chars = MAX_CHARS
 
@@ -115,7 +119,30 @@ def sandbox_class():
             env.globals.pop("lipsum", None)
             env.filters.update(theirs.filters)
             env.filters = {name: env._bounded(name, f) for name, f in env.filters.items()}
+            env.finalize = env._measured  # every {{ value }} before it becomes text
             return env
+
+        def concat(self, pieces) -> str:
+            """Jinja's `"".join` for the output, `{% set %}` blocks, macro bodies and (through the
+            code generator) `~`: the size is counted before the joined string exists."""
+            parts, size = [], 0
+            for piece in pieces:
+                size += len(piece)
+                self._check_length(size)
+                parts.append(piece)
+            self._check_time()
+            return "".join(parts)
+
+        def text_of(self, value) -> str:
+            """str(value) for `~`, once its size is known to be bounded."""
+            return value if isinstance(value, str) else str(self._measured(value))
+
+        def _measured(self, value):
+            # str() of a list that holds itself twice, 40 levels deep, is a terabyte written in C
+            # (no signal interrupts it): count first, element by element, within the limit.
+            if isinstance(value, (list, tuple, dict)):
+                self._check_length(_text_size(value, self._max_chars, self._check_time))
+            return value
 
         @contextmanager
         def budget(self, seconds: float, max_chars: int):
@@ -149,6 +176,8 @@ def sandbox_class():
             for value in values:
                 if isinstance(value, str) and _HUGE_FORMAT_WIDTH.search(value):
                     raise _OverBudget("asked for a format width above a million characters")
+                if name in _STRINGIFYING:
+                    self._measured(value)
             text = receiver if isinstance(receiver, str) else ""
             strings = [v for v in (*args, *kwargs.values()) if isinstance(v, str)]
             width = max(numbers, default=0)
@@ -157,7 +186,7 @@ def sandbox_class():
             elif name == "join":
                 items = next((v for v in (receiver, *args) if isinstance(v, (list, tuple))), ())
                 sep = strings[0] if strings else text
-                size = sum(len(x) for x in items if isinstance(x, str)) + len(sep) * len(items)
+                size = _text_size(items, self._max_chars, self._check_time) + len(sep) * len(items)
             elif name == "indent":
                 size = len(text) + text.count("\n") * width
             elif name == "expandtabs":
@@ -214,6 +243,51 @@ def sandbox_class():
     return BoundedSandbox
 
 
+def _bounded_code_generator():
+    from jinja2.compiler import CodeGenerator
+
+    class BoundedCodeGenerator(CodeGenerator):
+        """Jinja's code generator, with `a ~ b` joined by the environment's counting `concat`."""
+
+        def visit_Concat(self, node, frame) -> None:
+            if frame.eval_ctx.volatile or frame.eval_ctx.autoescape:
+                return super().visit_Concat(node, frame)  # never with transformers' settings
+            self.write("environment.concat(map(environment.text_of, (")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write(")))")
+            return None
+
+    return BoundedCodeGenerator
+
+
+def _text_size(value, limit: int, check_time) -> int:
+    """About how many characters str(value) or tojson would write, counting no further than `limit`."""
+    size, stack, seen = 0, [value], 0
+    while stack and size <= limit:
+        item = stack.pop()
+        seen += 1
+        if seen % 4096 == 0:
+            check_time()
+        if isinstance(item, str):
+            size += len(item) + 2
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+            size += 2 + 2 * len(item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+            size += 2 + 2 * len(item)
+        else:
+            size += 8
+    return size
+
+
+# Filters and methods that turn a whole list or dict into text.
+_STRINGIFYING = frozenset({"tojson", "string", "pprint", "format", "safe", "escape", "e", "forceescape", "urlize",
+                           "wordwrap", "truncate", "indent", "center", "striptags", "title", "capitalize", "upper",
+                           "lower", "trim", "replace", "wordcount", "urlencode", "xmlattr", "join"})
 _BINOPS = {"*": operator.mul, "**": operator.pow, "%": operator.mod, "+": operator.add}
 _MAX_BITS = 1 << 16
 # A printf or str.format width/precision of 7+ digits: '%09999999d', '{:>99999999}'.
