@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mathtune.errors import ConfigError, MathtuneError
+from mathtune.files import unreadable_reason
 
 ENV_PREFIX = "MATHTUNE_"
 
@@ -290,8 +291,9 @@ def summarize(cfg: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError([f"{path}: no such config file"], "command line")
+    reason = unreadable_reason(path)
+    if reason:
+        raise ConfigError([f"{path}: {'no such config file' if reason == 'no such file' else reason}"], "command line")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathtune.errors import ModelError
+from mathtune.files import unreadable_reason
 from mathtune.hardware import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ def cache_root(cfg_cache_dir: Path | None) -> Path:
 def resolve_source(cfg: ModelConfig) -> ModelSource:
     """Decide what `cfg.path` names, failing early with a message that says what was expected."""
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
+    reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
+    if reason:
+        raise ModelError(f"{path}: {reason}; model.path takes a .gguf file, a Transformers folder or a hub id")
     if path.is_file():
         with path.open("rb") as fh:
             magic = fh.read(4)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from mathtune.data.formats import Conversation, RecordError, detect_format, parse_record
 from mathtune.data.template import render_chat
 from mathtune.errors import DataError, MathtuneError
+from mathtune.files import unreadable_reason
 
 if TYPE_CHECKING:
     import datasets
@@ -97,8 +98,9 @@ def read_json_records(
     (`mathtune data check`) such a JSONL line is yielded as a RecordError instead and reading goes
     on. `progress` is called with the number of bytes read, for a progress bar.
     """
-    if not path.is_file():
-        raise DataError([f"{path}: no such file"])
+    reason = unreadable_reason(path)
+    if reason:
+        raise DataError([f"{path}: {reason}"])
     with path.open("rb") as fh:
         head = fh.read(4096)
     first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
