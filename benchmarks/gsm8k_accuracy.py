@@ -57,7 +57,7 @@ def main() -> None:
     examples = eval_examples(conversations, args.limit)
 
     started = time.perf_counter()
-    results = score(model, tokenizer, examples, args.max_new_tokens, args.batch_size)
+    results = score(model, tokenizer, examples, args.max_new_tokens, args.batch_size, DataConfig().max_seq_length)
     seconds = time.perf_counter() - started
     summary = summarize(examples, results)
     low, high = wilson(summary["correct"], summary["checked"])

@@ -189,8 +189,14 @@ def run_reference(spec: dict) -> dict:
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     h = spec["hyper"]
     dtype = getattr(torch, spec["dtype"]) if spec["dtype"] != "auto" else torch.float32

@@ -22,7 +22,7 @@ HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) qu
 def chat_run(run_dir: Path, max_new_tokens: int = 512, system: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     from mathtune.config import load_run_config
-    from mathtune.evaluate import load_trained
+    from mathtune.model import load_trained
 
     cfg = load_run_config(run_dir)
     model, tokenizer = load_trained(run_dir, cfg)

@@ -43,7 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mathtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug output")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(commands)
+    _add_eval(commands)
+    _add_report(commands)
+    _add_export(commands)
+    _add_chat(commands)
+    _add_doctor(commands)
+    _add_data(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser(
         "train",
         help="LoRA fine-tune (no arguments: SmolLM2-135M on the bundled math dataset, on this machine)",
@@ -60,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     train.set_defaults(func=cmd_train)
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="verified math accuracy of a run (--base: against the base model)",
@@ -77,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_report(commands) -> None:
     report = commands.add_parser(
         "report",
         help="one self-contained HTML page of a run: loss plot, accuracy per topic, sample answers",
@@ -86,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     report.set_defaults(func=cmd_report)
 
+
+def _add_export(commands) -> None:
     export = commands.add_parser(
         "export",
         help="the fine-tuned model as GGUF (LM Studio, llama.cpp), a llama.cpp LoRA GGUF, or merged safetensors",
@@ -103,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     export.set_defaults(func=cmd_export)
 
+
+def _add_chat(commands) -> None:
     chat = commands.add_parser(
         "chat",
         help="talk to a trained run (adapter on base) or, with --gguf, to an exported file via llama-cpp-python",
@@ -114,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the run's data.system_prompt)")
     chat.set_defaults(func=cmd_chat)
 
+
+def _add_doctor(commands) -> None:
     doctor = commands.add_parser(
         "doctor",
         help="can this machine train? PyTorch/CUDA/driver/bitsandbytes diagnosis with fixes; --model: memory estimate",
@@ -127,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print one JSON document")
     doctor.set_defaults(func=cmd_doctor)
 
+
+def _add_data(commands) -> None:
     data = commands.add_parser("data", help="check or describe data files before training")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     check = data_commands.add_parser(
@@ -147,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print one JSON document")
     stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
     stats.set_defaults(func=cmd_data_stats)
-    return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -163,9 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None:
             raise MathtuneError("--resume uses RUN_DIR/config.yaml; don't pass --config with it")
-        config_file = args.resume / "config.yaml"
-        if not config_file.is_file():
-            raise MathtuneError(f"{args.resume}: not a mathtune run folder (no config.yaml); nothing to resume")
+        from mathtune.rundir import CONFIG, require_run_dir
+
+        config_file = require_run_dir(args.resume, why="nothing to resume") / CONFIG
         overrides["output.dir"] = str(args.resume)
     cfg = load_config(config_file, overrides)
 

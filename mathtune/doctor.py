@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mathtune.config import TrainConfig
 from mathtune.hardware import PROBES, Probes, cuda_tag, min_driver_for, torch_index_url
 from mathtune.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
-
 
 GIB = 1 << 30  # sizes are shown in GiB: a "12 GB" card has 12 GiB
 
@@ -146,8 +146,8 @@ def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = F
         threads = facts["system"].get("cpu_threads") or 1
         findings.append(Finding(
             "info", f"No GPU: training runs on the CPU ({threads} threads), in float32. The default run "
-            "(SmolLM2-135M, 54 steps) takes about 9 minutes on 2 cores (~100-150 tokens/s); a 7B model "
-            "is ~50x slower per token and needs ~30 GiB of RAM: use a GPU for it. `mathtune data` and `eval` work as well."))
+            f"(SmolLM2-135M, {TrainConfig().max_steps} steps) fits a CPU; a 7B model needs a GPU (`mathtune doctor "
+            "--model FILE` estimates its memory). `mathtune data` and `eval` work as well."))
     if t.get("mps"):
         findings.append(Finding("ok", "Apple MPS is available (training in float32; no 4-bit QLoRA on MPS)"))
 
@@ -256,7 +256,8 @@ def format_report(r: dict[str, Any]) -> str:
     disk = f"{r['disk']['free'] / GIB:.1f} GiB free at {r['disk']['path']}" if r["disk"]["free"] is not None else "unknown"
     lines += [f"memory        RAM {ram}; disk {disk}"]
     if t.get("installed"):
-        build = f"CUDA {t['cuda_build']}" if t.get("cuda_build") else f"ROCm {t['hip_build']}" if t.get("hip_build") else "CPU-only"
+        build = (f"CUDA {t['cuda_build']}" if t.get("cuda_build") else f"ROCm {t['hip_build']}" if t.get("hip_build")
+                 else "CPU-only")
         lines.append(f"pytorch       {t['version']} ({build} build), CUDA available: {'yes' if t.get('cuda_available') else 'no'}"
                      + ("" if t.get("cuda_available") or not t.get("cuda_error") else f" ({t['cuda_error']})"))
         for i, g in enumerate(t.get("gpus") or []):

@@ -29,6 +29,7 @@ from typing import Any
 
 from mathtune.data.template import render_chat
 from mathtune.data.topics import record_topic
+from mathtune.display import percent
 from mathtune.files import write_json, write_text
 from mathtune.verify import reference_answer, validate_math_response
 
@@ -127,7 +128,7 @@ def reference_loss(model, tokenizer, example: EvalExample, max_seq_length: int) 
 
 
 def score(model, tokenizer, examples: list[EvalExample], max_new_tokens: int, batch_size: int,
-          max_seq_length: int = 2048) -> list[dict[str, Any]]:
+          max_seq_length: int) -> list[dict[str, Any]]:
     """For each example: the response, its verdict, and (uncheckable ones) the reference's loss."""
     checkable = [e for e in examples if e.checkable]
     responses = dict(zip(map(id, checkable), generate(model, tokenizer, [e.prompt for e in checkable],
@@ -167,16 +168,18 @@ def summarize(examples: list[EvalExample], results: list[dict]) -> dict[str, Any
 
 
 def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path, *, base: bool,
-                   max_new_tokens: int, batch_size: int, meta: dict | None = None) -> dict[str, Any]:
-    """Score the fine-tuned PEFT model (and its base with the adapter disabled); write eval/."""
+                   max_new_tokens: int, batch_size: int, max_seq_length: int,
+                   meta: dict | None = None) -> dict[str, Any]:
+    """Score the fine-tuned PEFT model (and its base with the adapter disabled); write eval/.
+    `max_seq_length` (the run's data.max_seq_length) bounds the reference-loss examples."""
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     # Not merged for speed (~20% faster): unmerging in place leaves float error in the base weights.
-    runs = {"finetuned": score(model, tokenizer, examples, max_new_tokens, batch_size)}
+    runs = {"finetuned": score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)}
     if base:
         with model.disable_adapter():
-            runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size)
+            runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     model.train(was_training)
 
     summary = {
@@ -211,29 +214,19 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
 
             conversations = concatenate_datasets([train_conv, eval_conv])
     examples = eval_examples(conversations, limit)
+    from mathtune.model import load_trained
+
     model, tokenizer = load_trained(run_dir, cfg)
     log.info("Scoring %d examples (%s%s)", len(examples), "fine-tuned and base" if base else "fine-tuned",
              f", {', '.join(map(str, data_files))}" if data_files else f", {split} split")
     summary = evaluate_model(
         model, tokenizer, examples, run_dir / "eval", base=base,
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
+        max_seq_length=cfg.data.max_seq_length,
         meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split},
     )
     log.info("\n%s\n\nWritten to %s", comparison_table(summary), run_dir / "eval")
     return summary
-
-
-def load_trained(run_dir: Path, cfg):
-    """The run's base model with its adapter, and the tokenizer saved beside the adapter."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from mathtune.model import ensure_pad_token, load_model
-
-    base, _, _ = load_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    ensure_pad_token(tokenizer)
-    return PeftModel.from_pretrained(base, run_dir / "adapter"), tokenizer
 
 
 def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[dict]], summary: dict) -> None:
@@ -276,5 +269,3 @@ def _ratio(values: list[bool]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def percent(value: float) -> str:
-    return f"{100 * value:.1f}%"

@@ -16,10 +16,6 @@ if TYPE_CHECKING:
     from mathtune.config import LoraConfig
 
 
-def lora_targets(model: PreTrainedModel, cfg: LoraConfig) -> list[str]:
-    return find_linear_layers(model) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
-
-
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
     """Freeze the base and wrap its target layers with trainable LoRA adapters."""
     from peft import LoraConfig as PeftLoraConfig
@@ -27,7 +23,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
 
     from mathtune.errors import ConfigError
 
-    targets = lora_targets(model, cfg)
+    targets = find_linear_layers(model) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     present = set(find_linear_layers(model))
     missing = [t for t in targets if t not in present]
     if missing:
@@ -52,6 +48,11 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
         bias="none",
     )
     return get_peft_model(model, peft_config)
+
+
+def lora_modules(model: PeftModel) -> list[str]:
+    """The layer names LoRA was applied to (what `all-linear` resolved to), as PEFT recorded them."""
+    return sorted(model.peft_config[model.active_adapter].target_modules)
 
 
 def count_parameters(model) -> tuple[int, int]:

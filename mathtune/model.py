@@ -121,10 +121,14 @@ def _refuse_pickle_weights(folder: Path) -> None:
                          "GGUF release, or convert this one on a machine you can risk.")
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
-    """The base model on its device and dtype, its tokenizer, and where it came from."""
-    source = resolve_source(cfg)
-    device = resolve_device(cfg.device)
+def load_model(cfg: ModelConfig, source: ModelSource | None = None,
+               device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    """The base model on its device and dtype, its tokenizer, and where it came from.
+
+    `source` and `device` are what `resolve_source(cfg)` and `resolve_device(cfg.device)` give; a
+    caller that resolved them already (to fail early) passes them in."""
+    source = source or resolve_source(cfg)
+    device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if source.kind == "gguf":
         source.load_from, source.cache_hit = convert_gguf(Path(source.path), cache_root(cfg.cache_dir))
@@ -136,6 +140,20 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     model = _from_pretrained(source, dtype, cfg, device)
     ensure_pad_token(tokenizer)
     return model, tokenizer, source
+
+
+def load_trained(run_dir: Path, cfg) -> tuple[Any, PreTrainedTokenizerBase]:
+    """A run's base model with its adapter on top, and the tokenizer saved beside the adapter
+    (`mathtune eval`, `chat` and `export --to hf`)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from mathtune.rundir import ADAPTER
+
+    base, _, _ = load_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    ensure_pad_token(tokenizer)
+    return PeftModel.from_pretrained(base, run_dir / ADAPTER), tokenizer
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -243,6 +261,14 @@ def gguf_field(reader, key: str, default: Any = _REQUIRED) -> Any:
     return field.contents()
 
 
+def gguf_heads(reader) -> tuple[str, int | None, int | None]:
+    """(architecture, attention heads, key/value heads) of a GGUF file's header; the KV count is the
+    head count where the file has none (no grouped-query attention)."""
+    arch = gguf_field(reader, "general.architecture")
+    n_head = gguf_field(reader, f"{arch}.attention.head_count", None)
+    return arch, n_head, gguf_field(reader, f"{arch}.attention.head_count_kv", n_head)
+
+
 def check_gguf_architecture(path: Path) -> tuple[str, int]:
     """The file's `general.architecture` and parameter count, or a ModelError listing what
     transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
@@ -260,7 +286,8 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
     normalized = {a.replace("_", "") for a in supported}
     if arch.replace("_", "").replace("-", "") not in normalized:
-        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: {', '.join(supported)}")
+        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; "
+                         f"supported: {', '.join(supported)}")
     return arch, n_params
 
 

@@ -11,15 +11,16 @@ fonts, so it opens from file:// and can be mailed as one file. The same inputs g
 from __future__ import annotations
 
 import base64
-import io
 import json
 from html import escape
 from pathlib import Path
 from typing import Any
 
+from mathtune.display import percent as pct
+from mathtune.display import png, pyplot
 from mathtune.errors import MathtuneError
-from mathtune.evaluate import percent as pct  # the exact formatting of `comparison_table`
 from mathtune.files import write_bytes, write_text
+from mathtune.rundir import CONFIG, require_run_dir
 
 SAMPLES = 4
 """Fine-tuned answers shown of each kind (correct, wrong): the first ones in predictions.jsonl."""
@@ -49,9 +50,7 @@ details pre { background: #f8f8f8; padding: 0.8em; }
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/plots/*.png and RUN_DIR/report.html from the run folder's files; return the page."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise MathtuneError(f"{run_dir}: not a mathtune run folder (no config.yaml)")
-    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    config = (require_run_dir(run_dir) / CONFIG).read_text(encoding="utf-8")
     summary = _read_json(run_dir / "train_summary.json")
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     evaluation = _read_json(run_dir / "eval" / "summary.json")
@@ -211,21 +210,30 @@ def _mark(correct: bool | None) -> str:
 
 
 def _loss_plot(metrics: list[dict]) -> bytes | None:
+    fig = loss_figure(metrics)
+    return None if fig is None else png(fig)
+
+
+def loss_figure(metrics: list[dict]):
+    """Train loss per logged step, and the held-out loss where it was measured (None: nothing logged)."""
     train = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
     held_out = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
     if not train and not held_out:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.6))
     if train:
         ax.plot(*zip(*train), marker=".", label="train loss")
     if held_out:
-        ax.plot(*zip(*held_out), marker="o", linestyle="--", label="eval loss (held-out)")
+        # Before and after alone are two measurements, not a curve: a line between them would draw
+        # values nobody measured. Periodic evaluations (train.eval_steps) are joined.
+        periodic = len(held_out) > 2
+        ax.plot(*zip(*held_out), marker="o", linestyle="--" if periodic else "none", label="eval loss (held-out)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss per label token")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return fig
 
 
 def _accuracy_plot(evaluation: dict) -> bytes:
@@ -234,7 +242,7 @@ def _accuracy_plot(evaluation: dict) -> bytes:
     topics = [*tuned["by_topic"], "all"]
     series = [("base", base, "#9aa5b1")] if base else []
     series.append(("fine-tuned", tuned, "#2b7bba"))
-    plt = _pyplot()
+    plt = pyplot()
     height = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * len(topics) * len(series)))
     for k, (label, model, color) in enumerate(series):
@@ -249,25 +257,7 @@ def _accuracy_plot(evaluation: dict) -> bytes:
     ax.set_xlabel("verified accuracy (%)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
-    return _png(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed: the plots only go to files
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    # No "Software" tag, so the page does not change when only matplotlib's version does.
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-    _pyplot().close(fig)
-    return buffer.getvalue()
+    return png(fig)
 
 
 def _img(png: bytes, alt: str) -> str:

@@ -1,12 +1,12 @@
-"""The LoRA fine-tuning recipe: config -> model -> data -> LoRA -> Trainer -> adapter.
+"""The LoRA fine-tuning recipe: setup (config -> data -> model -> LoRA -> Trainer) -> fit -> finish.
 
     mathtune train                                  # embedded default: SmolLM2-135M + bundled math set
-    mathtune train --config configs/mathstral-qlora.yaml
+    mathtune train --config configs/mathstral-7b-qlora.yaml
     mathtune train --resume runs/20261125-101500    # continue from the last checkpoint
 
 The loop is transformers' Trainer, so `torchrun` and `accelerate launch` run this same code on
-several processes (mathtune/distributed.py); rank 0 alone writes the run folder: config.yaml,
-metrics.jsonl, checkpoints/, adapter/ and train_summary.json.
+several processes (mathtune/distributed.py); rank 0 alone writes the run folder (mathtune/rundir.py):
+config.yaml, metrics.jsonl, checkpoints/, adapter/ and train_summary.json.
 
     torchrun --nproc_per_node 2 -m mathtune train --config run.yaml     # CPU, DDP over gloo
 """
@@ -21,25 +21,28 @@ import pickle
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from mathtune.checkpoints import (GracefulInterrupt, SafeTrainingMixin, TrainingInterrupted, is_disk_full, publish,
-                                  resume_hint)
+from mathtune.checkpoints import (
+    GracefulInterrupt,
+    SafeTrainingMixin,
+    TrainingInterrupted,
+    is_disk_full,
+    publish,
+    resume_hint,
+)
 from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
 from mathtune.config import Config, dump_config, resolve_optimizer, summarize
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import ConfigError, MathtuneError
 from mathtune.files import write_json, write_text
+from mathtune.rundir import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, choose_run_dir, create_run_dir
 
 log = logging.getLogger("mathtune")
-
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
 
 
 @dataclass
@@ -52,72 +55,109 @@ class TrainResult:
     tokenizer: Any
 
 
+@dataclass
+class Job:
+    """What `setup` prepares for `fit` and `finish`."""
+
+    cfg: Config
+    run_dir: Path
+    state: Any
+    """accelerate's PartialState: this process's rank among the run's processes."""
+    device: str
+    source: Any
+    """mathtune.model.ModelSource"""
+    model: Any
+    tokenizer: Any
+    trainer: Trainer
+    data: Any
+    """mathtune.data.dataset.DataReport: examples, truncated, dropped, skipped"""
+    eval_ds: Any
+    eval_conv: Any
+    """The held-out conversations, for the verified-accuracy evaluation at the end."""
+    checkpoint: Path | None
+    """Where a resumed run continues from."""
+    eval_before: float | None
+    """The eval loss before training, when an earlier session of this run logged it."""
+
+
+@dataclass
+class Fit:
+    seconds: float
+    start_step: int
+    train_loss_mean: float
+    eval_before: float | None
+    eval_after: float | None
+
+
 def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Run the whole job described by `cfg`: the run folder, the trained adapter and its summary."""
+    job = setup(cfg, resume)
+    return finish(job, fit(job))
+
+
+def setup(cfg: Config, resume: bool) -> Job:
+    """Check everything, load the model, tokenize the data, apply LoRA, build the Trainer."""
     from mathtune import distributed
     from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
     from mathtune.hardware import resolve_device
-    from mathtune.lora import apply_lora, count_parameters, lora_targets
+    from mathtune.lora import apply_lora
     from mathtune.model import load_model, resolve_source
 
     # Every record, the model path and the run folder are checked before anything is written or
     # loaded: a typo costs neither a run folder nor a model conversion.
-    data_report = DataReport()
-    train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data_report)
-    resolve_source(cfg.model)
+    data = DataReport()
+    train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data)
+    source = resolve_source(cfg.model)
     problems = distributed.launch_problems(cfg)
     if problems:
         raise ConfigError(problems, "launch")
     device = resolve_device(cfg.model.device)
     state = distributed.process_state(device)
-    main_process = state.is_main_process
-    if not main_process:
+    if not state.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the progress messages: rank 0's
     # Rank 0 checks the folder (its name may come from its clock) and every rank gets its answer.
-    cfg.output.dir = distributed.agree_on_run_dir(state, lambda: prepare_run_dir(cfg, resume, write=False))
-    run_dir = cfg.output.dir
+    run_dir = distributed.agree_on_run_dir(state, lambda: choose_run_dir(cfg.output.dir, resume, cfg.output.overwrite))
+    cfg.output.dir = run_dir
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
 
-    # Model and tokenizer. Seed first: LoRA's A matrices are drawn from the global RNG.
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # before LoRA: its A matrices are drawn from the global RNG
     started = time.perf_counter()
     with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
-        model, tokenizer, source = load_model(cfg.model)
+        model, tokenizer, source = load_model(cfg.model, source, device)
     ensure_chat_template(tokenizer, cfg.model.chat_template)
-    # Training needs no KV cache, and packed batches are only kept apart when there is none.
-    model.config.use_cache = False
-    hit = " (cached conversion)" if source.cache_hit else ""
-    log.info("Loaded %s%s in %.1f s", source.path, hit, time.perf_counter() - started)
+    model.config.use_cache = False  # training needs no KV cache, and packed rows are kept apart only without one
+    log.info("Loaded %s%s in %.1f s", source.path, " (cached conversion)" if source.cache_hit else "",
+             time.perf_counter() - started)
 
-    # Data, tokenized with the model's chat template
-    train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data_report)
-    log.info("Data:\n%s", "\n".join(data_report.lines()))
+    train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data)
+    log.info("Data:\n%s", "\n".join(data.lines()))
     # Written only now that the model, its chat template and the data are known to work together;
     # by rank 0 alone (another rank checking now could find rank 0's fresh files and refuse).
-    if main_process:
-        prepare_run_dir(cfg, resume)
+    if state.is_main_process:
+        create_run_dir(run_dir, dump_config(cfg), resume)
 
-    # LoRA
-    targets = lora_targets(model, cfg.lora)
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    trainable, total = count_parameters(model)
-    log.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", ", ".join(targets), f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
-
-    # Trainer
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, main_process)
-    eval_before = _logged_eval_before(run_dir) if resume else None
-    # A new run, or one killed before its first evaluation was logged
-    if eval_before is None and len(eval_ds):
+    _log_lora(model)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, state.is_main_process)
+    checkpoint = eval_before = None
+    if resume:
+        checkpoint, eval_before = last_checkpoint(run_dir), _logged_eval_before(run_dir)
+        if checkpoint is None:
+            log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
+    if eval_before is None and len(eval_ds):  # a new run, or one killed before its first evaluation was logged
         log.info("Evaluating on %d held-out examples before training", len(eval_ds))
         # Inside train(): an evaluate() call before it marks the model as prepared (for evaluation), and
         # train() then never wraps it in DDP: each process would train alone (accelerate 1.15).
         trainer.args.eval_on_start = True
-    checkpoint = last_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
+    return Job(cfg, run_dir, state, device, source, model, tokenizer, trainer, data, eval_ds, eval_conv, checkpoint,
+               eval_before)
+
+
+def fit(job: Job) -> Fit:
+    """Train (Ctrl-C: checkpoint, resume hint, exit 130), then take the held-out loss."""
+    trainer, checkpoint = job.trainer, job.checkpoint
     start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
-    train_started = time.perf_counter()
+    started = time.perf_counter()
     interrupt = GracefulInterrupt()
     trainer.add_callback(interrupt)
     with interrupt.installed():
@@ -129,61 +169,86 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
                                 "checkpoint.") from None
     if interrupt.stopped_at is not None:
         raise TrainingInterrupted(f"Interrupted at step {interrupt.stopped_at}; checkpoint saved in "
-                                  f"{last_checkpoint(run_dir)}. Resume with: {resume_hint(run_dir)}")
-    train_seconds = time.perf_counter() - train_started
-    if eval_before is None:
-        eval_before = _first_eval_loss(trainer, start_step)
-    eval_after = _eval_loss(trainer, eval_ds)
+                                  f"{last_checkpoint(job.run_dir)}. Resume with: {resume_hint(job.run_dir)}")
+    seconds = time.perf_counter() - started
+    eval_before = job.eval_before if job.eval_before is not None else _first_eval_loss(trainer, start_step)
+    return Fit(seconds, start_step, result.training_loss, eval_before, _eval_loss(trainer, job.eval_ds))
 
-    # Save
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    summary = {
-        "model": {"kind": source.kind, "path": source.path, "loaded_from": source.load_from},
-        "steps": trainer.state.global_step,
-        "steps_this_session": trainer.state.global_step - start_step,
-        "epochs": round(trainer.state.epoch or 0.0, 4),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "lora_targets": targets,
-        "train_examples": data_report.train_examples,
-        "eval_examples": data_report.eval_examples,
-        "truncated_examples": data_report.truncated,
-        "dropped_examples": data_report.dropped_no_labels,
-        "skipped_invalid_records": data_report.skipped_invalid,
-        "tokens_seen": trainer.state.num_input_tokens_seen,
-        "train_seconds": round(train_seconds, 2),
-        "tokens_per_second": round(_session_tokens(trainer) / train_seconds, 2) if train_seconds else None,
-        "first_train_loss": losses[0] if losses else None,
-        "last_train_loss": losses[-1] if losses else None,
-        "train_loss_mean": round(result.training_loss, 6),
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "device": device,
-        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-        "processes": state.num_processes,
-        "engine": distributed.engine() if state.num_processes > 1 else None,
-    }
+
+def finish(job: Job, fitted: Fit) -> TrainResult:
+    """Save the adapter and train_summary.json, then (rank 0) evaluate and write the report."""
+    from mathtune import distributed
+
+    cfg, run_dir, main_process = job.cfg, job.run_dir, job.state.is_main_process
+    summary = run_summary(job, fitted)
     sharded = distributed.shards_parameters()
     if sharded:
         # Each process holds a slice of the weights: all of them gather, rank 0 writes.
-        save_adapter(model, tokenizer, run_dir / ADAPTER, trainer=trainer, write=main_process)
-    distributed.finish(state)
+        save_adapter(job.model, job.tokenizer, run_dir / ADAPTER, trainer=job.trainer, write=main_process)
+    distributed.finish(job.state)
     if main_process:
         if not sharded:
-            save_adapter(model, tokenizer, run_dir / ADAPTER)
-        write_json(run_dir / "train_summary.json", summary)
+            save_adapter(job.model, job.tokenizer, run_dir / ADAPTER)
+        write_json(run_dir / SUMMARY, summary)
         log.info(summary_text(summary, run_dir))
         if cfg.eval.at_end and sharded:
             log.info("Generation needs the whole model in one process: score the run with `mathtune eval %s "
                      "--base` on one GPU", run_dir)
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
-            evaluate_held_out(cfg, model, tokenizer, run_dir, eval_conv)
+            evaluate_held_out(cfg, job.model, job.tokenizer, run_dir, job.eval_conv)
         from mathtune.report import write_report
 
         log.info("Report: %s", write_report(run_dir))
-    return TrainResult(run_dir, summary, model, tokenizer)
+    return TrainResult(run_dir, summary, job.model, job.tokenizer)
+
+
+def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
+    """train_summary.json: what was trained, on what, how fast, and the losses before and after."""
+    from mathtune import distributed
+    from mathtune.lora import count_parameters, lora_modules
+
+    state, data, source = job.trainer.state, job.data, job.source
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    trainable, total = count_parameters(job.model)
+    device = job.device
+    logger = next(cb for cb in job.trainer.callback_handler.callbacks if isinstance(cb, RunLogger))
+    session_tokens = state.num_input_tokens_seen - logger.tokens_at_start
+    return {
+        "model": {"kind": source.kind, "path": source.path, "loaded_from": source.load_from},
+        "steps": state.global_step,
+        "steps_this_session": state.global_step - fitted.start_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "lora_targets": lora_modules(job.model),
+        "train_examples": data.train_examples,
+        "eval_examples": data.eval_examples,
+        "truncated_examples": data.truncated,
+        "dropped_examples": data.dropped_no_labels,
+        "skipped_invalid_records": data.skipped_invalid,
+        "tokens_seen": state.num_input_tokens_seen,
+        "train_seconds": round(fitted.seconds, 2),
+        "tokens_per_second": round(session_tokens / fitted.seconds, 2) if fitted.seconds else None,
+        "first_train_loss": round(losses[0], 6) if losses else None,
+        "last_train_loss": round(losses[-1], 6) if losses else None,
+        "train_loss_mean": round(fitted.train_loss_mean, 6),
+        "eval_loss_before": fitted.eval_before,
+        "eval_loss_after": fitted.eval_after,
+        "resumed_from": str(job.checkpoint) if job.checkpoint else None,
+        "device": device,
+        "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "processes": job.state.num_processes,
+        "engine": distributed.engine() if job.state.num_processes > 1 else None,
+    }
+
+
+def _log_lora(model) -> None:
+    from mathtune.lora import count_parameters, lora_modules
+
+    trainable, total = count_parameters(model)
+    log.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", ", ".join(lora_modules(model)), f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
 
 
 def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
@@ -194,40 +259,13 @@ def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -
     log.info("Scoring base and fine-tuned answers on %d held-out examples", len(examples))
     result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                            meta={"data": "run", "split": "eval"})
+                            max_seq_length=cfg.data.max_seq_length, meta={"data": "run", "split": "eval"})
     log.info("\n%s", comparison_table(result))
     return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Run folder
-
-
-def prepare_run_dir(cfg: Config, resume: bool, write: bool = True) -> Path:
-    """Create (or, with resume, reuse) the run folder and save the resolved config in it.
-
-    A non-empty folder is never reused for a new run without output.overwrite, so a finished run
-    cannot be destroyed by starting another one with the same name.
-    """
-    if cfg.output.dir is None:
-        cfg.output.dir = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output.dir)
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise MathtuneError(f"{run_dir}: not a mathtune run folder (no config.yaml); nothing to resume")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
-            raise MathtuneError(
-                f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
-                "continue it with --resume, or replace it with --overwrite."
-            )
-        if write:
-            shutil.rmtree(run_dir)
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", dump_config(cfg))
-    return run_dir
+# Saving
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -270,23 +308,42 @@ def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = Tru
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import ProgressCallback
 
     from mathtune.model import supports_padding_free
-    from mathtune.packing import packed_collator, use_packed_attention
+    from mathtune.packing import label_only_loss, packed_collator, use_packed_attention
 
-    t = cfg.train
-    dtype = _compute_dtype(model)
-    packed = t.padding_free and supports_padding_free(model)
+    packed = cfg.train.padding_free and supports_padding_free(model)
     if packed:
-        # One row per batch, positions restarting at each example: no padding to compute on, and
-        # attention computed per example, not over the whole row.
-        collator = packed_collator(boundaries=use_packed_attention(model))
+        # One row per batch, positions restarting at each example: no padding to compute on,
+        # attention computed per example, and the output layer run only where there is a label.
+        forward = model.get_base_model().forward
+        collator = packed_collator(boundaries=use_packed_attention(model),
+                                   keep_logits="logits_to_keep" in inspect.signature(forward).parameters)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     log.info("Batches: %s", "packed without padding" if packed else "padded to the longest example")
-    args = TrainingArguments(
+    args = training_arguments(cfg, run_dir, device, _compute_dtype(model), packed, has_eval=len(eval_ds) > 0)
+    trainer = RunTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if len(eval_ds) else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_loss_func=label_only_loss,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RunLogger(run_dir / METRICS, show_progress=main_process, write=main_process))
+    return trainer
+
+
+def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: bool, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
         max_steps=t.max_steps,
         num_train_epochs=t.epochs,
@@ -300,7 +357,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         max_grad_norm=t.max_grad_norm,
         optim=resolve_optimizer(cfg),
         logging_steps=t.logging_steps,
-        eval_strategy="steps" if t.eval_steps and len(eval_ds) else "no",
+        eval_strategy="steps" if t.eval_steps and has_eval else "no",
         eval_steps=t.eval_steps or None,
         save_strategy="steps",
         save_steps=t.save_steps,
@@ -321,51 +378,10 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         disable_tqdm=False,
         log_level="warning",
     )
-    trainer = LabelOnlyLossTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds if len(eval_ds) else None,
-        data_collator=collator,
-        processing_class=tokenizer,
-    )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(RunLogger(run_dir / "metrics.jsonl", show_progress=main_process, write=main_process))
-    return trainer
 
 
-class LabelOnlyLossTrainer(SafeTrainingMixin, Trainer):
-    """Trainer whose loss runs the output head only at positions that predict a trained label.
-
-    With assistant-only labels about half the positions carry none, and the full-vocabulary logits
-    there (49k floats per token for SmolLM2) are a large share of the step. Packed batches (one row)
-    select those positions with the model's `logits_to_keep`; other batches use Trainer's own loss.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        forward = base.forward
-        self._keeps_logits = "logits_to_keep" in inspect.signature(forward).parameters
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
-        if labels is None or labels.shape[0] != 1 or not self._keeps_logits:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        targets = labels[0, 1:]  # position i predicts token i + 1
-        keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-        outputs = model(**inputs, logits_to_keep=keep)
-        loss = torch.nn.functional.cross_entropy(outputs.logits[0].float(), targets[keep], reduction="sum")
-        # Same normalisation as Trainer: over the label tokens of the whole accumulated (and, with
-        # several processes, gathered) batch when it counted them, else over this batch.
-        if num_items_in_batch is None:
-            loss = loss / max(keep.numel(), 1)
-        else:
-            loss = loss / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
-                loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+class RunTrainer(SafeTrainingMixin, Trainer):
+    """transformers' Trainer with whole checkpoints and a stop on a non-finite loss (mathtune/checkpoints.py)."""
 
 
 class RunLogger(TrainerCallback):
@@ -375,6 +391,7 @@ class RunLogger(TrainerCallback):
         self.path, self.show_progress, self.write = path, show_progress, write
         self.bar = None
         self._last = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
+        self.tokens_at_start = 0  # a resumed run's tokens of earlier sessions
 
     def on_train_begin(self, args, state, control, **kwargs):
         from tqdm.auto import tqdm
@@ -386,10 +403,14 @@ class RunLogger(TrainerCallback):
         if self.show_progress:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
         self._last = (time.perf_counter(), state.num_input_tokens_seen)
+        self.tokens_at_start = state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last step's loss, also when the run is shorter than logging_steps
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -446,7 +467,7 @@ def _first_eval_loss(trainer, start_step: int) -> float | None:
 
 def _logged_eval_before(run_dir: Path) -> float | None:
     """The eval loss logged at step 0 of this run (RunLogger writes it), for a resumed run's summary."""
-    records = [record for _, record in _metric_lines(run_dir / "metrics.jsonl")]
+    records = [record for _, record in _metric_lines(run_dir / METRICS)]
     return next((r["eval_loss"] for r in records if r.get("step") == 0 and "eval_loss" in r), None)
 
 
@@ -465,10 +486,6 @@ def _metric_lines(path: Path) -> list[tuple[str, dict]]:
     return out
 
 
-def _session_tokens(trainer) -> int:
-    return trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
-
-
 def summary_text(summary: dict, run_dir: Path) -> str:
     before, after = summary["eval_loss_before"], summary["eval_loss_after"]
     change = f"  ({after - before:+.4f})" if before is not None and after is not None else ""
@@ -477,12 +494,16 @@ def summary_text(summary: dict, run_dir: Path) -> str:
             "",
             f"Done: {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
             f"{summary['tokens_per_second'] or 0:.0f} tokens/s ({summary['tokens_seen']:,} tokens)",
-            f"  train loss  {summary['first_train_loss']} -> {summary['last_train_loss']}",
-            f"  eval loss   {before} -> {after}{change}",
+            f"  train loss  {_loss(summary['first_train_loss'])} -> {_loss(summary['last_train_loss'])}",
+            f"  eval loss   {_loss(before)} -> {_loss(after)}{change}",
             f"  adapter     {run_dir / ADAPTER}",
             f"  next        mathtune export {run_dir} --to gguf   (for LM Studio / llama.cpp)",
         ]
     )
+
+
+def _loss(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
 
 
 def _plain(value: Any) -> Any:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Run the test suite (sets up .venv first if needed). Extra arguments go to pytest, e.g.
+# Lint, then run the test suite (sets up .venv first if needed). Extra arguments go to pytest, e.g.
 #   bash scripts/test.sh tests/test_train.py -x      bash scripts/test.sh -m slow
+# The lint is ruff with pyproject.toml's settings (line length, import order, pyflakes); fix what it
+# reports with `.venv/bin/ruff check --fix .` (import order) or by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest "$@"

@@ -20,7 +20,7 @@ from mathtune.checkpoints import (PARTIAL, GracefulInterrupt, TrainingInterrupte
                                   stop_signals)
 from mathtune.cli import main
 from mathtune.errors import MathtuneError
-from mathtune.train import LabelOnlyLossTrainer, save_adapter, train
+from mathtune.train import RunTrainer, save_adapter, train
 from tests.conftest import math_records, write_jsonl
 from tests.test_train import adapter_weights, tiny_run_config
 
@@ -75,14 +75,14 @@ def test_last_checkpoint_skips_folders_that_are_not_complete(tmp_path):
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_path, tiny_llama_dir, straight_run,
                                                                              monkeypatch):
     cfg = tiny_run_config(tmp_path, tiny_llama_dir)
-    real = LabelOnlyLossTrainer._save_rng_state
+    real = RunTrainer._save_rng_state
 
     def dies_at_step_6(self, output_dir):
         if self.state.global_step == 6:
             raise SystemExit("killed while writing checkpoint-6")  # the optimizer state is already written
         return real(self, output_dir)
 
-    monkeypatch.setattr(LabelOnlyLossTrainer, "_save_rng_state", dies_at_step_6)
+    monkeypatch.setattr(RunTrainer, "_save_rng_state", dies_at_step_6)
     with pytest.raises(SystemExit):
         train(cfg)
     run = tmp_path / "run"
@@ -166,7 +166,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         proc = start(args[:1] + ["--resume", str(run)] if (run / "config.yaml").is_file() else args, log)
         # Wait until this attempt has saved a checkpoint of its own, then kill it at a random moment
         # of the steps and saves that follow (each step here is a few tens of milliseconds).
-        if wait_for(lambda: newest_step(run) > before, proc):
+        if wait_for(lambda: newest_step(run) > before, proc):  # noqa: B023 - called before `before` changes
             time.sleep(rng.uniform(0, 0.4))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -276,13 +276,13 @@ def test_the_interrupt_asks_the_trainer_to_save_and_stop():
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_llama_dir,
                                                                                    monkeypatch, capsys):
-    real = LabelOnlyLossTrainer.compute_loss
+    real = RunTrainer.compute_loss
 
     def nan_from_step_5(self, model, inputs, *args, **kwargs):
         loss = real(self, model, inputs, *args, **kwargs)
         return loss * float("nan") if model.training and self.state.global_step >= 4 else loss
 
-    monkeypatch.setattr(LabelOnlyLossTrainer, "compute_loss", nan_from_step_5)
+    monkeypatch.setattr(RunTrainer, "compute_loss", nan_from_step_5)
     cfg = tiny_run_config(tmp_path, tiny_llama_dir)
     assert main(["train", "--config", str(write_config(tmp_path, cfg))]) == 2
     err = capsys.readouterr().err
@@ -292,7 +292,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert "train.learning_rate" in err and "Traceback" not in err
     assert assert_only_complete_checkpoints(run) == [3]
     assert not (run / "adapter").exists()
-    assert all(torch.isfinite(t).all() for t in load_file(run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").values())
+    weights = load_file(run / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
 
 
 def write_config(tmp_path: Path, cfg) -> Path:

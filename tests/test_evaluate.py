@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mathtune.cli import main
-from mathtune.config import LoraConfig
+from mathtune.config import LoraConfig, ModelConfig
 from mathtune.evaluate import (
     EvalExample,
     comparison_table,
@@ -20,7 +20,6 @@ from mathtune.evaluate import (
 )
 from mathtune.lora import apply_lora
 from mathtune.model import load_model
-from mathtune.config import ModelConfig
 from tests.conftest import GSM8K
 from tests.test_train import tiny_run_config
 

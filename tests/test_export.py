@@ -47,7 +47,7 @@ def train_run(tmp_path: Path, model_path: Path, cache: Path | None = None, steps
 
 def merged_reference(run_dir: Path):
     """PEFT's merge of the run: the model every export must reproduce."""
-    from mathtune.evaluate import load_trained
+    from mathtune.model import load_trained
 
     model, tokenizer = load_trained(run_dir, load_config(run_dir / "config.yaml", environ={}))
     return model.merge_and_unload().float().eval(), tokenizer
@@ -193,7 +193,8 @@ def test_smollm2_hf_export_loads_with_from_pretrained(smol_run, smol_reference):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     result = export_run(smol_run, "hf")
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in result.path.iterdir()}
+    written = {p.name for p in result.path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= written
     model = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(result.path)
     ref_model, ref_tokenizer = smol_reference
@@ -292,10 +293,10 @@ def test_tiny_folder_exports_to_gguf_in_f16_and_q8_0(tiny_run):
 
 def test_tiny_folder_lora_gguf_reproduces_the_merged_export(tiny_run, tmp_path):
     import gguf
+    from transformers import AutoTokenizer
 
     from mathtune.export.adapter import Adapter
     from mathtune.export.gguf_hf import merged_from_folder
-    from transformers import AutoTokenizer
 
     cfg = load_config(tiny_run / "config.yaml", environ={})
     base = tmp_path / "base-f16.gguf"  # the base alone, as llama.cpp would load it

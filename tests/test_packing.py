@@ -11,8 +11,8 @@ from mathtune.config import LoraConfig
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.lora import apply_lora
 from mathtune.model import PADDING_FREE_ARCHS, supports_padding_free
-from mathtune.packing import PACKED_SDPA, packed_collator, use_packed_attention
-from mathtune.train import LabelOnlyLossTrainer
+from mathtune.packing import PACKED_SDPA, label_only_loss, packed_collator, use_packed_attention
+from mathtune.train import RunTrainer
 from tests.conftest import TINY_ARCHS, tiny_config
 
 VOCAB = 400  # the size of conftest's tokenizer, which pads the reference batch
@@ -98,9 +98,10 @@ def test_label_only_loss_and_gradients_equal_the_plain_padded_loss(arch, tmp_pat
 
     model = apply_lora(tiny(arch), LoraConfig(r=4, alpha=8)).eval()
     model.load_state_dict(reference.state_dict())
-    trainer = LabelOnlyLossTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
-    assert trainer._keeps_logits
-    packed = packed_collator(boundaries=use_packed_attention(model))([dict(r) for r in rows])
+    trainer = RunTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]),
+                         compute_loss_func=label_only_loss)
+    packed = packed_collator(boundaries=use_packed_attention(model), keep_logits=True)([dict(r) for r in rows])
+    assert "logits_to_keep" in packed
     assert (model.get_base_model().config._attn_implementation == PACKED_SDPA) == (arch in PER_EXAMPLE_ARCHS)
     labels_counted = int((packed["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert labels_counted == int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -243,3 +243,17 @@ def test_page_renders_in_a_browser(run_dir, tmp_path):
     )
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC)
     assert shot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("eval_steps, joined", [((0, 54), False), ((0, 20, 40, 54), True)])
+def test_eval_loss_is_a_line_only_when_it_was_measured_along_the_way(eval_steps, joined):
+    from mathtune.display import pyplot
+    from mathtune.report import loss_figure
+
+    metrics = [{"step": s, "loss": 2.0 - s / 100} for s in range(10, 55, 10)]
+    metrics += [{"step": s, "eval_loss": 1.9 - s / 100} for s in eval_steps]
+    fig = loss_figure(metrics)
+    held_out = next(line for line in fig.axes[0].lines if line.get_label().startswith("eval loss"))
+    assert list(held_out.get_xdata()) == list(eval_steps)
+    assert (held_out.get_linestyle() != "None") == joined
+    pyplot().close(fig)

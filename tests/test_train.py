@@ -137,3 +137,18 @@ def test_a_missing_model_is_reported_before_the_run_folder_is_created(tmp_path):
     with pytest.raises(MathtuneError, match="missing.gguf: no such file or folder"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_shorter_than_the_logging_interval_still_reports_its_train_loss(tmp_path, tiny_llama_dir, caplog):
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=3, logging_steps=10, save_steps=10)
+    cfg.eval.at_end = False
+    with caplog.at_level("INFO", logger="mathtune"):
+        summary = train(cfg).summary
+    assert summary["first_train_loss"] is not None and summary["last_train_loss"] is not None
+    assert summary["first_train_loss"] == round(summary["first_train_loss"], 6)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [3]
+    line = next(r.getMessage() for r in caplog.records if "Done:" in r.getMessage())
+    train_line = next(text for text in line.splitlines() if "train loss" in text)
+    # Rounded like the rest: "train loss  1.5555 -> 1.5555", not 1.5555301666259767
+    assert train_line.split()[2] == f"{summary['first_train_loss']:.4f}" and "None" not in line

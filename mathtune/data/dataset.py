@@ -1,6 +1,8 @@
 """Load, validate, template and tokenize a dataset; split it into train and eval.
 
-    train, eval, report = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    report = DataReport()
+    train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, report)   # checked, not tokenized
+    train, eval = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, report)
 
 Files are JSONL (one record per line, also under a .json name) or one JSON array, UTF-8 with an
 optional BOM. Records are parsed with `formats.parse_record`; a bad record is reported with its file,
@@ -374,7 +376,8 @@ def _inside(position: int, spans: list[tuple[int, int]]) -> bool:
     return any(start <= position < end for start, end in spans)
 
 
-def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, report: DataReport) -> datasets.Dataset:
+def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                     report: DataReport) -> datasets.Dataset:
     """Tokenize every conversation; drop examples left with no trained token and count them."""
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -391,7 +394,8 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
     return kept.remove_columns(["truncated"])
 
 
-def split_conversations(cfg: DataConfig, seed: int, report: DataReport | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split_conversations(cfg: DataConfig, seed: int,
+                        report: DataReport | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The train and eval conversations: cfg.files (or the bundled set) split by seed, or cfg.eval_files.
 
     Deterministic for a given seed, so evaluation after training sees the same held-out records.
@@ -407,16 +411,6 @@ def split_conversations(cfg: DataConfig, seed: int, report: DataReport | None = 
                          "(or give data.eval_files)"])
     split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
     return split["train"], split["test"]
-
-
-def build_datasets(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
-    """Tokenized train and eval sets (input_ids, labels) and the report of what happened to the records."""
-    report = DataReport()
-    train_conv, eval_conv = split_conversations(cfg, seed, report)
-    train, evaluation = tokenize_splits(train_conv, eval_conv, tokenizer, cfg, report)
-    return train, evaluation, report
 
 
 def tokenize_splits(

@@ -251,10 +251,10 @@ def _pct(part: int, whole: int) -> str:
 
 def write_plots(stats: DataStats, folder: Path) -> list[Path]:
     """lengths.png (token lengths, or words per question/answer without a tokenizer) and topics.png."""
+    from mathtune.display import png, pyplot
     from mathtune.files import write_bytes
-    from mathtune.report import _png, _pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -267,7 +267,7 @@ def write_plots(stats: DataStats, folder: Path) -> list[Path]:
         _hist(ax, stats.answer_words, "words per answer", alpha=0.6)
         ax.legend(frameon=False)
     ax.set_ylabel("count")
-    write_bytes(folder / "lengths.png", _png(fig))
+    write_bytes(folder / "lengths.png", png(fig))
     written.append(folder / "lengths.png")
 
     topics = stats.topics.most_common()
@@ -275,7 +275,7 @@ def write_plots(stats: DataStats, folder: Path) -> list[Path]:
     ax.barh([t for t, _ in topics][::-1], [c for _, c in topics][::-1], color="#4c72b0")
     ax.set_xlabel("records")
     ax.set_title("topics")
-    write_bytes(folder / "topics.png", _png(fig))
+    write_bytes(folder / "topics.png", png(fig))
     written.append(folder / "topics.png")
     return written
 

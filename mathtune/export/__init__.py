@@ -99,15 +99,13 @@ def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_
 
 def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
     from mathtune.export.gguf import lora_gguf, tensor_names_for
-    from mathtune.model import gguf_field
+    from mathtune.model import gguf_field, gguf_heads
 
     if source.kind == "gguf":
         import gguf
 
         reader = gguf.GGUFReader(source.path)
-        arch = gguf_field(reader, "general.architecture")
-        n_head = gguf_field(reader, f"{arch}.attention.head_count", None)
-        n_head_kv = gguf_field(reader, f"{arch}.attention.head_count_kv", n_head)
+        arch, n_head, n_head_kv = gguf_heads(reader)
         names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")),
                                  {t.name for t in reader.tensors})
     else:

@@ -27,7 +27,7 @@ import numpy as np
 
 from mathtune.errors import ModelError
 from mathtune.export.adapter import Adapter
-from mathtune.model import gguf_field
+from mathtune.model import gguf_field, gguf_heads
 
 # Architectures whose GGUF tensors map one to one onto the Transformers modules LoRA adapts, each
 # round-tripped by a test. Others (gpt2's transposed Conv1D, bloom's fused QKV...) need more.
@@ -75,7 +75,8 @@ def planned_nbytes(shape: tuple[int, ...], qtype) -> int:
 def output_type(shape: tuple[int, ...], quant: str):
     """The type a float tensor is written in: 1-D tensors (norms, biases) stay F32 as in llama.cpp's
     converter; a row that does not split into whole quantization blocks falls back to F16."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     if len(shape) < 2:
         return T.F32
@@ -159,8 +160,7 @@ def merged_from_gguf(source: Path, adapter: Adapter, out: Path, quant: str, requ
     by_name = {t.name: t for t in reader.tensors}
     names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")), set(by_name))
     touched = {gguf_name: module for module, gguf_name in names.items()}
-    n_head = gguf_field(reader, f"{arch}.attention.head_count", None)
-    n_head_kv = gguf_field(reader, f"{arch}.attention.head_count_kv", n_head)
+    _, n_head, n_head_kv = gguf_heads(reader)
 
     writer = gguf.GGUFWriter(None, arch)
     writer.data_alignment = reader.alignment

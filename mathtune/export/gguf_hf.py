@@ -21,8 +21,16 @@ import numpy as np
 
 from mathtune.errors import ModelError
 from mathtune.export.adapter import Adapter
-from mathtune.export.gguf import (PERMUTED_ARCHS, planned, encode, file_type, output_type, permute_rows,
-                                  tensor_names_for, write_gguf)
+from mathtune.export.gguf import (
+    PERMUTED_ARCHS,
+    encode,
+    file_type,
+    output_type,
+    permute_rows,
+    planned,
+    tensor_names_for,
+    write_gguf,
+)
 
 # Transformers model_type -> GGUF architecture
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}

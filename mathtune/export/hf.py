@@ -17,7 +17,7 @@ from mathtune.checkpoints import publish
 
 
 def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
-    from mathtune.evaluate import load_trained
+    from mathtune.model import load_trained
 
     model, tokenizer = load_trained(run_dir, cfg)
     merged = model.merge_and_unload()

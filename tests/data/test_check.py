@@ -22,7 +22,8 @@ def _mixed(tmp_path: Path) -> Path:
     lines = [json.dumps(GOOD), json.dumps({"instruction": "Only a question"}), "{not json", "",
              json.dumps({"instruction": "Q", "output": ""}), json.dumps(GOOD), json.dumps(["a", "list"])]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    path.with_name("latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"instruction": "años"}'.encode("latin-1") + b"\n")
+    latin1 = '{"instruction": "años"}'.encode("latin-1")
+    path.with_name("latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1 + b"\n")
     return path
 
 

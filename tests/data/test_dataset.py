@@ -1,4 +1,5 @@
-"""Chat-template rendering and assistant-only labels: exactly which tokens are trained."""
+"""mathtune/data/dataset.py: chat-template rendering, assistant-only labels (exactly which tokens are
+trained), the train/eval split."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from mathtune.data.dataset import (
     IGNORE_INDEX,
     DataReport,
     assistant_spans,
-    build_datasets,
     ensure_chat_template,
+    split_conversations,
     tokenize_conversation,
+    tokenize_splits,
 )
 from mathtune.errors import MathtuneError
 from tests.conftest import build_chatml_tokenizer, write_jsonl
@@ -23,6 +25,13 @@ CONVERSATION = [
     {"role": "user", "content": "¿Y 3/4 + 1/8?"},
     {"role": "assistant", "content": "La respuesta es \\boxed{\\frac{7}{8}}."},
 ]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int):
+    """What train.setup does with the data: split the records (checked), then tokenize both parts."""
+    report = DataReport()
+    train_conv, eval_conv = split_conversations(cfg, seed, report)
+    return (*tokenize_splits(train_conv, eval_conv, tokenizer, cfg, report), report)
 
 
 def trained_text(tokenizer, row) -> list[str]:

@@ -1,0 +1,61 @@
+"""The run folder: what is in it, and the one check that a folder is one.
+
+    runs/x/config.yaml  metrics.jsonl  checkpoints/  adapter/  train_summary.json  eval/  report.html
+
+`mathtune train` picks and creates it (`choose_run_dir`, then `create_run_dir` once the model and
+data are known to work); every other command starts with `require_run_dir`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from mathtune.errors import MathtuneError
+from mathtune.files import write_text
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
+
+
+def require_run_dir(path: Path, *, finished: bool = False, why: str = "") -> Path:
+    """`path` if it is a run folder (and, with `finished`, one whose training saved an adapter);
+    else a MathtuneError saying what is missing. `why` ends the message ("nothing to resume")."""
+    path = Path(path)
+    if finished and not ((path / CONFIG).is_file() and (path / ADAPTER).is_dir()):
+        raise MathtuneError(f"{path}: not a finished mathtune run (needs {CONFIG} and {ADAPTER}/){_tail(why)}")
+    if not (path / CONFIG).is_file():
+        raise MathtuneError(f"{path}: not a mathtune run folder (no {CONFIG}){_tail(why)}")
+    return path
+
+
+def choose_run_dir(out_dir: Path | None, resume: bool, overwrite: bool) -> Path:
+    """The folder this run will write (`runs/<date>-<time>` when none is named), checked but not
+    touched: a non-empty folder is never reused for a new run without `overwrite`, so a finished run
+    cannot be destroyed by starting another one with the same name."""
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if resume:
+        return require_run_dir(run_dir, why="nothing to resume")
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise MathtuneError(f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
+                            "continue it with --resume, or replace it with --overwrite.")
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
+    """Empty (an overwritten run's folder) and create `run_dir`, and save the resolved config in it.
+    A resumed run keeps its folder and its config.yaml as they are."""
+    if resume:
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # choose_run_dir allowed it: output.overwrite
+    run_dir.mkdir(parents=True)
+    write_text(run_dir / CONFIG, config_text)
+
+
+def _tail(why: str) -> str:
+    return f"; {why}" if why else ""
