@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from mathtune.errors import MathtuneError
+from mathtune.files import is_disk_full
 
 log = logging.getLogger("mathtune")
 
@@ -79,13 +79,6 @@ def last_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def resume_hint(run_dir: Path) -> str:
     return f"mathtune train --resume {run_dir}"
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    # safetensors (Rust) reports a full disk as SafetensorError with the OS message, not as OSError.
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc) or "StorageFull" in str(exc)
 
 
 class SafeTrainingMixin:

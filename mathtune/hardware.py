@@ -275,15 +275,9 @@ def probe_memory() -> dict:
 
 def probe_disk_free(path: Path) -> int | None:
     """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    import shutil
+    from mathtune.files import free_bytes
 
-    path = Path(path).expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
+    return free_bytes(Path(path).expanduser())
 
 
 @dataclass(frozen=True)

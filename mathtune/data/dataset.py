@@ -90,6 +90,11 @@ class DataReport:
 # Reading files
 
 
+# Byte order marks of the encodings Windows tools save by default besides UTF-8 (longest first).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+
 def read_json_records(
     path: Path, keep_going: bool = False, progress: Callable[[int], None] | None = None
 ) -> Iterator[tuple[str, Any]]:
@@ -105,6 +110,10 @@ def read_json_records(
         raise DataError([f"{path}: {reason}"])
     with path.open("rb") as fh:
         head = fh.read(4096)
+    encoding = next((name for bom, name in _OTHER_BOMS if head.startswith(bom)), None)
+    if encoding:
+        raise DataError([f"{path}: the file is {encoding} text; save it as UTF-8 (in most editors: Save as -> Encoding "
+                         "UTF-8)"])
     first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if not first:
         raise DataError([f"{path}: the file is empty; expected JSON records"])
@@ -121,9 +130,11 @@ def read_json_records(
 def _read_array(path: Path) -> Iterator[tuple[str, Any]]:
     text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), path, 1)
     try:
-        values = json.loads(text)
+        values = parse_json(text)
     except json.JSONDecodeError as exc:
         raise DataError([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+    except RecursionError:
+        raise DataError([f"{path}: {TOO_DEEP}"]) from None
     for i, value in enumerate(values):
         yield f"{path} [record {i}]", value
 
@@ -143,7 +154,7 @@ def _read_lines(path: Path, keep_going: bool, progress: Callable[[int], None] | 
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = parse_json(line)
             except json.JSONDecodeError as exc:
                 if lineno == 1 and exc.msg.startswith(("Expecting", "Unterminated")):
                     _reject_pretty_object(path)
@@ -151,14 +162,33 @@ def _read_lines(path: Path, keep_going: bool, progress: Callable[[int], None] | 
                     yield f"{path}:{lineno}:{exc.colno}", RecordError("", f"invalid JSON: {exc.msg}")
                     continue
                 raise DataError([f"{path}:{lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+            except RecursionError:
+                if keep_going:
+                    yield f"{path}:{lineno}", RecordError("", TOO_DEEP)
+                    continue
+                raise DataError([f"{path}:{lineno}: {TOO_DEEP}"]) from None
             yield f"{path}:{lineno}", value
+
+
+TOO_DEEP = "JSON nested too deeply to read (thousands of levels of [ or {); records are a few levels deep"
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, except that a number too long for Python's int (over 4,300 digits: it refuses to
+    convert them) is read as a float (inf), so that it is judged like any other number, not a crash.
+    Raises JSONDecodeError, or RecursionError for nesting deeper than the parser's stack."""
+    return json.loads(text, parse_int=_int)
+
+
+def _int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= 4000 else float(digits)
 
 
 def _reject_pretty_object(path: Path) -> None:
     # A first line that is not a whole object may be one pretty-printed object: say what it is.
     try:
-        whole = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        whole = parse_json(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return
     keys = ", ".join(list(whole)[:5]) if isinstance(whole, dict) else ""
     raise DataError(
@@ -394,6 +424,15 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
     return kept.remove_columns(["truncated"])
 
 
+def too_few_records(valid: int, cfg: DataConfig) -> str | None:
+    """The one dataset-wide rule (also checked by `mathtune data check`): without data.eval_files one
+    record is held out, so training needs two."""
+    if cfg.eval_files or valid >= 2:
+        return None
+    return (f"only {valid} valid record{'s' * (valid != 1)}: need at least 2 to hold one out for evaluation "
+            "(or give data.eval_files)")
+
+
 def split_conversations(cfg: DataConfig, seed: int,
                         report: DataReport | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The train and eval conversations: cfg.files (or the bundled set) split by seed, or cfg.eval_files.
@@ -406,9 +445,9 @@ def split_conversations(cfg: DataConfig, seed: int,
     conversations = load_conversations(cfg.files or builtin_files(), cfg, report)
     if cfg.eval_files:
         return conversations, load_conversations(cfg.eval_files, cfg, report)
-    if len(conversations) < 2:
-        raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation "
-                         "(or give data.eval_files)"])
+    problem = too_few_records(len(conversations), cfg)
+    if problem:
+        raise DataError([f"{', '.join(map(str, cfg.files or ['the bundled dataset']))}: {problem}"])
     split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
     return split["train"], split["test"]
 

@@ -19,11 +19,13 @@ Pair shapes take an optional "system" string. A string "topic" field is kept for
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 # key sets that identify a pair shape: (format, prompt key, response key, optional extra-input key)
@@ -85,7 +87,7 @@ def parse_record(record: Any, fmt: str, fields: dict[str, str | None] | None = N
     else:
         raise ValueError(f"unknown record format {fmt!r}")
     topic = record.get("topic")
-    conv.topic = topic if isinstance(topic, str) and topic.strip() else None
+    conv.topic = topic if isinstance(topic, str) and topic.strip() and not _SURROGATE.search(topic) else None
     validate_turns(conv.messages)
     return conv
 
@@ -157,6 +159,10 @@ def _text(record: dict, key: str, where: str = "") -> str:
         raise RecordError(path, f"expected text, got {_json_type(value)}")
     if not value.strip():
         raise RecordError(path, "is empty")
+    bad = _SURROGATE.search(value)
+    if bad:  # JSON can escape one ("\ud83d" without its pair); no text file, tokenizer or Arrow table can hold it
+        raise RecordError(path, f"holds an unpaired UTF-16 surrogate (\\u{ord(bad.group()):04x}) at character "
+                                f"{bad.start() + 1}: not valid Unicode; the record was cut in the middle of an emoji?")
     return value
 
 
