@@ -325,3 +325,28 @@ def test_the_unused_gpu_warning_before_training_is_the_doctors_finding_and_fix()
     assert unused_gpu_warning("cpu", "cpu", probes) is None  # the CPU on purpose
     assert unused_gpu_warning("auto", "cpu", machine(cpu_torch(), None)) is None  # no NVIDIA GPU: nothing to say
     assert unused_gpu_warning("auto", "cuda", machine(cuda_torch(), smi())) is None
+
+
+def test_training_on_the_cpu_beside_an_unused_nvidia_gpu_warns_first_and_records_it(tmp_path, tiny_llama_dir,
+                                                                                    monkeypatch, caplog):
+    import logging
+
+    from mathtune.train import train
+    from tests.test_train import tiny_run_config
+
+    # This machine's PyTorch is a CPU-only build; an nvidia-smi on PATH plays the GPU it leaves unused.
+    fake_nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA GeForce RTX 3060, 12288, 11900, 550.54.14"')
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1)
+    cfg.eval.at_end = False
+    with caplog.at_level(logging.INFO, logger="mathtune"):
+        summary = train(cfg).summary
+    (warning,) = summary["warnings"]
+    assert warning.startswith("model.device auto trains on the CPU here: PyTorch ")
+    assert "but this machine has an NVIDIA GPU (NVIDIA GeForce RTX 3060, driver 550.54.14): the GPU is unused" in warning
+    assert "fix: " in warning and "--index-url https://download.pytorch.org/whl/cu" in warning
+    assert f"WARNING: {warning}" in caplog.text
+    assert caplog.text.index(f"WARNING: {warning}") < caplog.text.index("Evaluating on")  # before training starts
+    (tmp_path / "cpu").mkdir()
+    cfg2 = tiny_run_config(tmp_path / "cpu", tiny_llama_dir, max_steps=1)
+    cfg2.eval.at_end, cfg2.model.device = False, "cpu"
+    assert train(cfg2).summary["warnings"] == []  # the CPU on purpose: nothing to say
