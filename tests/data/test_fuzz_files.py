@@ -48,26 +48,48 @@ RAW_NUMBERS = [Raw("1" + "0" * 5000), Raw("-" + "9" * 4301), Raw("1e400"), Raw("
 KEYS = ["messages", "conversations", "role", "content", "from", "value", "instruction", "input", "output", "question",
         "answer", "prompt", "completion", "query", "response", "system", "topic"]
 
-texts = st.one_of(
-    st.lists(st.one_of(st.characters(), st.characters(categories=["Cs"]), st.sampled_from(SPECIAL)),
-             max_size=8).map("".join),
+SURROGATES = st.characters(categories=["Cs"])
+texts = st.one_of(  # anything a JSON string can hold, unpaired surrogates included
+    st.lists(st.one_of(st.characters(), SURROGATES, st.sampled_from(SPECIAL)), max_size=8).map("".join),
     st.sampled_from(SPECIAL),
-    st.just("What is 2 + 2?"),
 )
+# Text a record may hold, odd as it is: never empty, no unpaired surrogate.
+good_texts = st.lists(st.one_of(st.characters(exclude_categories=["Cs"]),
+                                st.sampled_from([c for c in SPECIAL if not "\ud800" <= c[0] <= "\udfff"])),
+                      max_size=8).map(lambda parts: "x" + "".join(parts))
 leaves = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(), texts, st.sampled_from(RAW_NUMBERS),
                    st.integers(500, 5000).map(lambda n: Raw("[" * n + "]" * n)))
 anything = st.recursive(leaves, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.sampled_from(KEYS), texts), inner, max_size=4)),
     max_leaves=12)
-roles = st.sampled_from(["user", "assistant", "system", "human", "gpt", "tool", ""])
-turns = st.lists(st.fixed_dictionaries({"role": roles, "content": texts}), min_size=1, max_size=4)
-pair_shapes = st.sampled_from([("instruction", "output"), ("question", "answer"), ("prompt", "completion"),
-                               ("query", "response")])
-pairs = st.builds(lambda keys, q, a, extra: {keys[0]: q, keys[1]: a, **extra}, pair_shapes, texts, texts,
-                  st.dictionaries(st.sampled_from(["system", "topic", "input", "id"]), st.one_of(texts, leaves), max_size=2))
-records = st.one_of(pairs, pairs, st.builds(lambda t: {"messages": t}, turns),
-                    st.builds(lambda t: {"conversations": [{"from": m["role"], "value": m["content"]} for m in t]}, turns),
-                    anything)
+# Fields no shape reads hold numbers Python cannot hold, floats, nulls (and texts: a raw unpaired
+# surrogate there makes the file invalid UTF-8, which the hostile records cover).
+extras = st.dictionaries(st.sampled_from(["id", "topic", "source", "difficulty"]),
+                         st.one_of(st.none(), st.integers(), st.floats(), good_texts, st.sampled_from(RAW_NUMBERS)),
+                         max_size=2)
+PAIRS = {"instruction": "output", "question": "answer", "prompt": "completion", "query": "response"}
+
+
+def good_records(shape: str):
+    """Records of one shape that training must accept, whatever their text holds."""
+    if shape in PAIRS:
+        return st.builds(lambda q, a, extra: {**extra, shape: q, PAIRS[shape]: a}, good_texts, good_texts, extras)
+    key, role, text = ("messages", "role", "content") if shape == "messages" else ("conversations", "from", "value")
+    user, assistant = ("user", "assistant") if shape == "messages" else ("human", "gpt")
+    exchange = st.tuples(good_texts, good_texts).map(lambda qa: [{role: user, text: qa[0]}, {role: assistant, text: qa[1]}])
+    turns = st.lists(exchange, min_size=1, max_size=2).map(lambda pairs: [turn for pair in pairs for turn in pair])
+    return st.builds(lambda t, extra: {**extra, key: t}, turns, extras)
+
+
+@st.composite
+def record_lists(draw) -> list:
+    """Mostly well-formed files of one shape (some with one hostile record among them), or anything."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.lists(anything, min_size=1, max_size=5))
+    values = draw(st.lists(good_records(draw(st.sampled_from(["messages", "sharegpt", *PAIRS]))), min_size=2, max_size=6))
+    if draw(st.integers(0, 3)) == 0:
+        values[draw(st.integers(0, len(values) - 1))] = draw(anything)
+    return values
 
 
 def dump(value, ascii_only: bool) -> str:
@@ -83,13 +105,12 @@ def dump(value, ascii_only: bool) -> str:
 @st.composite
 def data_files(draw) -> tuple[str, bytes]:
     """(file name, bytes) of a whole data file."""
-    values = draw(st.lists(records, min_size=1, max_size=6))
+    values = draw(record_lists())
     ascii_only = draw(st.booleans())
     as_array = draw(st.booleans())
     lines = [dump(v, ascii_only) for v in values]
     text = "[" + ",\n".join(lines) + "]" if as_array else "\n".join(lines) + draw(st.sampled_from(["", "\n", "\n\n"]))
-    encoding = draw(st.sampled_from(["utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "line in latin-1",
-                                     "line in cp1252"]))
+    encoding = draw(st.sampled_from(["utf-8"] * 6 + ["utf-8-sig", "utf-16", "line in latin-1", "line in cp1252"]))
     if encoding.startswith("line in"):
         parts = text.split("\n")
         i = draw(st.integers(0, len(parts) - 1))
