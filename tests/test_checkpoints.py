@@ -16,8 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mathtune.checkpoints import (PARTIAL, GracefulInterrupt, TrainingInterrupted, TrainingStopped, last_checkpoint,
-                                  stop_signals)
+from mathtune.checkpoints import (
+    PARTIAL,
+    GracefulInterrupt,
+    TrainingInterrupted,
+    TrainingStopped,
+    last_checkpoint,
+    stop_signals,
+)
 from mathtune.cli import main
 from mathtune.errors import MathtuneError
 from mathtune.train import RunTrainer, save_adapter, train
