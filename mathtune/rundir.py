@@ -40,13 +40,16 @@ def choose_run_dir(out_dir: Path | None, resume: bool, overwrite: bool) -> Path:
     touched: a non-empty folder is never reused for a new run without `overwrite`, so a finished run
     cannot be destroyed by starting another one with the same name."""
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if run_dir.is_dir():
-        lock_run_dir(run_dir)  # another process training here is refused before anything else
     if resume:
-        return require_run_dir(run_dir, why="nothing to resume")
-    if run_dir.exists() and _run_files(run_dir) and not overwrite:
-        raise MathtuneError(f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
-                            "continue it with --resume, or replace it with --overwrite.")
+        require_run_dir(run_dir, why="nothing to resume")
+        lock_run_dir(run_dir)  # another process training here is refused, with its PID, before anything else
+        return run_dir
+    if run_dir.exists() and _run_files(run_dir):
+        if overwrite or (run_dir / CONFIG).is_file():
+            lock_run_dir(run_dir)  # the same for a run folder (a folder of something else is left untouched)
+        if not overwrite:
+            raise MathtuneError(f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
+                                "continue it with --resume, or replace it with --overwrite.")
     return run_dir
 
 

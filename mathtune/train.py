@@ -125,7 +125,9 @@ def setup(cfg: Config, resume: bool) -> Job:
     if resume:
         check_resume(run_dir, cfg)  # other data, model or LoRA settings would mix two trainings
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
-    warnings = [w for w in [unused_gpu_warning(cfg.model.device, device)] if w] if state.is_main_process else []
+    # Said before anything slow: auto picked the CPU beside an NVIDIA GPU that PyTorch cannot use.
+    gpu_warning = unused_gpu_warning(cfg.model.device, device) if state.is_main_process else None
+    warnings = [gpu_warning] if gpu_warning else []
     for text in warnings:
         log.warning("WARNING: %s", text)
 
