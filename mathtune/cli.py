@@ -3,12 +3,13 @@
     mathtune train [--config FILE] [--model PATH] [--data FILE ...] [--output DIR] [--set KEY=VALUE ...]
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
+    mathtune eval RUN_DIR --bench gsm8k [--limit N]
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
-    mathtune data check FILE... [--config FILE] [--json]
-    mathtune data stats FILE... [--model PATH] [--config FILE] [--json] [--plot DIR]
+    mathtune data check FILE... [--config FILE] [--set KEY=VALUE ...] [--json]
+    mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from mathtune import __version__
+from mathtune.bench import BENCHES
 from mathtune.errors import MathtuneError
 
 
@@ -87,6 +89,8 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="answer length cap (eval.max_new_tokens)")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="generation batch size (eval.batch_size)")
     evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
+    evaluate.add_argument("--bench", choices=sorted(BENCHES), help="base vs fine-tuned on a benchmark shipped with "
+                          "mathtune (gsm8k: 300 GSM8K test problems), written to RUN_DIR/bench/NAME")
     evaluate.set_defaults(func=cmd_eval)
 
 
@@ -157,6 +161,8 @@ def _add_data(commands) -> None:
         "record is invalid or a file unreadable, 0 otherwise.")
     check.add_argument("files", type=Path, nargs="+", metavar="FILE")
     check.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format and data.fields")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a data setting, e.g. --set data.documents=blocks (repeatable)")
     check.add_argument("--json", action="store_true", help="print one JSON document")
     check.set_defaults(func=cmd_data_check)
     stats = data_commands.add_parser(
@@ -166,6 +172,8 @@ def _add_data(commands) -> None:
     stats.add_argument("files", type=Path, nargs="+", metavar="FILE")
     stats.add_argument("--model", metavar="PATH", help="GGUF file, Transformers folder or hub id: count tokens")
     stats.add_argument("--config", type=Path, metavar="FILE", help="YAML for data.format/fields/max_seq_length")
+    stats.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set data.preference=chosen (repeatable)")
     stats.add_argument("--json", action="store_true", help="print one JSON document")
     stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
     stats.set_defaults(func=cmd_data_stats)
@@ -203,8 +211,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise MathtuneError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    if args.bench and args.data:
+        raise MathtuneError("--bench scores a benchmark shipped with mathtune; don't pass --data with it")
     evaluate_run(args.run_dir, data_files=args.data, split=args.split, limit=args.limit,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base)
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base, bench=args.bench)
     return 0
 
 
@@ -243,15 +253,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    from mathtune.config import parse_override
     from mathtune.data.check import run_check
 
-    return run_check(args.files, as_json=args.json, config=args.config)
+    overrides = dict(parse_override(text) for text in args.set)
+    return run_check(args.files, as_json=args.json, config=args.config, overrides=overrides)
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
+    from mathtune.config import parse_override
     from mathtune.data.stats import run_stats
 
-    run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot)
+    overrides = dict(parse_override(text) for text in args.set)
+    run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot,
+              overrides=overrides)
     return 0
 
 

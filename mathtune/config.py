@@ -68,7 +68,7 @@ class LoraConfig(_Section):
 
 
 PairFormat = Literal["alpaca", "question_answer", "prompt_completion", "query_response", "fields"]
-RecordFormat = Literal["auto", "messages", "sharegpt", PairFormat]
+RecordFormat = Literal["auto", "messages", "sharegpt", "text", PairFormat]
 
 
 class FieldMap(_Section):
@@ -82,11 +82,22 @@ class FieldMap(_Section):
 
 class DataConfig(_Section):
     files: list[Path] = []
-    """Training files (JSON array or JSONL). Empty: the bundled Spanish/English math dataset."""
+    """Training files: JSONL, JSON, CSV, TSV, Parquet, or .txt/.md plain text. Empty: the bundled
+    Spanish/English math dataset."""
     eval_files: list[Path] = []
     """Explicit evaluation files; when given, eval_fraction is not used."""
     format: RecordFormat = "auto"
-    """Record shape; auto detects it per file from the first record's keys."""
+    """Record shape; auto detects it per file from the first record's keys. text: plain documents
+    (continued pre-training: no chat template, every token trained, packed into max_seq_length chunks)."""
+    documents: Literal["file", "blocks"] = "file"
+    """How a .txt/.md file is cut into documents: file: the whole file is one; blocks: each block of
+    text between blank lines is one."""
+    preference: Literal["chosen"] | None = None
+    """Preference data (chosen/rejected pairs) is refused unless this is 'chosen': then the prompts
+    and their chosen answers are trained on and the rejected answers left out."""
+    on_undesirable: Literal["skip", "train"] = "skip"
+    """Records with a KTO-style "label": false show what not to answer. skip: leave them out, count
+    them and warn; train: train on them like any other record."""
     fields: FieldMap | None = None
     """Field names for format: fields, e.g. {prompt: pregunta, response: respuesta}."""
     system_prompt: str | None = None
@@ -145,12 +156,20 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     at_end: bool = True
     """After training, score base and fine-tuned answers on the held-out split and print the table."""
-    max_examples: int = Field(40, ge=0)
-    """Held-out examples scored at the end of training (0: all). Generation is the slow part:
-    40 examples, base and fine-tuned, take about 2 minutes of a 2-core CPU with SmolLM2-135M."""
+    max_examples: int = Field(200, ge=0)
+    """Held-out examples scored at the end of training: the whole split when it has at most this
+    many (the default run's 82), else the first this many (0: all). Fewer than ~100 give intervals
+    of +-10 points or more. Generation is the slow part: SmolLM2-135M on a 2-core CPU answers
+    about one held-out problem per second, base and fine-tuned together."""
     max_new_tokens: int = Field(96, gt=0)
     """Answer length cap; the bundled references are at most 84 tokens (SmolLM2 tokenizer)."""
     batch_size: int = Field(16, gt=0)
+    bench: list[Literal["gsm8k"]] = []
+    """Shipped benchmarks scored base vs fine-tuned after training, to catch a loss of general math
+    (mathtune.bench). Off by default: GSM8K takes minutes on a CPU (`mathtune eval RUN --bench
+    gsm8k` runs it later)."""
+    bench_limit: int = Field(0, ge=0)
+    """Problems of each benchmark to score (0: all 300 of GSM8K's sample)."""
 
 
 class OutputConfig(_Section):

@@ -2,7 +2,8 @@
 
     mathtune eval runs/x                       # the run's held-out split, fine-tuned model
     mathtune eval runs/x --base --limit 200    # and the base model on the same examples
-    mathtune eval runs/x --data ../shared/data/gsm8k/test.jsonl --base
+    mathtune eval runs/x --data my_test.jsonl --base
+    mathtune eval runs/x --bench gsm8k --limit 100 # base vs fine-tuned on the shipped GSM8K sample
 
 Each example's prompt is its conversation up to the last assistant turn, rendered with the run's
 chat template; the model answers greedily (batched, left padding) until its end-of-turn token, and
@@ -12,8 +13,13 @@ the answer is checked against the reference's final answer with `verify.validate
 explanations) are left out of accuracy; for them the per-token loss of the reference text is
 reported instead.
 
-Writes RUN_DIR/eval/predictions.jsonl (one line per example, both models side by side) and
-RUN_DIR/eval/summary.json.
+Every accuracy comes with its 95% interval, and base vs fine-tuned with the paired change and
+McNemar's test (mathtune.accuracy); the protocol (prompt, decoding, verifier) is printed and saved
+beside the scores. Writes RUN_DIR/eval/predictions.jsonl (one line per example, both models side
+by side) and RUN_DIR/eval/summary.json; --bench writes RUN_DIR/bench/NAME/ instead.
+
+Plain-text data (data.format: text) has no questions to answer: its held-out documents are packed
+as in training and scored by loss and perplexity (RUN_DIR/eval/perplexity.json).
 """
 
 from __future__ import annotations
@@ -22,16 +28,16 @@ import json
 import logging
 import math
 import time
-from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from mathtune.accuracy import comparison_table, paired_change, significant_drop, summarize
 from mathtune.data.template import render_chat
 from mathtune.data.topics import record_topic
-from mathtune.display import percent
 from mathtune.files import write_json, write_text
-from mathtune.verify import reference_answer, validate_math_response
+from mathtune.verify import reference_answer, stated_answer, validate_math_response
 
 log = logging.getLogger("mathtune")
 
@@ -69,7 +75,13 @@ def eval_examples(conversations, limit: int | None = None) -> list[EvalExample]:
     return examples
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+class Generated(NamedTuple):
+    text: str
+    hit_limit: bool
+    """Generation stopped at max_new_tokens, not at an end-of-turn token."""
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[Generated]:
     """Greedy answers, batched with left padding, stopping at the end-of-turn token."""
     import torch
     from tqdm.auto import tqdm
@@ -78,7 +90,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
     stop = stop_token_ids(tokenizer, model)
     # Similar lengths in one batch waste less on padding; answers are put back in input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    answers: list[str] = [""] * len(texts)
+    answers: list[Generated] = [Generated("", False)] * len(texts)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="Generating", leave=False, dynamic_ncols=True):
@@ -95,8 +107,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
                     use_cache=True,
                 )
             new = out[:, enc["input_ids"].shape[1] :]
-            for i, ids in zip(batch, new):
-                answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for i, ids in zip(batch, new.tolist()):
+                # A row that finished holds a stop token (then padding, itself often the stop token).
+                answers[i] = Generated(tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                                       len(ids) >= max_new_tokens and not set(ids) & set(stop))
     finally:
         tokenizer.padding_side = padding_side
     return answers
@@ -129,64 +143,77 @@ def reference_loss(model, tokenizer, example: EvalExample, max_seq_length: int) 
 
 def score(model, tokenizer, examples: list[EvalExample], max_new_tokens: int, batch_size: int,
           max_seq_length: int) -> list[dict[str, Any]]:
-    """For each example: the response, its verdict, and (uncheckable ones) the reference's loss."""
+    """For each example: the response, its verdict, and (uncheckable ones) the reference's loss.
+
+    `truncated`: the answer hit max_new_tokens without stating a final answer; the verifier's
+    fallback (the last expression) would read a number from the unfinished working.
+    """
     checkable = [e for e in examples if e.checkable]
     responses = dict(zip(map(id, checkable), generate(model, tokenizer, [e.prompt for e in checkable],
                                                        max_new_tokens, batch_size)))
     results = []
     for example in examples:
         if example.checkable:
-            response = responses[id(example)]
+            response, hit_limit = responses[id(example)]
             verdict = validate_math_response(response, example.reference)
             results.append({"response": response, "predicted": verdict.predicted, "expected": verdict.expected,
-                            "correct": verdict.correct, "reason": verdict.reason})
+                            "correct": verdict.correct, "reason": verdict.reason,
+                            "truncated": hit_limit and not verdict.correct and stated_answer(response) is None})
         else:
             results.append({"reference_loss": reference_loss(model, tokenizer, example, max_seq_length)})
     return results
 
 
-def summarize(examples: list[EvalExample], results: list[dict]) -> dict[str, Any]:
-    """Accuracy overall and per topic over checkable examples; reference loss over the others."""
-    by_topic: dict[str, list[bool]] = defaultdict(list)
-    losses = []
-    for example, result in zip(examples, results):
-        if example.checkable:
-            by_topic[example.topic].append(result["correct"])
-        elif result.get("reference_loss") is not None:
-            losses.append(result["reference_loss"])
-    flat = [c for values in by_topic.values() for c in values]
-    mean_loss = sum(losses) / len(losses) if losses else None
-    return {
-        "accuracy": _ratio(flat),
-        "correct": sum(flat),
-        "checked": len(flat),
-        "by_topic": {t: {"accuracy": _ratio(v), "correct": sum(v), "checked": len(v)} for t, v in sorted(by_topic.items())},
-        "uncheckable": len(examples) - len(flat),
-        "reference_loss": round(mean_loss, 6) if mean_loss is not None else None,
-        "reference_perplexity": round(math.exp(mean_loss), 4) if mean_loss is not None else None,
-    }
+def protocol(tokenizer, model, examples: list[EvalExample], max_new_tokens: int) -> dict[str, Any]:
+    """How the answers were obtained and judged, printed beside every score."""
+    from importlib.metadata import version
+
+    systems = {e.prompt[0]["content"] for e in examples if e.prompt and e.prompt[0]["role"] == "system"}
+    if not systems:
+        system = "no system prompt (the chat template's default, if any)"
+    elif len(systems) == 1 and all(e.prompt and e.prompt[0]["role"] == "system" for e in examples):
+        system = f"system prompt {_quote(next(iter(systems)))}"
+    else:
+        system = "the records' own system prompts"
+    turns = max((sum(m["role"] == "assistant" for m in e.prompt) for e in examples), default=0)
+    shots = "zero-shot" if turns == 0 else f"up to {turns} earlier turns of the record"
+    stop = tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, model))
+    return {"prompt": f"the model's chat template, {system}, {shots}", "decoding": "greedy",
+            "max_new_tokens": max_new_tokens, "stop_tokens": stop,
+            "verifier": f"math-verify {version('math-verify')} (mathtune.verify: last \\boxed{{}}, else the announced "
+                        "answer, else the last expression)"}
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
 def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path, *, base: bool,
                    max_new_tokens: int, batch_size: int, max_seq_length: int,
-                   meta: dict | None = None) -> dict[str, Any]:
-    """Score the fine-tuned PEFT model (and its base with the adapter disabled); write eval/.
-    `max_seq_length` (the run's data.max_seq_length) bounds the reference-loss examples."""
+                   meta: dict | None = None, finetuned: bool = True) -> dict[str, Any]:
+    """Score the fine-tuned PEFT model (and its base with the adapter disabled); write out_dir.
+
+    `max_seq_length` (the run's data.max_seq_length) bounds the reference-loss examples;
+    finetuned=False scores `model` itself as the base (a model without an adapter).
+    """
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     # Not merged for speed (~20% faster): unmerging in place leaves float error in the base weights.
-    runs = {"finetuned": score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)}
+    runs = {}
+    if finetuned:
+        runs["finetuned"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     if base:
-        with model.disable_adapter():
+        with model.disable_adapter() if finetuned else nullcontext():
             runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     model.train(was_training)
 
     summary = {
         **(meta or {}),
         "examples": len(examples),
-        "max_new_tokens": max_new_tokens,
+        "protocol": protocol(tokenizer, model, examples, max_new_tokens),
         "models": {name: summarize(examples, results) for name, results in runs.items()},
+        "change": paired_change(examples, runs["base"], runs["finetuned"]) if len(runs) == 2 else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_eval(out_dir, examples, runs, summary)
@@ -195,12 +222,20 @@ def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path,
 
 def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: str = "eval",
                  limit: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
-                 base: bool = False) -> dict[str, Any]:
-    """`mathtune eval`: load the run's base model and adapter, score the chosen examples, write eval/."""
+                 base: bool = False, bench: str | None = None) -> dict[str, Any]:
+    """`mathtune eval`: load the run's base model and adapter, score the chosen examples, write eval/
+    (with `bench`: base and fine-tuned on a shipped benchmark, written to bench/NAME/)."""
     from mathtune.config import load_run_config
-    from mathtune.data.dataset import DataReport, load_conversations, split_conversations
+    from mathtune.data.dataset import DataReport, is_text, load_conversations, split_conversations
+    from mathtune.model import load_trained
 
     cfg = load_run_config(run_dir)
+    if bench:
+        model, tokenizer = load_trained(run_dir, cfg)
+        summaries = run_benches(cfg, model, tokenizer, run_dir, [bench], limit=limit, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+        warn_about_drops(summaries)
+        return summaries[bench]
     if data_files:
         # Another dataset than the run's: detect its shape; keep the run's system prompt.
         data_cfg = cfg.data.model_copy(update={"files": data_files, "format": "auto", "fields": None})
@@ -213,9 +248,12 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
             from datasets import concatenate_datasets
 
             conversations = concatenate_datasets([train_conv, eval_conv])
+    if is_text(conversations):
+        model, tokenizer = load_trained(run_dir, cfg)
+        documents = conversations.select(range(min(limit, len(conversations)))) if limit else conversations
+        return evaluate_text(model, tokenizer, documents, run_dir / "eval", base, cfg.data.max_seq_length,
+                             meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split})
     examples = eval_examples(conversations, limit)
-    from mathtune.model import load_trained
-
     model, tokenizer = load_trained(run_dir, cfg)
     log.info("Scoring %d examples (%s%s)", len(examples), "fine-tuned and base" if base else "fine-tuned",
              f", {', '.join(map(str, data_files))}" if data_files else f", {split} split")
@@ -226,7 +264,32 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
         meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split},
     )
     log.info("\n%s\n\nWritten to %s", comparison_table(summary), run_dir / "eval")
+    warn_about_drops({"these examples": summary})
     return summary
+
+
+def run_benches(cfg, model, tokenizer, run_dir: Path, names: list[str], *, limit: int | None = None,
+                max_new_tokens: int | None = None, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
+    """Base vs fine-tuned on each shipped benchmark (mathtune.bench): {name: its summary}."""
+    from mathtune.bench import run_bench
+
+    summaries = {}
+    for name in names:
+        summary = run_bench(model, tokenizer, name, run_dir / "bench" / name, limit=limit or None,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
+                            max_seq_length=cfg.data.max_seq_length, system_prompt=cfg.data.system_prompt)
+        log.info("\n%s: %s\n%s\n\nWritten to %s", name, summary["data"], comparison_table(summary),
+                 run_dir / "bench" / name)
+        summaries[name] = summary
+    return summaries
+
+
+def warn_about_drops(summaries: dict[str, dict]) -> None:
+    """Log, last, every significant drop from base to fine-tuned ({what was scored: summary})."""
+    for what, summary in summaries.items():
+        warning = significant_drop(summary, what)
+        if warning:
+            log.warning("WARNING: %s", warning)
 
 
 def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[dict]], summary: dict) -> None:
@@ -241,31 +304,48 @@ def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[
     write_json(out_dir / "summary.json", summary)
 
 
-def comparison_table(summary: dict) -> str:
-    """Accuracy per topic, fine-tuned vs base (when evaluated), with the difference and the counts."""
-    models = summary["models"]
-    tuned, base = models["finetuned"], models.get("base")
-    rows = [("topic", "n", "base", "fine-tuned", "change")] if base else [("topic", "n", "fine-tuned", "")]
-    topics = [*tuned["by_topic"], "all"]
-    for topic in topics:
-        t = tuned if topic == "all" else tuned["by_topic"][topic]
-        if base:
-            b = base if topic == "all" else base["by_topic"][topic]
-            rows.append((topic, str(t["checked"]), percent(b["accuracy"]), percent(t["accuracy"]),
-                         f"{100 * (t['accuracy'] - b['accuracy']):+.1f}"))
-        else:
-            rows.append((topic, str(t["checked"]), percent(t["accuracy"]), ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-            for r in rows]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    if tuned["uncheckable"]:
-        loss = f"fine-tuned {tuned['reference_loss']}" + (f", base {base['reference_loss']}" if base else "")
-        text.append(f"{tuned['uncheckable']} examples without a checkable answer: reference loss per token {loss}")
-    return "\n".join(text)
+# ---------------------------------------------------------------------------------------------
+# Plain text: loss and perplexity
 
 
-def _ratio(values: list[bool]) -> float:
-    return round(sum(values) / len(values), 4) if values else 0.0
+def evaluate_text(model, tokenizer, documents, out_dir: Path, base: bool, max_seq_length: int, meta: dict) -> dict:
+    """Mean loss per token and perplexity of held-out documents, packed as in training
+    (`dataset.pack_documents`), fine-tuned and, with `base`, the base model (adapter disabled)."""
+    from mathtune.data.dataset import pack_documents
+
+    chunks = pack_documents(documents, tokenizer, max_seq_length)
+    models = {"finetuned": text_loss(model, chunks)}
+    if base:
+        with model.disable_adapter():
+            models["base"] = text_loss(model, chunks)
+    summary = {**meta, "documents": len(documents), "chunks": len(chunks), "models": models}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "perplexity.json", summary)
+    lines = [f"{name:<10} loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}  ({m['tokens']} tokens)"
+             for name, m in models.items()]
+    log.info("Plain text: loss and perplexity on %d held-out documents\n%s\n\nWritten to %s", len(documents),
+             "\n".join(lines), out_dir / "perplexity.json")
+    return summary
 
 
+def text_loss(model, chunks) -> dict[str, float]:
+    """Mean next-token loss over every token of `chunks` (rows of input_ids), one chunk at a time."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in chunks:
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            predicted = ids.shape[1] - 1  # the first token is predicted by nothing
+            total += model(input_ids=ids, labels=ids).loss.item() * predicted
+            tokens += predicted
+    model.train(was_training)
+    mean = total / max(tokens, 1)
+    return {"loss": round(mean, 6), "perplexity": perplexity(mean), "tokens": tokens}
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(mean loss per trained token): roughly how many tokens the model hesitates between."""
+    return None if loss is None else round(math.exp(min(loss, 50.0)), 3)

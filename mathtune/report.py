@@ -3,9 +3,10 @@
     mathtune report RUN_DIR
 
 Reads only the run folder (config.yaml, train_summary.json, metrics.jsonl, eval/summary.json,
-eval/predictions.jsonl) and writes RUN_DIR/plots/loss.png, RUN_DIR/plots/accuracy.png and
-RUN_DIR/report.html. The page embeds the plots as data URIs and has no external CSS, scripts or
-fonts, so it opens from file:// and can be mailed as one file. The same inputs give the same bytes.
+eval/predictions.jsonl, bench/*/summary.json) and writes RUN_DIR/plots/loss.png,
+RUN_DIR/plots/accuracy.png (bench-NAME.png per benchmark) and RUN_DIR/report.html. The page
+embeds the plots as data URIs and has no external CSS, scripts or fonts, so it opens from file://
+and can be mailed as one file. The same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mathtune.display import percent as pct
+from mathtune.accuracy import MIN_COMPARE, accuracy_text, p_text, protocol_text, significant_drop, topic_row
 from mathtune.display import png, pyplot
 from mathtune.errors import MathtuneError
 from mathtune.files import write_bytes, write_text
@@ -33,7 +34,8 @@ h1 { margin-bottom: 0.1em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #d
 table { border-collapse: collapse; margin: 0.6em 0; } th, td { padding: 0.25em 0.8em; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.all td { font-weight: 600; border-top: 2px solid #ccc; }
-.up { color: #17803d; } .down { color: #c0392b; }
+.up { color: #17803d; } .down { color: #c0392b; } .small { color: #777; font-style: italic; }
+.warning { border-left-color: #c0392b; background: #fdecea; } .protocol { font-size: 13px; color: #555; }
 img { max-width: 100%; }
 code, pre, .response { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
 pre, .response { white-space: pre-wrap; word-break: break-word; margin: 0; }
@@ -78,10 +80,13 @@ def write_report(run_dir: Path) -> Path:
         body.append(f'<p class="note" id="no-eval">No evaluation yet: run <code>mathtune eval {escape(str(run_dir))} '
                     "--base</code> to score the fine-tuned and base models, then <code>mathtune report</code> again.</p>")
     else:
+        body.append(_warning(evaluation, "the held-out split"))
         body.append(_accuracy_section(evaluation))
         accuracy_png = _accuracy_plot(evaluation)
         write_bytes(plots / "accuracy.png", accuracy_png)
         body.append(_img(accuracy_png, "accuracy per topic"))
+    body.append(_bench_sections(run_dir, plots))
+    if evaluation is not None:
         body.append("<h2>Sample answers</h2>")
         body.append(_samples(predictions))
 
@@ -131,37 +136,72 @@ def _run_table(summary: dict | None, config: str) -> str:
     return f'<table id="run">{cells}</table>'
 
 
-def _accuracy_section(evaluation: dict) -> str:
-    """The `comparison_table` of evaluate.py as HTML: per topic n, base, fine-tuned and change."""
+def _accuracy_section(evaluation: dict, table_id: str = "accuracy") -> str:
+    """The `comparison_table` of accuracy.py as HTML: per topic n, base, fine-tuned and the paired
+    change, each with its 95% interval; rows too small to compare are not coloured."""
     models = evaluation["models"]
-    tuned, base = models["finetuned"], models.get("base")
+    names = [name for name in ("base", "finetuned") if name in models]
+    change = evaluation.get("change")
     data = evaluation.get("data")
-    where = "the run's " + str(evaluation.get("split")) + " split" if data == "run" else ", ".join(map(str, data or []))
-    head = (f'<p class="muted">{evaluation.get("examples")} examples of {escape(where)}, greedy answers up to '
-            f'{evaluation.get("max_new_tokens")} tokens, checked with math-verify ({evaluation.get("seconds")} s).</p>')
-    columns = ["topic", "n", *(["base"] if base else []), "fine-tuned", *(["change"] if base else [])]
+    where = ("the run's " + str(evaluation.get("split")) + " split" if data == "run"
+             else data if isinstance(data, str) else ", ".join(map(str, data or [])))
+    head = f'<p class="muted">{evaluation.get("examples")} examples of {escape(where)} ({evaluation.get("seconds")} s).</p>'
+    columns = ["topic", "n", *("fine-tuned" if n == "finetuned" else n for n in names),
+               *(["change (points)", "p (McNemar)"] if change else [])]
     rows = ["<tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"]
-    for topic in [*tuned["by_topic"], "all"]:
-        t = tuned if topic == "all" else tuned["by_topic"][topic]
-        cells = [f'<td class="topic">{escape(topic)}</td>', f'<td class="num n">{t["checked"]}</td>']
-        if base:
-            b = base if topic == "all" else base["by_topic"][topic]
-            diff = 100 * (t["accuracy"] - b["accuracy"])
-            cells.append(f'<td class="num base">{pct(b["accuracy"])}</td>')
-            cells.append(f'<td class="num finetuned">{pct(t["accuracy"])}</td>')
-            trend = "up" if diff > 0 else "down" if diff < 0 else ""
-            cells.append(f'<td class="num change {trend}">{diff:+.1f}</td>')
-        else:
-            cells.append(f'<td class="num finetuned">{pct(t["accuracy"])}</td>')
+    first = models[names[0]]
+    for topic in [*first["by_topic"], "all"]:
+        cells = [f'<td class="topic">{escape(topic)}</td>', f'<td class="num n">{topic_row(first, topic)["checked"]}</td>']
+        cells += [f'<td class="num {name}">{accuracy_text(topic_row(models[name], topic))}</td>' for name in names]
+        if change:
+            c = topic_row(change, topic)
+            if c.get("too_small"):
+                cells.append(f'<td class="change small" colspan="2">n &lt; {MIN_COMPARE}: too few to compare</td>')
+            else:
+                trend = "" if not c["significant"] else "up" if c["difference"] > 0 else "down"
+                cells.append(f'<td class="num change {trend}">{100 * c["difference"]:+.1f} '
+                             f'[{100 * c["low"]:+.1f}, {100 * c["high"]:+.1f}]</td>')
+                cells.append(f'<td class="num p">{p_text(c["p_value"])}</td>')
         rows.append(f'<tr class="{"all" if topic == "all" else "row"}" data-topic="{escape(topic)}">{"".join(cells)}</tr>')
-    table = f'<table id="accuracy">{"".join(rows)}</table>'
+    table = f'<table id="{escape(table_id)}" class="accuracy">{"".join(rows)}</table>'
+    counts = "; ".join(f"{'fine-tuned' if n == 'finetuned' else n}: {models[n]['correct']} correct, {models[n]['wrong']} "
+                       f"wrong, {models[n]['truncated']} truncated" for n in names)
+    protocol = evaluation.get("protocol")
+    table += (f'<p class="muted">95% intervals: Wilson for each accuracy, Newcombe (paired) for the change; p: '
+              f"McNemar's exact test on the same problems. A change is coloured only when p &lt; 0.05.<br>{escape(counts)} "
+              f"(truncated: hit the token limit before stating an answer).</p>")
+    if protocol:
+        table += f'<p class="protocol">{escape(protocol_text(protocol))}</p>'
+    tuned = models.get("finetuned") or first
     if tuned.get("uncheckable"):
-        loss = f"fine-tuned {tuned['reference_loss']} (perplexity {tuned['reference_perplexity']})"
-        if base:
-            loss += f", base {base['reference_loss']} (perplexity {base['reference_perplexity']})"
+        loss = ", ".join(f"{'fine-tuned' if n == 'finetuned' else n} {models[n]['reference_loss']} (perplexity "
+                         f"{models[n]['reference_perplexity']})" for n in reversed(names))
         table += (f'<p id="uncheckable">{tuned["uncheckable"]} examples without a checkable answer: '
                   f"reference loss per token {loss}</p>")
     return head + table
+
+
+def _bench_sections(run_dir: Path, plots: Path) -> str:
+    """General math (RUN_DIR/bench/NAME/summary.json), or how to check it when it was not run."""
+    folders = sorted(p.parent for p in (run_dir / "bench").glob("*/summary.json"))
+    if not folders:
+        return (f'<h2>General math</h2><p class="muted" id="no-bench">Not checked: <code>mathtune eval '
+                f"{escape(str(run_dir))} --bench gsm8k</code> scores base and fine-tuned on GSM8K problems shipped "
+                "with mathtune, to catch a loss of general math ability.</p>")
+    parts = []
+    for folder in folders:
+        name = folder.name
+        evaluation = _read_json(folder / "summary.json")
+        png = _accuracy_plot(evaluation)
+        write_bytes(plots / f"bench-{name}.png", png)
+        parts += [f'<h2 id="bench-{escape(name)}">General math: {escape(name)}</h2>', _warning(evaluation, name),
+                  _accuracy_section(evaluation, f"bench-{name}-accuracy"), _img(png, f"{name} accuracy")]
+    return "\n".join(parts)
+
+
+def _warning(evaluation: dict, what: str) -> str:
+    warning = significant_drop(evaluation, what)
+    return f'<p class="note warning">{escape(warning)}</p>' if warning else ""
 
 
 def _samples(predictions: list[dict]) -> str:
@@ -238,23 +278,27 @@ def loss_figure(metrics: list[dict]):
 
 def _accuracy_plot(evaluation: dict) -> bytes:
     models = evaluation["models"]
-    tuned, base = models["finetuned"], models.get("base")
-    topics = [*tuned["by_topic"], "all"]
-    series = [("base", base, "#9aa5b1")] if base else []
-    series.append(("fine-tuned", tuned, "#2b7bba"))
+    series = [(label, models[name], color) for name, label, color in
+              (("base", "base", "#9aa5b1"), ("finetuned", "fine-tuned", "#2b7bba")) if name in models]
+    topics = [*series[0][1]["by_topic"], "all"]
     plt = pyplot()
     height = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(8, 1.0 + 0.2 * len(topics) * len(series)))
     for k, (label, model, color) in enumerate(series):
-        values = [100 * (model if t == "all" else model["by_topic"][t])["accuracy"] for t in topics]
+        rows = [topic_row(model, t) for t in topics]
+        values = [100 * r["accuracy"] for r in rows]
+        # 95% Wilson interval as an error bar: a bar of n = 3 and one of n = 80 do not look alike.
+        errors = [[v - 100 * r["interval"]["low"] for v, r in zip(values, rows)],
+                  [100 * r["interval"]["high"] - v for v, r in zip(values, rows)]]
         ys = [i + (k - (len(series) - 1) / 2) * height for i in range(len(topics))]
-        bars = ax.barh(ys, values, height=height, label=label, color=color)
+        bars = ax.barh(ys, values, height=height, label=label, color=color, xerr=errors,
+                       error_kw={"ecolor": "#444", "capsize": 2, "elinewidth": 0.8})
         ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=3, fontsize=8)
-    counts = [(tuned if t == "all" else tuned["by_topic"][t])["checked"] for t in topics]
+    counts = [topic_row(series[0][1], t)["checked"] for t in topics]
     ax.set_yticks(range(len(topics)), [f"{t} (n={n})" for t, n in zip(topics, counts)])
     ax.invert_yaxis()  # first topic on top, "all" at the bottom, as in the table
     ax.set_xlim(0, 112)
-    ax.set_xlabel("verified accuracy (%)")
+    ax.set_xlabel("verified accuracy (%), 95% interval")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
     return png(fig)

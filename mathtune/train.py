@@ -135,7 +135,8 @@ def setup(cfg: Config, resume: bool) -> Job:
     started = time.perf_counter()
     with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
         model, tokenizer, source = load_model(cfg.model, source, device)
-    ensure_chat_template(tokenizer, cfg.model.chat_template)
+    if not data.text:  # plain text is trained without a chat template
+        ensure_chat_template(tokenizer, cfg.model.chat_template)
     model.config.use_cache = False  # training needs no KV cache, and packed rows are kept apart only without one
     log.info("Loaded %s%s in %.1f s", source.path, " (cached conversion)" if source.cache_hit else "",
              time.perf_counter() - started)
@@ -204,6 +205,10 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
         if cfg.eval.at_end and sharded:
             log.info("Generation needs the whole model in one process: score the run with `mathtune eval %s "
                      "--base` on one GPU", run_dir)
+        elif cfg.eval.at_end and job.data.text:
+            log.info("Plain-text data has no questions to answer: the verified-accuracy evaluation is skipped; the "
+                     "held-out loss above is its evaluation (perplexity %s -> %s)", summary["eval_perplexity_before"],
+                     summary["eval_perplexity_after"])
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
             evaluate_held_out(cfg, job.model, job.tokenizer, run_dir, job.eval_conv)
@@ -216,6 +221,7 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
 def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
     """train_summary.json: what was trained, on what, how fast, and the losses before and after."""
     from mathtune import distributed
+    from mathtune.evaluate import perplexity
     from mathtune.lora import count_parameters, lora_modules
 
     state, data, source = job.trainer.state, job.data, job.source
@@ -245,6 +251,8 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
         "train_loss_mean": round(fitted.train_loss_mean, 6),
         "eval_loss_before": fitted.eval_before,
         "eval_loss_after": fitted.eval_after,
+        "eval_perplexity_before": perplexity(fitted.eval_before),
+        "eval_perplexity_after": perplexity(fitted.eval_after),
         "resumed_from": str(job.checkpoint) if job.checkpoint else None,
         "device": device,
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
@@ -263,15 +271,21 @@ def _log_lora(model) -> None:
 
 
 def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
-    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split."""
-    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model
+    """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split,
+    then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
+    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model, run_benches, warn_about_drops
 
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
-    log.info("Scoring base and fine-tuned answers on %d held-out examples", len(examples))
+    log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
     result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                             max_seq_length=cfg.data.max_seq_length, meta={"data": "run", "split": "eval"})
     log.info("\n%s", comparison_table(result))
+    benches = run_benches(cfg, model, tokenizer, run_dir, cfg.eval.bench, limit=cfg.eval.bench_limit)
+    if not cfg.eval.bench:
+        log.info("General math was not checked (eval.bench is off: minutes on a CPU). Base vs fine-tuned on "
+                 "GSM8K: mathtune eval %s --bench gsm8k [--limit 100]", run_dir)
+    warn_about_drops({"the held-out split": result, **benches})
     return result
 
 

@@ -9,8 +9,11 @@ only decides *which part* of each text is the final answer, and rewrites that pa
 math-verify would misread it:
 
 - Reference: the last `\\boxed{}`, else the text after the last GSM8K `####` or announced answer
-  ("The answer is", "La respuesta es", "Respuesta:"). Without one of these it has no checkable
-  answer (a concept explanation), and reading its last number would grade against an example.
+  ("The answer is", "La respuesta es", "Respuesta:"), else the whole reference when it is, as a
+  whole, a final answer: a number, fraction, percentage, expression, equation, set or interval, in
+  plain text or LaTeX ("84", "3/4", "-2,5", "25%", "x = 3", "2\\pi", "$\\frac{3}{4}$", "(1, 3]").
+  Otherwise (prose such as a concept explanation) it has no checkable answer, and reading its last
+  number would grade against an example.
 - Response: the last complete `\\boxed{}`, else the last announced answer (English or Spanish,
   math-verify only knows the English word "answer"), else whatever math-verify itself extracts
   from the end of the response (its rightmost number or expression).
@@ -80,8 +83,16 @@ def validate_math_response(response: str, reference: str, timeout_seconds: float
 
 
 def reference_answer(reference: str) -> str | None:
-    """The final answer of a reference as text (`\\frac{7}{8}`, `1,000`), or None when it has none."""
-    found = _find_answer(reference)
+    """The final answer of a reference as text (`\\frac{7}{8}`, `1,000`, `84`), or None when it has none."""
+    found = _find_reference(reference)
+    return found[0] if found else None
+
+
+def stated_answer(response: str) -> str | None:
+    """The final answer a response states (`\\boxed{}` or announced), or None: then the verifier
+    falls back to the last expression, which in an answer cut off by the token limit is a
+    number from the working, not an answer."""
+    found = _find_answer(response)
     return found[0] if found else None
 
 
@@ -124,6 +135,30 @@ def _find_answer(text: str) -> tuple[str, str] | None:
     else:
         answer = re.split(r"\.\s", rest.split("\n", 1)[0] + " ", maxsplit=1)[0].strip(" \t.*_")
     return (answer, "announced") if answer else None
+
+
+# A reference that is only its answer: one line (or one display block), short, no prose.
+MAX_WHOLE_ANSWER_CHARS = 200
+_LATEX_ONLY = re.compile(r"(?:\$\$?[^$]+\$\$?|\\\(.+?\\\)|\\\[.+?\\\])[\s.]*", re.DOTALL)
+
+
+def _find_reference(text: str) -> tuple[str, str] | None:
+    """`_find_answer`, else the whole text when it is nothing but a final answer ("84", "x = 3")."""
+    found = _find_answer(text)
+    if found is not None:
+        return found
+    answer = text.strip().rstrip(".").strip()
+    if not answer or len(answer) > MAX_WHOLE_ANSWER_CHARS:
+        return None
+    if _LATEX_ONLY.fullmatch(answer):
+        return answer, "latex"
+    if "\n" in answer:
+        return None
+    # Plain text: every part of it must be mathematics once written as LaTeX (a prose word ends the
+    # mathematical part, see _math_part), so "12 times 7 is 84" and "Un primo" are not answers.
+    latex = _latexify(_normalize_numbers(answer, plain=True))
+    math_part = _math_part(latex).strip(" \t,;:*_=")
+    return (answer, "whole") if math_part and math_part == latex.strip(" \t,;:*_=") else None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -193,6 +228,14 @@ _SPANISH_SHORT_WORDS = {"a", "e", "o", "u", "y"}  # "12 a la semana", "2 y 3": w
 
 def _plain_to_latex(text: str) -> str:
     """`$...$` around the mathematical part of a plain-text answer; "" when it has none."""
+    text = _math_part(_latexify(text)).strip(" \t,;:*_=").rstrip("([{")
+    if re.fullmatch(r"\{[^{}]*\}", text):  # a plain "{1, 2}" is a set, not a LaTeX group
+        text = rf"\{{{text[1:-1]}\}}"
+    return f"${text}$" if text else ""
+
+
+def _latexify(text: str) -> str:
+    """Plain-text mathematics in LaTeX's words: π, √, %, currency, "or" between answers."""
     for char, latex in _UNICODE.items():
         text = text.replace(char, latex)
     text = re.sub(r"(?:√|(?<![\\A-Za-z])sqrt)\s*\(([^()]*)\)", r"\\sqrt{\1}", text)
@@ -203,11 +246,7 @@ def _plain_to_latex(text: str) -> str:
     text = re.sub(r"[$€£¥]", "", text)  # currency: "$18", "18 €"
     text = re.sub(r"\\(?:text|mathrm|mbox)\{([^{}]*)\}", r" \1 ", text)
     # "x = 3 or x = -2", "-2 y 3": a list of answers, which math-verify reads from "a, b".
-    text = re.sub(r"(?<=[\w})\]])\s+(?:or|and|o|y)\s+(?=[-\w\\(\[{])", ", ", text)
-    text = _math_part(text).strip(" \t,;:*_=").rstrip("([{")
-    if re.fullmatch(r"\{[^{}]*\}", text):  # a plain "{1, 2}" is a set, not a LaTeX group
-        text = rf"\{{{text[1:-1]}\}}"
-    return f"${text}$" if text else ""
+    return re.sub(r"(?<=[\w})\]])\s+(?:or|and|o|y)\s+(?=[-\w\\(\[{])", ", ", text)
 
 
 def _math_part(text: str) -> str:
@@ -236,6 +275,8 @@ def _math_part(text: str) -> str:
 
 def _prepare(answer: str, kind: str) -> str:
     """The text handed to math-verify's `parse` for an answer found by `_find_answer`."""
+    if kind == "latex":
+        return _normalize_numbers(answer, plain=False)
     if kind == "boxed":
         # Spanish connectors inside a box: math-verify turns "\text{ or }" into a list, not "o".
         answer = re.sub(r"\\text\{\s*o\s*\}", r"\\text{ or }", answer)
@@ -262,7 +303,7 @@ def _judge(response: str, reference: str, timeout: int | None) -> Verdict:
     def read(text: str) -> list:
         return parse(text, targets, parsing_timeout=timeout, raise_on_error=True)
 
-    ref = _find_answer(reference)
+    ref = _find_reference(reference)
     found = _find_answer(response)
     predicted = found[0] if found else None
     if ref is None:
@@ -330,7 +371,7 @@ def _judge_with_deadline(response: str, reference: str, timeout_seconds: float |
     if result:
         return result[0]
     found = _find_answer(response) if isinstance(response, str) else None
-    ref = _find_answer(reference) if isinstance(reference, str) else None
+    ref = _find_reference(reference) if isinstance(reference, str) else None
     return Verdict(False, found and found[0], ref and ref[0], "parse_error")
 
 

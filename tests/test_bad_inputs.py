@@ -316,7 +316,7 @@ def test_any_json_file_yields_records_or_our_errors(tmp_path, values, as_array, 
     text = json.dumps(values) if as_array else "\n".join(json.dumps(v) for v in values)
     path.write_text(text, encoding="utf-8")
     try:
-        for place, conv, _ in iter_conversations(path, fmt):
+        for place, conv, _ in iter_conversations(path, DataConfig(format=fmt)):
             assert place.startswith(str(path))
     except DataError as exc:
         assert str(path) in str(exc)

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
-import pytest
 import torch
 
+from mathtune.bench import BENCHES
 from mathtune.cli import main
 from mathtune.config import LoraConfig, ModelConfig
-from mathtune.evaluate import (
-    EvalExample,
-    comparison_table,
-    eval_examples,
-    generate,
-    stop_token_ids,
-    summarize,
-)
+from mathtune.evaluate import EvalExample, Generated, eval_examples, generate, score, stop_token_ids
 from mathtune.lora import apply_lora
 from mathtune.model import load_model
-from tests.conftest import GSM8K
 from tests.test_train import tiny_run_config
 
 
@@ -39,20 +32,15 @@ def test_the_last_assistant_turn_is_the_reference_and_concepts_are_not_checkable
     assert len(eval_examples(rows, limit=1)) == 1
 
 
-def test_accuracy_counts_only_checkable_examples_overall_and_per_topic():
-    examples = [EvalExample([], "\\boxed{1}", "a", True), EvalExample([], "\\boxed{2}", "a", True),
-                EvalExample([], "\\boxed{3}", "b", True), EvalExample([], "explanation", "b", False)]
-    results = [{"correct": True}, {"correct": False}, {"correct": True}, {"reference_loss": 1.0}]
-    summary = summarize(examples, results)
-    assert (summary["accuracy"], summary["correct"], summary["checked"]) == (0.6667, 2, 3)
-    assert summary["by_topic"] == {"a": {"accuracy": 0.5, "correct": 1, "checked": 2},
-                                   "b": {"accuracy": 1.0, "correct": 1, "checked": 1}}
-    assert summary["uncheckable"] == 1 and summary["reference_loss"] == 1.0
-    assert summary["reference_perplexity"] == pytest.approx(2.7183, abs=1e-4)
+def test_the_default_run_scores_its_whole_held_out_split():
+    from mathtune.config import Config
+    from mathtune.data.dataset import split_conversations
 
-    table = comparison_table({"models": {"finetuned": summary, "base": {**summary, "accuracy": 0.3333,
-                                                                         "by_topic": summary["by_topic"]}}})
-    assert "all" in table and "+33.3" in table and "66.7%" in table
+    cfg = Config()
+    _, held_out = split_conversations(cfg.data, cfg.train.seed)
+    assert len(held_out) == 82 <= cfg.eval.max_examples
+    examples = eval_examples(held_out, cfg.eval.max_examples or None)
+    assert len(examples) == 82 and sum(e.checkable for e in examples) == 73
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama_dir):
@@ -64,6 +52,31 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama_d
     assert together == alone
     assert tokenizer.padding_side == "right"  # restored for training
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer, model)
+
+
+def _always_says(model, token_id: int):
+    """The model, made to answer `token_id` at every step."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    torch.nn.init.zeros_(head.weight)
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[token_id] = 10.0
+    model.lm_head = head
+    return model
+
+
+def test_an_answer_that_hits_the_token_limit_is_truncated_not_wrong(tiny_llama_dir, chatml_tokenizer):
+    model, tokenizer, _ = load_model(ModelConfig(path=str(tiny_llama_dir)))
+    prompt = [[{"role": "user", "content": "What is 12 * 7?"}]]
+    digit = chatml_tokenizer.convert_tokens_to_ids("7")
+    talker = _always_says(model, digit).eval()
+    assert generate(talker, tokenizer, prompt, max_new_tokens=5, batch_size=1) == [Generated("77777", True)]
+    example = EvalExample(prompt[0], "The answer is \\boxed{84}.", "arithmetic", True)
+    [result] = score(talker, tokenizer, [example], max_new_tokens=5, batch_size=1, max_seq_length=64)
+    # The verifier's fallback reads 77777 from the cut-off text; no answer was stated, so truncated.
+    assert (result["correct"], result["predicted"], result["truncated"]) == (False, "77777", True)
+    stopper = _always_says(model, chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")).eval()
+    assert generate(stopper, tokenizer, prompt, max_new_tokens=5, batch_size=1) == [Generated("", False)]
 
 
 def test_training_ends_with_base_vs_finetuned_scores_written_beside_the_run(tmp_path, tiny_llama_dir):
@@ -81,6 +94,16 @@ def test_training_ends_with_base_vs_finetuned_scores_written_beside_the_run(tmp_
         assert summary["models"][name]["correct"] == correct
         assert all({"response", "predicted", "expected", "correct", "reason"} <= set(p[name]) for p in predictions)
     assert all(p["reference"] and p["prompt"][-1]["role"] == "user" for p in predictions)
+    for name in ("finetuned", "base"):
+        m = summary["models"][name]
+        assert m["correct"] + m["wrong"] + m["truncated"] == m["checked"]
+        assert 0 <= m["interval"]["low"] <= m["accuracy"] <= m["interval"]["high"] <= 1
+    change = summary["change"]
+    assert {"difference", "low", "high", "p_value", "only_base", "only_tuned", "significant", "by_topic"} <= set(change)
+    protocol = summary["protocol"]
+    assert protocol["decoding"] == "greedy" and protocol["max_new_tokens"] == 6
+    assert protocol["stop_tokens"] == ["<|endoftext|>", "<|im_end|>"]
+    assert protocol["verifier"].startswith("math-verify 0.") and "zero-shot" in protocol["prompt"]
 
 
 def test_eval_command_scores_real_gsm8k_lines_with_no_gsm8k_code(tmp_path, tiny_llama_dir, caplog):
@@ -88,7 +111,7 @@ def test_eval_command_scores_real_gsm8k_lines_with_no_gsm8k_code(tmp_path, tiny_
     from mathtune.train import train
 
     train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"at_end": False})}))
-    lines = (GSM8K / "test.jsonl").read_text(encoding="utf-8").splitlines()[:4]
+    lines = BENCHES["gsm8k"].file.read_text(encoding="utf-8").splitlines()[:4]
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -102,7 +125,76 @@ def test_eval_command_scores_real_gsm8k_lines_with_no_gsm8k_code(tmp_path, tiny_
     predictions = [json.loads(line) for line in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
     expected = [json.loads(line)["answer"].rsplit("####", 1)[1].strip() for line in lines]
     assert [p["finetuned"]["expected"] for p in predictions] == expected
-    assert "base  fine-tuned  change" in caplog.text  # the comparison table is printed
+    assert re.search(r"topic +n +base +fine-tuned +change \(points\) +p\n", caplog.text)  # the table is printed
+    assert "Protocol: the model's chat template" in caplog.text and "at most 4 new tokens" in caplog.text
+
+
+def test_bench_scores_base_and_finetuned_on_the_shipped_gsm8k_sample(tmp_path, tiny_llama_dir, caplog):
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
+    from mathtune.train import train
+
+    train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"at_end": False})}))
+    caplog.set_level(logging.INFO, logger="mathtune")
+    run = tmp_path / "run"
+    assert main(["eval", str(run), "--bench", "gsm8k", "--limit", "3", "--max-new-tokens", "4"]) == 0
+    summary = json.loads((run / "bench" / "gsm8k" / "summary.json").read_text())
+    assert (summary["bench"], summary["examples"], summary["split"]) == ("gsm8k", 3, "test")
+    assert set(summary["models"]) == {"base", "finetuned"} and summary["change"]["by_topic"]
+    assert summary["protocol"]["max_new_tokens"] == 4
+    predictions = [json.loads(line) for line in (run / "bench" / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
+    first = json.loads(BENCHES["gsm8k"].file.read_text(encoding="utf-8").splitlines()[0])
+    assert predictions[0]["prompt"] == [{"role": "user", "content": first["question"]}]
+    assert not (run / "eval").exists()  # the held-out scores are not replaced
+    assert "gsm8k: GSM8K test, 300-problem seeded sample" in caplog.text
+    assert main(["eval", str(run), "--bench", "gsm8k", "--data", "x.jsonl"]) == 2
+
+
+def test_eval_bench_runs_after_training_and_a_significant_drop_is_the_last_word(tmp_path, tiny_llama_dir, caplog,
+                                                                                monkeypatch):
+    import mathtune.accuracy
+    from mathtune.train import train
+
+    seen = []
+
+    def drop_on_gsm8k(summary, what):
+        seen.append((what, summary["examples"]))
+        return "Fine-tuning made the model worse on gsm8k" if what == "gsm8k" else None
+
+    monkeypatch.setattr(mathtune.accuracy, "significant_drop", drop_on_gsm8k)
+    monkeypatch.setattr("mathtune.evaluate.significant_drop", drop_on_gsm8k)
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
+    cfg.eval.bench, cfg.eval.bench_limit = ["gsm8k"], 2
+    caplog.set_level(logging.INFO, logger="mathtune")
+    train(cfg)
+    run = tmp_path / "run"
+    summary = json.loads((run / "bench" / "gsm8k" / "summary.json").read_text())
+    assert summary["examples"] == 2 and set(summary["models"]) == {"base", "finetuned"}
+    assert seen == [("the held-out split", 3), ("gsm8k", 2)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["WARNING: Fine-tuning made the model worse on gsm8k"]
+    assert 'id="bench-gsm8k"' in (run / "report.html").read_text(encoding="utf-8")
+
+
+def test_without_eval_bench_training_says_how_to_check_general_math(tmp_path, tiny_llama_dir, caplog):
+    from mathtune.train import train
+
+    caplog.set_level(logging.INFO, logger="mathtune")
+    train(tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1))
+    assert f"mathtune eval {tmp_path / 'run'} --bench gsm8k" in caplog.text
+    assert not (tmp_path / "run" / "bench").exists()
+
+
+def test_the_shipped_gsm8k_sample_is_300_test_problems_with_license_and_source():
+    bench = BENCHES["gsm8k"]
+    lines = bench.file.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 300 and all(set(json.loads(line)) == {"question", "answer"} for line in lines)
+    folder = bench.file.parent
+    assert "MIT License" in (folder / "LICENSE").read_text() and "Copyright (c) 2021 OpenAI" in (folder / "LICENSE").read_text()
+    source = (folder / "SOURCE.md").read_text()
+    assert "seed 2021" in source and "openai/grade-school-math" in source
+    import hashlib
+
+    assert hashlib.sha256(bench.file.read_bytes()).hexdigest() in source
 
 
 def test_eval_of_a_folder_that_is_not_a_finished_run(tmp_path, capsys):

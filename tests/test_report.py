@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from mathtune.accuracy import comparison_table, paired_change, summarize
 from mathtune.config import dump_config, load_config
 from mathtune.errors import MathtuneError
-from mathtune.evaluate import EvalExample, comparison_table, summarize, write_eval
+from mathtune.evaluate import EvalExample, write_eval
 from mathtune.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,9 +30,22 @@ def _example(question: str, answer: str, topic: str, checkable: bool = True, ear
     return EvalExample(prompt=prompt, reference=answer, topic=topic, checkable=checkable)
 
 
-def _answer(response: str, predicted: str | None, expected: str, correct: bool) -> dict:
+def _answer(response: str, predicted: str | None, expected: str, correct: bool, truncated: bool = False) -> dict:
     return {"response": response, "predicted": predicted, "expected": expected, "correct": correct,
-            "reason": "correct" if correct else "mismatch" if predicted else "no_answer"}
+            "reason": "correct" if correct else "mismatch" if predicted else "no_answer", "truncated": truncated}
+
+
+PROTOCOL = {"prompt": "the model's chat template, system prompt 'You are a math tutor.', zero-shot",
+            "decoding": "greedy", "max_new_tokens": 64, "stop_tokens": ["<|im_end|>"],
+            "verifier": "math-verify 0.9.0 (mathtune.verify)"}
+
+
+def _summary(examples, runs: dict, **meta) -> dict:
+    """summary.json as evaluate_model writes it."""
+    return {"data": "run", "split": "eval", **meta, "examples": len(examples), "protocol": PROTOCOL,
+            "models": {name: summarize(examples, results) for name, results in runs.items()},
+            "change": paired_change(examples, runs["base"], runs["finetuned"]) if len(runs) == 2 else None,
+            "seconds": 3.2}
 
 
 def _write_eval(run_dir: Path, base: bool = True) -> dict:
@@ -48,7 +62,7 @@ def _write_eval(run_dir: Path, base: bool = True) -> dict:
         _answer("The answer is \\boxed{5}.", "5", "4", False),
         _answer("The answer is \\boxed{6}.", "6", "6", True),
         _answer("The answer is \\boxed{1}.", "1", "1", True),
-        _answer("I do not know.", None, "4", False),
+        _answer("Let x be the side. Then", None, "4", False, truncated=True),
         {"reference_loss": 1.25},
     ]
     runs = {"finetuned": finetuned}
@@ -61,8 +75,7 @@ def _write_eval(run_dir: Path, base: bool = True) -> dict:
             _answer("The answer is \\boxed{5}.", "5", "4", False),
             {"reference_loss": 2.5},
         ]
-    summary = {"data": "run", "split": "eval", "examples": len(examples), "max_new_tokens": 64,
-               "models": {name: summarize(examples, results) for name, results in runs.items()}, "seconds": 3.2}
+    summary = _summary(examples, runs)
     write_eval(run_dir / "eval", examples, runs, summary)
     return summary
 
@@ -96,22 +109,24 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 class _Table(HTMLParser):
-    """Rows of <table id="accuracy">: {topic: {cell class: text}}."""
+    """Rows of <table id="accuracy"> (or another id): {topic: {cell class: text}}."""
 
-    def __init__(self):
+    def __init__(self, table_id: str = "accuracy"):
         super().__init__()
+        self.table_id = table_id
         self.rows: dict[str, dict[str, str]] = {}
         self._inside, self._topic, self._cell = False, None, None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "table":
-            self._inside = attrs.get("id") == "accuracy"
+            self._inside = attrs.get("id") == self.table_id
         elif self._inside and tag == "tr" and "data-topic" in attrs:
             self._topic = attrs["data-topic"]
             self.rows[self._topic] = {}
         elif self._inside and tag == "td" and self._topic:
-            self._cell = attrs["class"].split()[1] if attrs["class"].startswith("num ") else "topic"
+            classes = attrs["class"].split()
+            self._cell = classes[1] if classes[0] == "num" else classes[0]
 
     def handle_endtag(self, tag):
         if tag == "table":
@@ -124,8 +139,8 @@ class _Table(HTMLParser):
             self.rows[self._topic][self._cell] = self.rows[self._topic].get(self._cell, "") + data
 
 
-def _table(html: str) -> dict[str, dict[str, str]]:
-    parser = _Table()
+def _table(html: str, table_id: str = "accuracy") -> dict[str, dict[str, str]]:
+    parser = _Table(table_id)
     parser.feed(html)
     return parser.rows
 
@@ -146,20 +161,52 @@ def test_report_is_one_self_contained_file(run_dir):
 def test_table_numbers_are_those_of_the_summary(run_dir):
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     rows = _table(write_report(run_dir).read_text(encoding="utf-8"))
-    tuned, base = summary["models"]["finetuned"], summary["models"]["base"]
+    tuned, change = summary["models"]["finetuned"], summary["change"]
     assert list(rows) == ["algebra", "geometry", "all"]
     for topic, row in rows.items():
         t = tuned if topic == "all" else tuned["by_topic"][topic]
-        b = base if topic == "all" else base["by_topic"][topic]
         assert row["n"] == str(t["checked"])
-        assert row["finetuned"] == f"{100 * t['accuracy']:.1f}%"
-        assert row["base"] == f"{100 * b['accuracy']:.1f}%"
-        assert row["change"] == f"{100 * (t['accuracy'] - b['accuracy']):+.1f}"
-    assert rows["geometry"] == {"topic": "geometry", "n": "3", "base": "33.3%", "finetuned": "66.7%", "change": "+33.3"}
+        assert row["finetuned"] == (f"{100 * t['accuracy']:.1f}% [{100 * t['interval']['low']:.1f}-"
+                                    f"{100 * t['interval']['high']:.1f}]")
+    # Topics of fewer than 10 problems: intervals, but no change, and no colour.
+    assert rows["geometry"] == {"topic": "geometry", "n": "3", "base": "33.3% [6.2-79.2]",
+                                "finetuned": "66.7% [20.8-93.8]", "change": "n < 10: too few to compare"}
+    assert (change["difference"], change["only_tuned"], change["only_base"]) == (0.4, 2, 0)
+    assert rows["all"]["change"] == f"+40.0 [{100 * change['low']:+.1f}, {100 * change['high']:+.1f}]"
+    assert rows["all"]["p"] == "0.50"
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert 'class="num change "' in html  # p = 0.5: not coloured as a gain
     # The same cells as the table `mathtune eval` prints.
-    printed = {line.split()[0]: line.split()[1:] for line in comparison_table(summary).splitlines()[2:5]}
+    printed = {line.split()[0]: line for line in comparison_table(summary).splitlines()[2:5]}
     for topic, row in rows.items():
-        assert printed[topic] == [row["n"], row["base"], row["finetuned"], row["change"]]
+        assert all(row[cell] in printed[topic] for cell in ("base", "finetuned")), printed[topic]
+    assert rows["all"]["change"] in printed["all"] and "n < 10, too few" in printed["geometry"]
+
+
+def test_protocol_counts_and_intervals_are_on_the_page(run_dir):
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert "greedy, at most 64 new tokens, stop at &lt;|im_end|&gt;; verified by math-verify 0.9.0" in html
+    assert "system prompt &#x27;You are a math tutor.&#x27;, zero-shot" in html
+    assert "fine-tuned: 3 correct, 1 wrong, 1 truncated" in html and "base: 1 correct, 4 wrong, 0 truncated" in html
+    assert "Wilson" in html and "McNemar" in html
+
+
+def test_a_significant_drop_is_a_warning_and_a_bench_gets_its_own_section(run_dir):
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert "mathtune eval" in html and "--bench gsm8k" in html and 'id="no-bench"' in html
+    assert "made the model worse" not in html
+    examples = [EvalExample([{"role": "user", "content": f"q{i}"}], f"#### {i}", "arithmetic", True) for i in range(30)]
+    runs = {"base": [_answer(str(i), str(i), str(i), i < 20) for i in range(30)],
+            "finetuned": [_answer(str(i), str(i), str(i), i < 8) for i in range(30)]}
+    write_eval(run_dir / "bench" / "gsm8k", examples, runs, _summary(examples, runs, bench="gsm8k",
+                                                                     data="GSM8K test, 300-problem seeded sample"))
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert 'id="no-bench"' not in html and 'id="bench-gsm8k"' in html
+    assert "Fine-tuning made the model worse on gsm8k: 66.7% -&gt; 26.7% (-40.0 [" in html
+    assert "McNemar exact p &lt; 0.001" in html
+    rows = _table(html, "bench-gsm8k-accuracy")
+    assert rows["arithmetic"]["change"].startswith("-40.0 [") and 'class="num change down"' in html
+    assert (run_dir / "plots" / "bench-gsm8k.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_uncheckable_line_and_samples(run_dir):
@@ -214,7 +261,7 @@ def test_evaluation_without_base(run_dir):
     _write_eval(run_dir, base=False)
     html = write_report(run_dir).read_text(encoding="utf-8")
     rows = _table(html)
-    assert rows["all"] == {"topic": "all", "n": "5", "finetuned": "60.0%"}
+    assert rows["all"] == {"topic": "all", "n": "5", "finetuned": "60.0% [23.1-88.2]"}
     assert ">base<" not in html
     assert (run_dir / "plots" / "accuracy.png").read_bytes().startswith(PNG_MAGIC)
 

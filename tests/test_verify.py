@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 import mathtune.verify as verify_module
-from mathtune.verify import Verdict, reference_answer, validate_math_response
+from mathtune.verify import Verdict, reference_answer, stated_answer, validate_math_response
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = ROOT / "mathtune" / "bench" / "gsm8k" / "test.jsonl"  # the sample shipped in the package
 PAIRS = ROOT / "mathtune" / "data" / "builtin" / "pairs.jsonl"
 
 # Real GSM8K test answers (lines 1, 147, 490, 612 and 1114 of test.jsonl).
@@ -286,13 +286,56 @@ def _gsm8k_answers(limit: int) -> list[str]:
         return [json.loads(line)["answer"] for line, _ in zip(f, range(limit))]
 
 
-@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="GSM8K test split not downloaded")
 def test_gsm8k_answers_verify_against_themselves_and_reject_n_plus_1():
-    for i, answer in enumerate(_gsm8k_answers(200)):
+    for i, answer in enumerate(_gsm8k_answers(300)):
         n = int(answer.rsplit("####", 1)[1].strip().replace(",", ""))
         assert validate_math_response(answer, answer).correct, (i, answer)
         wrong = validate_math_response(f"The answer is {n + 1}", answer)
         assert (wrong.correct, wrong.reason) == (False, "mismatch"), (i, wrong)
+
+
+# References that are only their final answer (a `completion` or `answer` field): checkable.
+WHOLE_ANSWERS = [
+    ("84", "12 times 7 is 84.", "12 * 7 = 88"), ("17", "La respuesta es 17.", "Es 71."),
+    ("3/4", "The answer is 0.75", "The answer is 3/8"), ("-2.5", "Answer: -5/2", "Answer: 2.5"),
+    ("-2,5", "La respuesta es -2,5", "La respuesta es -25"), ("x = 3", "So x = 3.", "So x = -3."),
+    ("2\\pi", "The answer is 2π", "The answer is 2"), ("25%", "The answer is 25%", "The answer is 2.5"),
+    ("1,000", "The answer is 1000", "The answer is 1"), ("1.234,5", "La respuesta es 1234.5", "La respuesta es 1.2345"),
+    ("$\\frac{3}{4}$", "\\boxed{\\frac{3}{4}}", "\\boxed{\\frac{4}{3}}"), ("\\frac{3}{4}", "Respuesta: 3/4", "Respuesta: 4/3"),
+    ("\\(x^2 + 1\\)", "The answer is $x^2 + 1$", "The answer is $x^2 - 1$"),
+    ("(1, 3]", "The answer is (1, 3]", "The answer is [1, 3]"), ("{1, 2}", "\\boxed{\\{1, 2\\}}", "\\boxed{\\{1, 3\\}}"),
+    ("x = 3 or x = -2", "The solutions are x = -2 and x = 3", "The solutions are x = 2 and x = 3"),
+    ("-2 y 3", "Las soluciones son -2 y 3", "Las soluciones son 2 y 3"), ("$18", "So she makes $18.", "So she makes $16."),
+    ("6x^2", "The answer is 6x^2", "The answer is 6x"), ("sqrt(2)", "The answer is √2", "The answer is 2"),
+    ("x ≤ 3", "The answer is x \\le 3", "The answer is x < 3"), ("84.", "\\boxed{84}", "\\boxed{48}"),
+    ("50 por ciento", "La respuesta es 50%", "La respuesta es 5%"), ("2 x^{3} + C", "\\boxed{2x^3 + C}", "\\boxed{6x^2}"),
+]
+PROSE = [
+    CONCEPT, "The slope of the tangent line.", "Un número con dos divisores.", "12 times 7 is 84.", "Yes", "It depends",
+    "Los números primos son 2, 3, 5 y 7.", "Because 2 + 2 = 4", "x = 3\nx = -2 too", "84 apples", "", "   ",
+    "A prime number has exactly two divisors: 1 and itself.", "7" * 250,
+]
+
+
+@pytest.mark.parametrize(("reference", "right", "wrong"), WHOLE_ANSWERS, ids=[case[0] for case in WHOLE_ANSWERS])
+def test_a_reference_that_is_only_its_answer_is_checkable(reference, right, wrong):
+    assert reference_answer(reference) == reference.strip().rstrip(".")
+    assert validate_math_response(right, reference).correct, validate_math_response(right, reference)
+    verdict = validate_math_response(wrong, reference)
+    assert (verdict.correct, verdict.reason) == (False, "mismatch"), verdict
+
+
+@pytest.mark.parametrize("reference", PROSE)
+def test_prose_without_an_announced_answer_is_not_checkable(reference):
+    assert reference_answer(reference) is None
+    assert validate_math_response("The answer is 84.", reference).reason == "no_reference"
+
+
+def test_a_stated_answer_is_boxed_or_announced_never_the_last_number_of_the_working():
+    assert stated_answer("So 3 + 4 = 7.\nThe answer is 7.") == "7"
+    assert stated_answer("\\boxed{12}") == "12"
+    assert stated_answer("First 16 - 3 = 13, then 13 - 4") is None
+    assert stated_answer("84") is None  # only a reference may be nothing but its answer
 
 
 def test_bundled_outputs_verify_against_themselves():

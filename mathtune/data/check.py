@@ -2,13 +2,14 @@
 
     mathtune data check my_math.jsonl more.json          # exit 1 when any record is invalid
     mathtune data check big.jsonl --json > problems.json
+    mathtune data check pares.csv notas.md --config run.yaml   # data.format, data.fields, data.preference ...
 
 The records go through the same reader and parsers as training (`dataset.iter_conversations`,
 `formats.parse_record`), so a file that passes here loads in `mathtune train`. Unlike training,
 checking does not stop at the first unreadable JSONL line: it reports it and goes on. JSONL is
 streamed, so memory stays flat on files of millions of records (a JSON array file is read whole);
 problems are printed as they are found, or collected for --json. A progress bar (stderr) shows on
-files over PROGRESS_MIN_BYTES.
+files over PROGRESS_MIN_BYTES. CSV, TSV and Parquet are streamed too (see readers.py).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mathtune.data.dataset import iter_conversations
+from mathtune.data.dataset import Skipped, iter_conversations
 from mathtune.data.formats import RecordError
 from mathtune.errors import DataError
+
+if TYPE_CHECKING:
+    from mathtune.config import DataConfig
 
 PROGRESS_MIN_BYTES = 32 << 20
 
@@ -33,6 +38,10 @@ class FileCheck:
     format: str | None = None
     records: int = 0
     invalid: int = 0
+    skipped: int = 0
+    """Valid records training leaves out: labelled undesirable (label: false)."""
+    notes: list[str] = field(default_factory=list)
+    """What the reader decided (the key of a wrapped list, preference pairs read for their chosen side)."""
     error: str | None = None
     """A problem with the whole file (missing, empty, not JSON, unknown record shape)."""
 
@@ -72,19 +81,23 @@ def progress_bar(path: Path, desc: str) -> Iterator[Callable[[int], None] | None
         yield bar.update
 
 
-def check_files(paths: list[Path], on_problem: Callable[[str, str], None], fmt: str = "auto",
-                fields: dict | None = None, max_chars: int | None = None) -> CheckReport:
-    """Validate every record of `paths`; call on_problem(place, message) for each problem found.
-    A record over `max_chars` characters is a problem, as training would find it."""
+def check_files(paths: list[Path], on_problem: Callable[[str, str], None], cfg: DataConfig | None = None,
+                max_chars: int | None = None) -> CheckReport:
+    """Validate every record of `paths` read with the settings of `cfg` (format, fields, ...); call
+    on_problem(place, message) for each problem found. A record over `max_chars` characters is a
+    problem, as training would find it."""
     report = CheckReport()
     for path in paths:
         result = FileCheck(str(path))
         report.files.append(result)
         with progress_bar(path, "Checking") as progress:
             try:
-                for place, conv, result.format in iter_conversations(path, fmt, fields, max_chars, keep_going=True,
-                                                                     progress=progress):
+                notes = result.notes.append
+                for place, conv, fmt in iter_conversations(path, cfg, max_chars, keep_going=True, progress=progress,
+                                                           on_note=notes):
+                    result.format = fmt
                     result.records += 1
+                    result.skipped += isinstance(conv, Skipped)
                     if isinstance(conv, RecordError):
                         result.invalid += 1
                         on_problem(place, str(conv))
@@ -102,14 +115,14 @@ def say(text: str) -> None:
     print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
-def run_check(paths: list[Path], as_json: bool = False, config: Path | None = None) -> int:
+def run_check(paths: list[Path], as_json: bool = False, config: Path | None = None, overrides: dict | None = None) -> int:
     """`mathtune data check`: print the problems (or one JSON document); 0 if all valid, 1 otherwise.
-    `config` gives data.format and data.fields (records with field names of their own)."""
-    from mathtune.config import DataConfig, load_config
+    `config` and `overrides` give the data settings (data.format and data.fields for records with
+    field names of their own, data.documents, data.preference, ...)."""
+    from mathtune.config import load_config
     from mathtune.data.dataset import MAX_CHARS_PER_TOKEN, too_few_records
 
-    data = load_config(config, check_machine=False).data if config is not None else DataConfig()
-    fmt, fields = data.format, data.fields.model_dump() if data.fields else None
+    data = load_config(config, overrides, check_machine=False).data
     problems: list[dict] = []
     if as_json:
         def on_problem(place: str, message: str) -> None:
@@ -118,8 +131,8 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
         def on_problem(place: str, message: str) -> None:
             say(f"{place}: {message}")
 
-    report = check_files(paths, on_problem, fmt, fields, MAX_CHARS_PER_TOKEN * data.max_seq_length)
-    valid = sum(f.records - f.invalid for f in report.files)
+    report = check_files(paths, on_problem, data, MAX_CHARS_PER_TOKEN * data.max_seq_length)
+    valid = sum(f.records - f.invalid - f.skipped for f in report.files)
     if not any(f.error for f in report.files) and (problem := too_few_records(valid, data)):
         report.problems.append(problem)  # what training would say about these files
         on_problem(", ".join(map(str, paths)), problem)
@@ -131,7 +144,12 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
                 say(f"{f.path}: not checked: {f.error.splitlines()[0].removeprefix(f'{f.path}: ')}")
             else:
                 status = f"{f.invalid} invalid" if f.invalid else "all valid"
+                if f.skipped:
+                    status += (f"; {f.skipped} labelled undesirable (label: false) will be left out "
+                               "(data.on_undesirable: train to use them)")
                 say(f"{f.path} ({f.format or 'no records'}): {f.records} records, {status}")
+                for note in f.notes:
+                    say(f"  {note.removeprefix(f'{f.path}: ')}")
         bad = sum(f.invalid for f in report.files) + sum(f.error is not None for f in report.files) + len(report.problems)
         say("OK: every record is valid" if report.ok else f"{bad} problem{'s' * (bad != 1)} found")
     return 0 if report.ok else 1

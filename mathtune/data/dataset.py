@@ -4,11 +4,15 @@
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, report)   # checked, not tokenized
     train, eval = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, report)
 
-Files are JSONL (one record per line, also under a .json name) or one JSON array, UTF-8 with an
-optional BOM. Records are parsed with `formats.parse_record`; a bad record is reported with its file,
-line (or array index) and field. The conversations go through `datasets` (memory-mapped Arrow on
-disk), are rendered with the model's own chat template and tokenized with labels on the assistant's
-turns only: each turn's content and its end-of-turn token, never padding.
+Files are read by `readers.read_records` (JSONL, JSON, CSV/TSV, Parquet, .txt/.md) and every record
+is parsed with `formats.parse_record`; a bad record is reported with its file, line (row, or array
+index) and field. The conversations go through `datasets` (memory-mapped Arrow on disk), are rendered
+with the model's own chat template and tokenized with labels on the assistant's turns only: each
+turn's content and its end-of-turn token, never padding.
+
+Plain text (data.format: text) takes another road: no chat template; each document is tokenized,
+followed by the end-of-text token, the documents are concatenated and cut into data.max_seq_length
+chunks, and every token is trained (continued pre-training on your own material).
 """
 
 from __future__ import annotations
@@ -21,16 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mathtune.data.formats import Conversation, RecordError, detect_format, parse_record
+from mathtune.config import DataConfig  # the reading settings every record goes through
+from mathtune.data.formats import Conversation, Document, RecordError, detect_format, parse_record
+from mathtune.data.readers import file_kind, read_records
 from mathtune.data.template import render_chat
 from mathtune.errors import DataError, MathtuneError
-from mathtune.files import unreadable_reason
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
-
-    from mathtune.config import DataConfig
 
 log = logging.getLogger("mathtune")
 
@@ -60,25 +63,35 @@ class DataReport:
     """file -> detected format"""
     records: int = 0
     skipped_invalid: int = 0
+    skipped_undesirable: int = 0
+    """records labelled undesirable (KTO-style label: false) left out (data.on_undesirable: skip)"""
     truncated: int = 0
     dropped_no_labels: int = 0
     train_examples: int = 0
     eval_examples: int = 0
     train_tokens: int = 0
     train_label_tokens: int = 0
+    text: bool = False
+    """Plain-text documents (packed, every token trained), not conversations."""
+    notes: list[str] = field(default_factory=list)
+    """What the readers decided: a wrapped list's key, preference pairs read for their chosen side."""
     duplicates: list[str] = field(default_factory=list)
     """'FILE:LINE repeats FILE:LINE' for each record identical to an earlier one (kept, warned)."""
 
     def lines(self) -> list[str]:
         out = [f"  {name}: {fmt}" for name, fmt in self.files.items()]
+        out += [f"  {note}" for note in self.notes]
+        unit = "chunks" if self.text else "examples"
         out.append(
-            f"  {self.records} records -> {self.train_examples} train / {self.eval_examples} eval examples, "
+            f"  {self.records} records -> {self.train_examples} train / {self.eval_examples} eval {unit}, "
             f"{self.train_tokens} train tokens ({self.train_label_tokens} trained on)"
         )
         if self.duplicates:
             out.append(f"  {len(self.duplicates)} duplicate records (kept), first: {self.duplicates[0]}")
         if self.skipped_invalid:
             out.append(f"  skipped {self.skipped_invalid} invalid records (data.on_invalid: skip)")
+        if self.skipped_undesirable:
+            out.append(f"  left out {self.skipped_undesirable} records labelled undesirable (label: false)")
         if self.truncated:
             out.append(f"  truncated {self.truncated} examples longer than data.max_seq_length")
         if self.dropped_no_labels:
@@ -86,122 +99,11 @@ class DataReport:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading files
+@dataclass
+class Skipped:
+    """A valid record left out on purpose: an undesirable example (KTO-style label: false)."""
 
-
-# Byte order marks of the encodings Windows tools save by default besides UTF-8 (longest first).
-_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
-               (b"\xfe\xff", "UTF-16"))
-
-
-def read_json_records(
-    path: Path, keep_going: bool = False, progress: Callable[[int], None] | None = None
-) -> Iterator[tuple[str, Any]]:
-    """Yield (place, value) for each record of a JSONL file or a JSON array file.
-
-    JSONL is streamed line by line (bounded memory on large files); a JSON array is read whole.
-    Malformed JSON and bad bytes raise DataError naming the line and column; with `keep_going`
-    (`mathtune data check`) such a JSONL line is yielded as a RecordError instead and reading goes
-    on. `progress` is called with the number of bytes read, for a progress bar.
-    """
-    reason = unreadable_reason(path)
-    if reason:
-        raise DataError([f"{path}: {reason}"])
-    with path.open("rb") as fh:
-        head = fh.read(4096)
-    encoding = next((name for bom, name in _OTHER_BOMS if head.startswith(bom)), None)
-    if encoding:
-        raise DataError([f"{path}: the file is {encoding} text; save it as UTF-8 (in most editors: Save as -> Encoding "
-                         "UTF-8)"])
-    first = head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
-    if not first:
-        raise DataError([f"{path}: the file is empty; expected JSON records"])
-    if first == b"[":
-        yield from _read_array(path)
-        if progress:
-            progress(path.stat().st_size)
-    elif first == b"{":
-        yield from _read_lines(path, keep_going, progress)
-    else:
-        raise DataError([f"{path}: expected a JSON array of records or one JSON object per line, starts with {first!r}"])
-
-
-def _read_array(path: Path) -> Iterator[tuple[str, Any]]:
-    text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), path, 1)
-    try:
-        values = parse_json(text)
-    except json.JSONDecodeError as exc:
-        raise DataError([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
-    except RecursionError:
-        raise DataError([f"{path}: {TOO_DEEP}"]) from None
-    for i, value in enumerate(values):
-        yield f"{path} [record {i}]", value
-
-
-def _read_lines(path: Path, keep_going: bool, progress: Callable[[int], None] | None) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if progress:
-                progress(len(raw))
-            try:
-                line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, path, lineno).rstrip()
-            except DataError as exc:
-                if not keep_going:
-                    raise
-                yield f"{path}:{lineno}", RecordError("", exc.problems[0].split(": ", 1)[1])
-                continue
-            if not line.strip():
-                continue
-            try:
-                value = parse_json(line)
-            except json.JSONDecodeError as exc:
-                if lineno == 1 and exc.msg.startswith(("Expecting", "Unterminated")):
-                    _reject_pretty_object(path)
-                if keep_going:
-                    yield f"{path}:{lineno}:{exc.colno}", RecordError("", f"invalid JSON: {exc.msg}")
-                    continue
-                raise DataError([f"{path}:{lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
-            except RecursionError:
-                if keep_going:
-                    yield f"{path}:{lineno}", RecordError("", TOO_DEEP)
-                    continue
-                raise DataError([f"{path}:{lineno}: {TOO_DEEP}"]) from None
-            yield f"{path}:{lineno}", value
-
-
-TOO_DEEP = "JSON nested too deeply to read (thousands of levels of [ or {); records are a few levels deep"
-
-
-def parse_json(text: str) -> Any:
-    """json.loads, except that a number too long for Python's int (over 4,300 digits: it refuses to
-    convert them) is read as a float (inf), so that it is judged like any other number, not a crash.
-    Raises JSONDecodeError, or RecursionError for nesting deeper than the parser's stack."""
-    return json.loads(text, parse_int=_int)
-
-
-def _int(digits: str) -> int | float:
-    return int(digits) if len(digits) <= 4000 else float(digits)
-
-
-def _reject_pretty_object(path: Path) -> None:
-    # A first line that is not a whole object may be one pretty-printed object: say what it is.
-    try:
-        whole = parse_json(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        return
-    keys = ", ".join(list(whole)[:5]) if isinstance(whole, dict) else ""
-    raise DataError(
-        [f"{path}: the file is one JSON object (keys: {keys}); expected an array of records or one record per line"]
-    )
-
-
-def _decode(raw: bytes, path: Path, lineno: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = lineno + raw[: exc.start].count(b"\n")
-        raise DataError([f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"]) from None
+    reason: str = "labelled undesirable (label: false); data.on_undesirable: train would use it"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,35 +114,45 @@ def _decode(raw: bytes, path: Path, lineno: int) -> str:
 # data.max_seq_length would lose nearly all of itself, answer included, to truncation.
 MAX_CHARS_PER_TOKEN = 100
 
+Parsed = Conversation | Document | RecordError | Skipped
+
 
 def iter_conversations(
-    path: Path, fmt: str = "auto", fields: dict | None = None, max_chars: int | None = None,
-    keep_going: bool = False, progress: Callable[[int], None] | None = None,
-) -> Iterator[tuple[str, Conversation | RecordError, str]]:
-    """Yield (place, conversation or the record's error, format) for every record of one file.
+    path: Path, cfg: DataConfig | None = None, max_chars: int | None = None, keep_going: bool = False,
+    progress: Callable[[int], None] | None = None, on_note: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, Parsed, str]]:
+    """Yield (place, what the record became, format) for every record of one file.
 
-    A conversation longer than `max_chars` characters is an error too: it cannot fit the model.
-    `keep_going` and `progress` are passed to `read_json_records`."""
-    file_fmt = None if fmt == "auto" else fmt
-    for place, record in read_json_records(path, keep_going, progress):
-        if isinstance(record, RecordError):  # an unreadable line (keep_going)
+    A record becomes a Conversation (a Document for plain text), its RecordError, or Skipped. A
+    conversation longer than `max_chars` characters is an error too: it cannot fit the model (a
+    document is cut into chunks instead). `keep_going`, `progress` and `on_note` are passed to
+    `readers.read_records`; `on_note` also hears that preference pairs are read for their chosen side."""
+    cfg = cfg or DataConfig()
+    fields = cfg.fields.model_dump() if cfg.fields else None
+    kind = file_kind(path)
+    file_fmt = None if cfg.format == "auto" else cfg.format
+    if kind == "text":
+        if file_fmt not in (None, "text"):
+            raise DataError([f"{path}: a plain-text file, but data.format is '{cfg.format}'; use data.format: "
+                             "text (or auto), and give question/answer records in another file"])
+        file_fmt = "text"
+    for place, record in read_records(path, cfg.documents, keep_going, progress, on_note):
+        if isinstance(record, RecordError):  # an unreadable line (keep_going) or a ragged CSV row
             yield place, record, file_fmt or "unknown"
             continue
         if file_fmt is None:
-            file_fmt = detect_format(record)
-            if file_fmt is None:
-                keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                raise DataError(
-                    [f"{place}: cannot tell the record shape from its keys ({keys})"],
-                    hint="Expected instruction/output, question/answer, prompt/completion, query/response, "
-                    "messages or conversations; or set data.format: fields with data.fields: {prompt: ..., response: ...}",
-                )
+            file_fmt = _detect(place, record, kind)
+            if file_fmt == "preference":
+                _accept_preference(path, place, cfg, on_note)
         try:
             conv = parse_record(record, file_fmt, fields)
         except RecordError as exc:
-            yield place, exc, file_fmt
+            yield place, _as_column(exc) if kind == "table" else exc, file_fmt
             continue
-        size = sum(len(m["content"]) for m in conv.messages)
+        if conv.desirable is False and cfg.on_undesirable == "skip":
+            yield place, Skipped(), file_fmt
+            continue
+        size = sum(len(m["content"]) for m in conv.messages) if isinstance(conv, Conversation) else 0
         if max_chars is not None and size > max_chars:
             yield place, RecordError("", f"{size:,} characters: far more than data.max_seq_length tokens can hold; "
                                          "split the record or raise data.max_seq_length"), file_fmt
@@ -248,34 +160,75 @@ def iter_conversations(
             yield place, conv, file_fmt
 
 
-def _generate_rows(files: list[str], fmt: str, fields: dict | None, system_prompt: str | None, file_ids: list,
-                   max_chars: int | None = None) -> Iterator[dict]:
+def _detect(place: str, record: Any, kind: str) -> str:
+    fmt = detect_format(record)
+    if fmt is not None:
+        return fmt
+    keys = [str(k) for k in record] if isinstance(record, dict) else []
+    names = "columns" if kind == "table" else "keys"
+    shown = ", ".join(keys) if keys else type(record).__name__
+    pair = f"{{prompt: {keys[0]}, response: {keys[1]}}}" if len(keys) == 2 else "{prompt: ..., response: ...}"
+    raise DataError(
+        [f"{place}: cannot tell the record shape from its {names} ({shown})"],
+        hint="Expected instruction/output, question/answer, prompt/completion, query/response, messages, "
+        f"conversations or text; or set data.format: fields with data.fields: {pair}",
+    )
+
+
+def _accept_preference(path: Path, place: str, cfg: DataConfig, on_note: Callable[[str], None] | None) -> None:
+    if cfg.preference != "chosen":
+        raise DataError([f"{place}: preference data (chosen/rejected pairs, for DPO-style training); mathtune does "
+                         "supervised fine-tuning on answers to imitate"],
+                        hint="Set data.preference: chosen to train on the chosen answers (the rejected ones are left out).")
+    if on_note:
+        on_note(f"{path}: preference pairs: training on the chosen answers, the rejected ones are left out "
+                "(data.preference: chosen)")
+
+
+def _as_column(exc: RecordError) -> RecordError:
+    """A table's record error names the column: "column 'respuesta': is empty"."""
+    if not exc.field:
+        return exc
+    cut = min((i for i in (exc.field.find("."), exc.field.find("[")) if i >= 0), default=len(exc.field))
+    message = str(exc).removeprefix(f"{exc.field}: ").replace("(keys present:", "(columns:")
+    return RecordError(f"column '{exc.field[:cut]}'{exc.field[cut:]}", message)
+
+
+def _generate_rows(files: list[str], cfg: dict, file_ids: list, max_chars: int | None = None) -> Iterator[dict]:
     # file_ids (size, mtime) is unused here: it is in the signature so that datasets' cache key
-    # changes when a file changes under the same name.
+    # changes when a file changes under the same name. cfg is DataConfig's JSON dump (hashable).
+    data = DataConfig.model_validate(cfg)
     for path in files:
-        for _, conv, _ in iter_conversations(Path(path), fmt, fields, max_chars):
+        for _, conv, _ in iter_conversations(Path(path), data, max_chars):
             if isinstance(conv, Conversation):
-                if system_prompt and conv.messages[0]["role"] != "system":
-                    conv.messages.insert(0, {"role": "system", "content": system_prompt})
+                if data.system_prompt and conv.messages[0]["role"] != "system":
+                    conv.messages.insert(0, {"role": "system", "content": data.system_prompt})
+                yield conv.to_row()
+            elif isinstance(conv, Document):
                 yield conv.to_row()
 
 
 def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -> datasets.Dataset:
-    """Validate every record of `files`, then load the valid ones as a Dataset of conversations."""
+    """Validate every record of `files`, then load the valid ones as a Dataset of conversations
+    (messages, topic) or, for plain text, of documents (text, topic)."""
     import datasets
 
     fields = cfg.fields.model_dump() if cfg.fields else None
     max_chars = MAX_CHARS_PER_TOKEN * cfg.max_seq_length
     mapped = {fields["prompt"]: "data.fields.prompt", fields["response"]: "data.fields.response"} if fields else {}
     problems: list[str] = []
-    bad = 0
+    bad = skipped = 0
     seen: dict[str, str] = {}  # conversation -> place of its first occurrence
+    text_files, conversation_files = [], []
     for path in files:
         fmt = None
         in_file, missing_mapped = 0, []
-        for place, conv, fmt in iter_conversations(path, cfg.format, fields, max_chars):
+        for place, conv, fmt in iter_conversations(path, cfg, max_chars, on_note=report.notes.append):
             report.records += 1
             in_file += 1
+            if isinstance(conv, Skipped):
+                skipped += 1
+                continue
             if isinstance(conv, RecordError):
                 bad += 1
                 if conv.field in mapped and str(conv).startswith(f"{conv.field}: missing"):
@@ -283,38 +236,50 @@ def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -
                 if len(problems) < cfg.max_errors:
                     problems.append(f"{place}: {conv}")
                 continue
-            key = json.dumps(conv.messages, ensure_ascii=False)
+            key = conv.text if isinstance(conv, Document) else json.dumps(conv.messages, ensure_ascii=False)
             if key in seen:
                 report.duplicates.append(f"{place} repeats {seen[key]}")
             else:
                 seen[key] = place
         report.files[str(path)] = fmt or "empty"
+        (text_files if fmt == "text" else conversation_files).append(str(path))
         if missing_mapped and len(missing_mapped) == in_file:
             first = missing_mapped[0]
             present = str(first).split("keys present: ", 1)[-1].rstrip(")")
             raise DataError([f"{path}: no record has the field '{first.field}' that {mapped[first.field]} names "
                              f"(the first record's keys: {present}); set {mapped[first.field]} to the name this file uses"])
+    if text_files and conversation_files:
+        raise DataError([f"plain text ({', '.join(text_files)}) and conversations ({', '.join(conversation_files)}) "
+                         "in one run: text is trained on every token, conversations on the answers; train on one kind"])
+    report.text = bool(text_files)
+    _warn(report, skipped)
+    valid = report.records - bad - skipped
+    if bad and cfg.on_invalid == "error":
+        raise DataError(problems, bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
+    if not valid:
+        raise DataError(problems, bad) if bad else DataError([f"{', '.join(map(str, files))}: no records to train on"])
+    report.skipped_invalid += bad
+    report.skipped_undesirable += skipped
+
+    string = datasets.Value("string")
+    body = {"text": string} if report.text else {"messages": [{"role": string, "content": string}]}
+    file_ids = [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
+    return datasets.Dataset.from_generator(
+        _generate_rows,
+        features=datasets.Features({**body, "topic": string}),
+        gen_kwargs={"files": [str(p) for p in files], "cfg": cfg.model_dump(mode="json"), "file_ids": file_ids,
+                    "max_chars": max_chars},
+    )
+
+
+def _warn(report: DataReport, skipped: int) -> None:
+    if skipped:
+        log.warning("%d record%s labelled undesirable (label: false) left out: they show what not to answer. "
+                    "Set data.on_undesirable: train to train on them as ordinary examples.", skipped, "s" * (skipped != 1))
     if report.duplicates:
         shown = "; ".join(report.duplicates[:3]) + (" ..." if len(report.duplicates) > 3 else "")
         log.warning("%d duplicate record%s (kept; remove them if they were not meant to weigh double): %s",
                     len(report.duplicates), "s" * (len(report.duplicates) != 1), shown)
-    valid = report.records - bad
-    if bad and cfg.on_invalid == "error":
-        raise DataError(problems, bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
-    if not valid:
-        raise DataError(problems, bad) if bad else DataError([f"{', '.join(map(str, files))}: no records"])
-    report.skipped_invalid += bad
-
-    features = datasets.Features(
-        {"messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}], "topic": datasets.Value("string")}
-    )
-    file_ids = [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-    return datasets.Dataset.from_generator(
-        _generate_rows,
-        features=features,
-        gen_kwargs={"files": [str(p) for p in files], "fmt": cfg.format, "fields": fields,
-                    "system_prompt": cfg.system_prompt, "file_ids": file_ids, "max_chars": max_chars},
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +409,13 @@ def split_conversations(cfg: DataConfig, seed: int,
     report = report if report is not None else DataReport()
     conversations = load_conversations(cfg.files or builtin_files(), cfg, report)
     if cfg.eval_files:
-        return conversations, load_conversations(cfg.eval_files, cfg, report)
+        text = report.text
+        evaluation = load_conversations(cfg.eval_files, cfg, report)
+        if report.text != text:
+            kinds = ("plain text", "conversations") if text else ("conversations", "plain text")
+            raise DataError([f"data.eval_files hold {kinds[1]} but data.files hold {kinds[0]}: evaluate on the kind "
+                             "you train on"])
+        return conversations, evaluation
     problem = too_few_records(len(conversations), cfg)
     if problem:
         raise DataError([f"{', '.join(map(str, cfg.files or ['the bundled dataset']))}: {problem}"])
@@ -456,11 +427,51 @@ def tokenize_splits(
     train_conv: datasets.Dataset, eval_conv: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     cfg: DataConfig, report: DataReport,
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    train = tokenize_dataset(train_conv, tokenizer, cfg, report)
-    evaluation = tokenize_dataset(eval_conv, tokenizer, cfg, report)
+    report.text = is_text(train_conv)
+    if report.text:
+        train, evaluation = (pack_documents(ds, tokenizer, cfg.max_seq_length) for ds in (train_conv, eval_conv))
+    else:
+        train = tokenize_dataset(train_conv, tokenizer, cfg, report)
+        evaluation = tokenize_dataset(eval_conv, tokenizer, cfg, report)
     if len(train) == 0:
         raise DataError(["no training example has an assistant token within data.max_seq_length"])
     report.train_examples, report.eval_examples = len(train), len(evaluation)
     report.train_tokens = sum(map(len, train["input_ids"]))
     report.train_label_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for labels in train["labels"])
     return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-text documents -> packed chunks
+
+
+def is_text(ds: datasets.Dataset) -> bool:
+    """Whether a loaded dataset holds plain-text documents rather than conversations."""
+    return "text" in ds.column_names
+
+
+def pack_documents(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> datasets.Dataset:
+    """Documents -> chunks of max_seq_length tokens, labels on every token.
+
+    Each document is tokenized as the tokenizer does by default (with the BOS token where it adds
+    one) and followed by the end-of-text token (the tokenizer's EOS), so the model learns where a
+    document ends; the documents are concatenated and cut. Cutting is done per map batch of
+    PACK_BATCH documents (as Transformers' run_clm does), so the last chunk of a batch may be
+    shorter; it is kept, unless it is a single token, which predicts nothing."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise MathtuneError("The tokenizer has no end-of-text token (eos_token) to put between documents; "
+                            "plain-text training needs one")
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        stream: list[int] = []
+        for ids in tokenizer(batch["text"], add_special_tokens=True)["input_ids"]:
+            stream += ids if ids and ids[-1] == eos else [*ids, eos]
+        chunks = [stream[i:i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
+        chunks = [chunk for chunk in chunks if len(chunk) > 1]
+        return {"input_ids": chunks, "labels": [list(chunk) for chunk in chunks]}
+
+    return ds.map(encode, batched=True, batch_size=PACK_BATCH, remove_columns=ds.column_names, desc="Packing documents")
+
+
+PACK_BATCH = 1000

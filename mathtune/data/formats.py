@@ -1,8 +1,8 @@
-"""Record shapes -> one Conversation type.
+"""Record shapes -> one Conversation type (or a Document, for plain text).
 
 Every input shape is parsed by a small function below into the same `Conversation`: an optional
 system message, then user/assistant turns, ending on the assistant. A parser raises `RecordError`
-naming the field that is wrong; the loader adds the file and line.
+naming the field that is wrong; the loader adds the file and line (or row).
 
 Shapes, detected from a record's keys (or named by `data.format`):
 
@@ -13,20 +13,33 @@ Shapes, detected from a record's keys (or named by `data.format`):
     fields             any pair, with names given by data.fields: {prompt: pregunta, response: respuesta}
     messages           {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]} (OpenAI)
     sharegpt           {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}
+    preference         {"prompt": "¿Cuánto es 7·8?", "chosen": "56", "rejected": "54"}   (DPO; the chosen side)
+    text               {"text": "Una fracción representa partes de un todo ..."}          (a Document)
 
 Pair shapes take an optional "system" string. A string "topic" field is kept for per-topic reports.
+A message's content may be OpenAI content parts, [{"type": "text", "text": "..."}]: the text parts
+are joined with a line break, as vLLM's OpenAI server does. A boolean "label" (or "kto_tag") is a
+KTO-style desirability mark, kept in `desirable` for the loader to act on.
+
+Refused with their place, never dropped from inside a conversation: images, audio and video (parts,
+an `<image>` placeholder, an "images" key), tool turns and tool calls, tool definitions.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
+TOOL_KEYS = ("tools", "functions")
+REFUSED_KEYS = frozenset(MEDIA_KEYS + TOOL_KEYS)
+UNSUPPORTED = "mathtune trains on text only; set data.on_invalid: skip to leave such records out"
 
 # key sets that identify a pair shape: (format, prompt key, response key, optional extra-input key)
 PAIR_KEYS = {
@@ -50,16 +63,31 @@ class Conversation:
     messages: list[dict[str, str]]
     """[{"role": "system"|"user"|"assistant", "content": str}, ...]"""
     topic: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    desirable: bool | None = None
+    """A KTO-style label: False marks an example of what not to answer; None when unlabelled."""
 
     def to_row(self) -> dict[str, Any]:
         return {"messages": self.messages, "topic": self.topic}
+
+
+@dataclass
+class Document:
+    """A plain-text document (data.format: text): no chat template, every token trained."""
+
+    text: str
+    topic: str | None = None
+    desirable: bool | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        return {"text": self.text, "topic": self.topic}
 
 
 def detect_format(record: Any) -> str | None:
     """The shape of one record from its keys, or None when no shape matches."""
     if not isinstance(record, dict):
         return None
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "messages"
     if "conversations" in record:
@@ -67,17 +95,24 @@ def detect_format(record: Any) -> str | None:
     for fmt, (prompt, response, _) in PAIR_KEYS.items():
         if prompt in record and response in record:
             return fmt
+    if "text" in record:
+        return "text"
     return None
 
 
-def parse_record(record: Any, fmt: str, fields: dict[str, str | None] | None = None) -> Conversation:
+def parse_record(record: Any, fmt: str, fields: dict[str, str | None] | None = None) -> Conversation | Document:
     """Parse one JSON value as `fmt`; raises RecordError naming the offending field."""
     if not isinstance(record, dict):
         raise RecordError("", f"expected a JSON object, got {_json_type(record)}")
-    if fmt == "messages":
-        conv = _parse_messages(record)
+    _refuse_media_and_tools(record)
+    if fmt == "text":
+        conv: Conversation | Document = Document(_text(record, "text"))
+    elif fmt == "messages":
+        conv = Conversation(_turns(record, "messages"))
     elif fmt == "sharegpt":
-        conv = _parse_sharegpt(record)
+        conv = Conversation(_turns(record, "conversations"))
+    elif fmt == "preference":
+        conv = _parse_preference(record)
     elif fmt == "fields":
         assert fields is not None, "config validation guarantees data.fields with format: fields"
         conv = _parse_pair(record, fields["prompt"], fields["response"], fields.get("input"), fields.get("system"))
@@ -88,7 +123,9 @@ def parse_record(record: Any, fmt: str, fields: dict[str, str | None] | None = N
         raise ValueError(f"unknown record format {fmt!r}")
     topic = record.get("topic")
     conv.topic = topic if isinstance(topic, str) and topic.strip() and not _SURROGATE.search(topic) else None
-    validate_turns(conv.messages)
+    conv.desirable = _desirable(record)
+    if isinstance(conv, Conversation):
+        validate_turns(conv.messages)
     return conv
 
 
@@ -104,32 +141,136 @@ def _parse_pair(record: dict, prompt_key: str, response_key: str, input_key: str
     return Conversation(messages)
 
 
-def _parse_messages(record: dict) -> Conversation:
-    return Conversation(_turns(record, "messages", "role", "content", lambda role: role if role in ROLES else None))
+# A preference record's prompt, when the chosen answer is a string: (prompt key, extra-input key)
+PREFERENCE_PROMPTS = (("prompt", None), ("instruction", "input"), ("question", None), ("query", None))
 
 
-def _parse_sharegpt(record: dict) -> Conversation:
-    return Conversation(_turns(record, "conversations", "from", "value", SHAREGPT_ROLES.get))
+def _parse_preference(record: dict) -> Conversation:
+    """The prompt and the chosen answer of a preference pair (the rejected one is not read).
+
+        {"prompt": "¿Cuánto es 7·8?", "chosen": "7·8 = 56", "rejected": "7·8 = 54"}                (TRL)
+        {"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [...]}         (TRL, conversational)
+        {"conversations": [{"from": "human", ...}], "chosen": {"from": "gpt", ...}, "rejected": {...}}  (LLaMA-Factory)
+    """
+    chosen = record["chosen"]
+    history = next((key for key in ("prompt", "messages", "conversations") if isinstance(record.get(key), list)), None)
+    if isinstance(chosen, str):
+        prompt = next(((key, extra) for key, extra in PREFERENCE_PROMPTS if isinstance(record.get(key), str)), None)
+        if prompt is not None:
+            return _parse_pair(record, prompt[0], "chosen", prompt[1], "system")
+        if history is None:
+            raise RecordError("chosen", "an answer without a prompt: expected a prompt (or instruction, question, "
+                                        "query) field, or chosen as a list of messages")
+        answer = {"role": "assistant", "content": _text(record, "chosen")}
+        return Conversation([*_turns(record, history), answer])
+    if isinstance(chosen, dict):
+        chosen_turns = [_turn(chosen, "chosen", _turn_keys([chosen]))]
+    elif isinstance(chosen, list):
+        chosen_turns = _turns(record, "chosen")
+    else:
+        raise RecordError("chosen", f"expected text, a message or a list of messages, got {_json_type(chosen)}")
+    return Conversation([*(_turns(record, history) if history else []), *chosen_turns])
 
 
-def _turns(record: dict, key: str, role_key: str, text_key: str, role_of: Callable[[Any], str | None]) -> list[dict]:
+def _turn_keys(turns: list) -> tuple[str, str, Callable[[Any], str | None]]:
+    """(role key, text key, role reader) of a list of turns: ShareGPT's from/value or OpenAI's role/content."""
+    first = turns[0] if turns else None
+    return SHAREGPT_KEYS if isinstance(first, dict) and "from" in first else OPENAI_KEYS
+
+
+SHAREGPT_KEYS = ("from", "value", SHAREGPT_ROLES.get)
+OPENAI_KEYS = ("role", "content", lambda role: role if role in ROLES else None)
+
+
+def _turns(record: dict, key: str) -> list[dict]:
     turns = record.get(key)
     if not isinstance(turns, list):
         raise RecordError(key, f"expected a list of turns, got {_json_type(turns)}")
     if not turns:
         raise RecordError(key, "is empty")
+    keys = SHAREGPT_KEYS if key == "conversations" else OPENAI_KEYS if key == "messages" else _turn_keys(turns)
+    role_key, text_key, role_of = keys
     messages = []
     for i, turn in enumerate(turns):
-        where = f"{key}[{i}]"
-        if not isinstance(turn, dict):
-            raise RecordError(where, f"expected an object with '{role_key}' and '{text_key}', got {_json_type(turn)}")
-        raw_role = turn.get(role_key)
-        role = role_of(raw_role) if isinstance(raw_role, str) else None
-        if role is None:
-            accepted = ", ".join(SHAREGPT_ROLES if key == "conversations" else ROLES)
-            raise RecordError(f"{where}.{role_key}", f"unknown role {raw_role!r}; expected one of {accepted}")
-        messages.append({"role": role, "content": _text(turn, text_key, where)})
+        # The usual turn, {"role": "user", "content": "some text"}, is taken as it is; any other goes
+        # through _turn, which names what is wrong. (Checking a million records stays fast.)
+        raw_role = turn.get(role_key) if type(turn) is dict else None
+        role = role_of(raw_role) if type(raw_role) is str else None
+        content = turn.get(text_key) if role else None
+        if (type(content) is str and content.strip() and "<image>" not in content and "tool_calls" not in turn
+                and "function_call" not in turn):
+            messages.append({"role": role, "content": content})
+        else:
+            messages.append(_turn(turn, f"{key}[{i}]", keys))
     return messages
+
+
+def _turn(turn: Any, where: str, keys: tuple[str, str, Callable[[Any], str | None]]) -> dict[str, str]:
+    role_key, text_key, role_of = keys
+    if not isinstance(turn, dict):
+        raise RecordError(where, f"expected an object with '{role_key}' and '{text_key}', got {_json_type(turn)}")
+    raw_role = turn.get(role_key)
+    if raw_role in TOOL_ROLES:
+        raise RecordError(f"{where}.{role_key}", f"a '{raw_role}' turn: tool calls and results are not supported; {UNSUPPORTED}")
+    role = role_of(raw_role) if isinstance(raw_role, str) else None
+    if role is None:
+        accepted = ", ".join(SHAREGPT_ROLES if role_key == "from" else ROLES)
+        raise RecordError(f"{where}.{role_key}", f"unknown role {raw_role!r}; expected one of {accepted}")
+    if "tool_calls" in turn or "function_call" in turn:
+        call = "tool_calls" if turn.get("tool_calls") else "function_call" if turn.get("function_call") else None
+        if call:
+            raise RecordError(f"{where}.{call}", f"tool calls are not supported; {UNSUPPORTED}")
+    value = turn.get(text_key)
+    content = _parts(value, f"{where}.{text_key}") if isinstance(value, list) else _text(turn, text_key, where)
+    if "<image>" in content:
+        raise RecordError(f"{where}.{text_key}", f"an <image> placeholder: conversations with images are not supported; "
+                                                 f"{UNSUPPORTED}")
+    return {"role": role, "content": content}
+
+
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def _parts(parts: list, where: str) -> str:
+    """OpenAI content parts -> one text; a part that is not text is refused with its place."""
+    if not parts:
+        raise RecordError(where, "is empty")
+    texts = []
+    for j, part in enumerate(parts):
+        place = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise RecordError(place, f"expected a content part such as {{\"type\": \"text\", \"text\": ...}}, "
+                                     f"got {_json_type(part)}")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind not in TEXT_PARTS:
+            what = f"'{kind}' parts" if isinstance(kind, str) else "parts without a type"
+            raise RecordError(f"{place}.type", f"{what} are not supported (images, audio, files); {UNSUPPORTED}")
+        texts.append(_text(part, "text", place))
+    return "\n".join(texts)
+
+
+def _refuse_media_and_tools(record: dict) -> None:
+    if record.keys().isdisjoint(REFUSED_KEYS):
+        return
+    for key in MEDIA_KEYS:
+        if record.get(key):
+            raise RecordError(key, f"records with {key} are not supported; {UNSUPPORTED}")
+    for key in TOOL_KEYS:
+        if record.get(key):
+            raise RecordError(key, f"tool definitions are not supported; {UNSUPPORTED}")
+
+
+def _desirable(record: dict) -> bool | None:
+    """A KTO-style label: true/false (also as text, from a CSV cell); None when the record has none."""
+    if "label" not in record and "kto_tag" not in record:
+        return None
+    for key in ("label", "kto_tag"):
+        value = record.get(key)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if isinstance(value, bool):
+            return value
+    return None
 
 
 def validate_turns(messages: list[dict[str, str]]) -> None:

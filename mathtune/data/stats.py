@@ -9,6 +9,8 @@ keeps fixed-size histograms (exact counts per length value) instead of lists, so
 grow with the number of records, except for two 8-byte hashes per record used to count duplicates
 (16 MB per million records).
 
+- Plain text (data.format: text, .txt/.md files): documents, counted in characters and words, and
+  in tokens as training packs them (no chat template, an end-of-text token after each).
 - Turns: messages other than the system prompt. A question is a user turn, an answer an
   assistant turn; characters and words are counted per turn.
 - Tokens: the whole conversation rendered with the model's chat template, as in training
@@ -18,7 +20,8 @@ grow with the number of records, except for two 8-byte hashes per record used to
   commands ("What is 3/4?" vs "what is  3 / 4 ?"). Same question: records whose user turns,
   normalized so, repeat an earlier record's (possibly with another answer).
 - Checkable: the last answer has a final answer `verify.reference_answer` can read (\\boxed{},
-  "#### 72", "The answer is ..."); these are what `mathtune eval` can score.
+  "#### 72", "The answer is ...", or an answer that is nothing else: "84", "3/4", "x = 3"); these
+  are what `mathtune eval` can score, with the same rule.
 - Topic: the record's "topic" field, else the one `topics.conversation_topic` detects.
 """
 
@@ -31,14 +34,17 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mathtune.data.check import progress_bar
-from mathtune.data.dataset import iter_conversations
-from mathtune.data.formats import Conversation
-from mathtune.data.topics import detect_language, normalize, record_topic
+from mathtune.data.dataset import Skipped, iter_conversations
+from mathtune.data.formats import Conversation, Document
+from mathtune.data.topics import detect_language, detect_topic, normalize, record_topic
 from mathtune.errors import DataError
 from mathtune.verify import reference_answer
+
+if TYPE_CHECKING:
+    from mathtune.config import DataConfig
 
 TOKEN_BATCH = 256
 
@@ -83,6 +89,9 @@ class DataStats:
     files: dict[str, str] = field(default_factory=dict)
     records: int = 0
     invalid: int = 0
+    skipped: int = 0
+    """labelled undesirable (label: false): training leaves them out"""
+    notes: list[str] = field(default_factory=list)
     shapes: Counter = field(default_factory=Counter)
     turns: Counter = field(default_factory=Counter)
     """shape -> turns (messages without the system prompt)"""
@@ -95,6 +104,8 @@ class DataStats:
     question_words: Histogram = field(default_factory=Histogram)
     answer_chars: Histogram = field(default_factory=Histogram)
     answer_words: Histogram = field(default_factory=Histogram)
+    document_chars: Histogram = field(default_factory=Histogram)
+    document_words: Histogram = field(default_factory=Histogram)
     tokens: Histogram | None = None
     max_seq_length: int = 512
     exact_duplicates: int = 0
@@ -103,13 +114,15 @@ class DataStats:
 
     def to_dict(self) -> dict[str, Any]:
         lengths = {name: getattr(self, name).summary() for name in
-                   ("question_chars", "question_words", "answer_chars", "answer_words")}
+                   ("question_chars", "question_words", "answer_chars", "answer_words", "document_chars",
+                    "document_words")}
         tokens = None
         if self.tokens is not None and len(self.tokens):
             tokens = {**self.tokens.summary(), "max_seq_length": self.max_seq_length,
                       "over_max_seq_length": self.tokens.above(self.max_seq_length)}
         return {
-            "files": self.files, "records": self.records, "invalid": self.invalid,
+            "files": self.files, "records": self.records, "invalid": self.invalid, "skipped": self.skipped,
+            "notes": self.notes,
             "shapes": {s: {"records": n, "turns": self.turns[s]} for s, n in self.shapes.most_common()},
             "languages": dict(self.languages.most_common()),
             "lengths": lengths, "tokens": tokens,
@@ -134,28 +147,32 @@ def _hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def dataset_stats(paths: list[Path], tokenizer=None, max_seq_length: int = 512, fmt: str = "auto",
-                  fields: dict | None = None) -> DataStats:
-    """Stream every record of `paths` once and gather the statistics (tokens only with a tokenizer)."""
-    stats = DataStats(max_seq_length=max_seq_length, tokens=Histogram() if tokenizer is not None else None)
+def dataset_stats(paths: list[Path], tokenizer=None, cfg: DataConfig | None = None) -> DataStats:
+    """Stream every record of `paths` once, read with the settings of `cfg` (format, fields,
+    max_seq_length, ...), and gather the statistics (tokens only with a tokenizer)."""
+    from mathtune.config import DataConfig
+
+    cfg = cfg or DataConfig()
+    stats = DataStats(max_seq_length=cfg.max_seq_length, tokens=Histogram() if tokenizer is not None else None)
     exact, near, questions = array("Q"), array("Q"), array("Q")
-    pending: list[str] = []
+    pending: list[tuple[str, bool]] = []  # (text, is a document) awaiting tokenization
     for path in paths:
         with progress_bar(path, "Reading") as progress:
-            for _, conv, shape in iter_conversations(path, fmt, fields, progress=progress):
+            for _, conv, shape in iter_conversations(path, cfg, progress=progress, on_note=stats.notes.append):
                 stats.records += 1
                 stats.files[str(path)] = shape
-                if not isinstance(conv, Conversation):
-                    stats.invalid += 1
+                if not isinstance(conv, (Conversation, Document)):
+                    stats.skipped += isinstance(conv, Skipped)
+                    stats.invalid += not isinstance(conv, Skipped)
                     continue
-                _count(stats, conv, shape)
-                user = "\n".join(m["content"] for m in conv.messages if m["role"] == "user")
-                everything = "\n".join(f"{m['role']}: {m['content']}" for m in conv.messages)
-                exact.append(_hash(json.dumps(conv.messages, ensure_ascii=False)))
-                near.append(_hash(near_key(everything)))
-                questions.append(_hash(near_key(user)))
+                if isinstance(conv, Document):
+                    _count_document(stats, conv, exact, near)
+                else:
+                    _count(stats, conv, shape, exact, near, questions)
                 if tokenizer is not None:
-                    pending.append(tokenizer.apply_chat_template(conv.messages, tokenize=False))
+                    document = isinstance(conv, Document)
+                    pending.append((conv.text if document else tokenizer.apply_chat_template(conv.messages, tokenize=False),
+                                    document))
                     if len(pending) >= TOKEN_BATCH:
                         _count_tokens(stats.tokens, tokenizer, pending)
         if str(path) not in stats.files:
@@ -170,7 +187,12 @@ def dataset_stats(paths: list[Path], tokenizer=None, max_seq_length: int = 512, 
     return stats
 
 
-def _count(stats: DataStats, conv: Conversation, shape: str) -> None:
+def _count(stats: DataStats, conv: Conversation, shape: str, exact: array, near: array, questions: array) -> None:
+    user = "\n".join(m["content"] for m in conv.messages if m["role"] == "user")
+    everything = "\n".join(f"{m['role']}: {m['content']}" for m in conv.messages)
+    exact.append(_hash(json.dumps(conv.messages, ensure_ascii=False)))
+    near.append(_hash(near_key(everything)))
+    questions.append(_hash(near_key(user)))
     body = [m for m in conv.messages if m["role"] != "system"]
     stats.shapes[shape] += 1
     stats.turns[shape] += len(body)
@@ -186,11 +208,25 @@ def _count(stats: DataStats, conv: Conversation, shape: str) -> None:
     stats.checkable += reference_answer(body[-1]["content"]) is not None
 
 
-def _count_tokens(histogram: Histogram, tokenizer, texts: list[str]) -> None:
-    # Same tokenization as dataset.tokenize_conversation: the rendered text, no extra special tokens.
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        histogram.add(len(ids))
-    texts.clear()
+def _count_document(stats: DataStats, doc: Document, exact: array, near: array) -> None:
+    stats.shapes["text"] += 1
+    stats.languages[detect_language(doc.text)] += 1
+    stats.topics[doc.topic or detect_topic(doc.text)] += 1
+    stats.labelled_topics += doc.topic is not None
+    stats.document_chars.add(len(doc.text))
+    stats.document_words.add(len(doc.text.split()))
+    exact.append(_hash(doc.text))
+    near.append(_hash(near_key(doc.text)))
+
+
+def _count_tokens(histogram: Histogram, tokenizer, pending: list[tuple[str, bool]]) -> None:
+    # As training tokenizes: a conversation's rendered text with no extra special tokens
+    # (dataset.tokenize_conversation); a document with them and its end-of-text token (pack_documents).
+    for document in (False, True):
+        texts = [text for text, is_document in pending if is_document == document]
+        for ids in tokenizer(texts, add_special_tokens=document)["input_ids"] if texts else []:
+            histogram.add(len(ids) + (document and (not ids or ids[-1] != tokenizer.eos_token_id)))
+    pending.clear()
 
 
 def _repeats(hashes: array) -> int:
@@ -207,9 +243,13 @@ def _repeats(hashes: array) -> int:
 
 def format_stats(stats: DataStats) -> str:
     d = stats.to_dict()
-    n = max(stats.records - stats.invalid, 1)
+    n = max(stats.records - stats.invalid - stats.skipped, 1)
+    documents = stats.shapes["text"]
     out = [f"{stats.records} records in {len(stats.files)} file{'s' * (len(stats.files) != 1)}"
-           + (f" ({stats.invalid} invalid, left out: run `mathtune data check`)" if stats.invalid else ""), ""]
+           + (f" ({stats.invalid} invalid, left out: run `mathtune data check`)" if stats.invalid else "")]
+    if stats.skipped:
+        out.append(f"{stats.skipped} labelled undesirable (label: false), left out as training would")
+    out += [*stats.notes, ""]
     out += table([("shape", "records", "turns", "turns/record")] + [
         (s, str(v["records"]), str(v["turns"]), f"{v['turns'] / v['records']:.1f}") for s, v in d["shapes"].items()])
     out += [""] + table([("language", "records", "share")] + [
@@ -222,14 +262,21 @@ def format_stats(stats: DataStats) -> str:
         t = d["tokens"]
         rows.append(("tokens/record", *(str(t[k]) for k in ("count", "min", "median", "mean", "p95", "max"))))
     out += [""] + table(rows)
-    if d["tokens"]:
+    if d["tokens"] and documents:
+        t = d["tokens"]
+        total = sum(v * c for v, c in stats.tokens.counts.items())
+        out.append(f"documents are packed, not cut off: {total} tokens make {-(-total // t['max_seq_length'])} "
+                   f"chunks of max_seq_length {t['max_seq_length']}")
+    elif d["tokens"]:
         t = d["tokens"]
         out.append(f"{t['over_max_seq_length']} records ({_pct(t['over_max_seq_length'], n)}) are longer than "
                    f"max_seq_length {t['max_seq_length']} tokens and would be truncated")
     dup = d["duplicates"]
     out += ["", f"duplicates: {dup['exact']} exact, {dup['near']} near (same text up to case, accents, "
-                f"punctuation, spacing, LaTeX); {dup['same_question']} repeat an earlier record's question",
-            f"checkable final answers: {stats.checkable} of {n} ({_pct(stats.checkable, n)})", ""]
+                f"punctuation, spacing, LaTeX); {dup['same_question']} repeat an earlier record's question"]
+    if n > documents:
+        out.append(f"checkable final answers: {stats.checkable} of {n - documents} ({_pct(stats.checkable, n - documents)})")
+    out.append("")
     source = (f"{stats.labelled_topics} from the records' topic field, the rest detected"
               if stats.labelled_topics else "detected")
     out += table([("topic", "records", "share")] + [(t, str(c), _pct(c, n)) for t, c in d["topics"].items()])
@@ -263,8 +310,10 @@ def write_plots(stats: DataStats, folder: Path) -> list[Path]:
         ax.axvline(stats.max_seq_length, color="crimson", linestyle="--", label=f"max_seq_length {stats.max_seq_length}")
         ax.legend(frameon=False)
     else:
-        _hist(ax, stats.question_words, "words per question", alpha=0.6)
-        _hist(ax, stats.answer_words, "words per answer", alpha=0.6)
+        for histogram, label in ((stats.question_words, "words per question"), (stats.answer_words, "words per answer"),
+                                 (stats.document_words, "words per document")):
+            if len(histogram):
+                _hist(ax, histogram, label, alpha=0.6)
         ax.legend(frameon=False)
     ax.set_ylabel("count")
     write_bytes(folder / "lengths.png", png(fig))
@@ -289,12 +338,12 @@ def _hist(ax, histogram: Histogram, label: str, alpha: float = 0.9) -> None:
 
 
 def run_stats(paths: list[Path], model: str | None = None, config: Path | None = None, as_json: bool = False,
-              plot_dir: Path | None = None) -> DataStats:
+              plot_dir: Path | None = None, overrides: dict | None = None) -> DataStats:
     """`mathtune data stats`: settings from --config (format, fields, max_seq_length, chat template),
     the tokenizer of --model (or of the config's model.path) when one is named; print; plot."""
     from mathtune.config import load_config
 
-    cfg = load_config(config, {"model.path": model} if model else None)
+    cfg = load_config(config, {**(overrides or {}), **({"model.path": model} if model else {})})
     tokenizer = None
     if model or (config is not None and cfg.model.path):
         from mathtune.data.dataset import ensure_chat_template
@@ -303,8 +352,7 @@ def run_stats(paths: list[Path], model: str | None = None, config: Path | None =
         tokenizer = load_tokenizer(cfg.model)
         # A base model without a template: the configured one, else the plain Question/Answer one.
         ensure_chat_template(tokenizer, cfg.model.chat_template or "plain")
-    fields = cfg.data.fields.model_dump() if cfg.data.fields else None
-    stats = dataset_stats(paths, tokenizer, cfg.data.max_seq_length, cfg.data.format, fields)
+    stats = dataset_stats(paths, tokenizer, cfg.data)
     print(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False) if as_json else format_stats(stats))
     if plot_dir is not None:
         written = write_plots(stats, plot_dir)

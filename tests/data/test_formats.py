@@ -9,11 +9,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mathtune.bench import BENCHES
 from mathtune.config import DataConfig
-from mathtune.data.dataset import DataReport, iter_conversations, load_conversations, read_json_records
+from mathtune.data.dataset import DataReport, iter_conversations, load_conversations
 from mathtune.data.formats import PAIR_KEYS, Conversation, RecordError, detect_format, parse_record
+from mathtune.data.readers import read_json_records, read_records
 from mathtune.errors import DataError
-from tests.conftest import GSM8K, write_jsonl
+from tests.conftest import write_jsonl
+
+GSM8K_SAMPLE = BENCHES["gsm8k"].file  # 300 real GSM8K test lines shipped in the package
 
 Q = "¿Cuánto es 3/4 + 1/8?"
 A = "Sumamos: 6/8 + 1/8 = 7/8. La respuesta es \\boxed{\\frac{7}{8}}."
@@ -397,7 +401,7 @@ def test_empty_file(tmp_path, content):
 
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file") as excinfo:
-        list(read_json_records(tmp_path / "nope.jsonl"))
+        list(read_records(tmp_path / "nope.jsonl"))
     # A file-level problem is not counted as an invalid record.
     assert str(excinfo.value) == f"{tmp_path / 'nope.jsonl'}: no such file"
     assert excinfo.value.total_bad is None
@@ -405,7 +409,8 @@ def test_missing_file(tmp_path):
 
 def test_one_pretty_printed_object_is_explained(tmp_path):
     path = tmp_path / "one.json"
-    path.write_text(json.dumps({"data": [SHAPES["question_answer"]], "version": 2}, indent=2), encoding="utf-8")
+    # Holding no list of records (one list is read: tests/data/test_shapes.py)
+    path.write_text(json.dumps({"data": SHAPES["question_answer"], "version": 2}, indent=2), encoding="utf-8")
     with pytest.raises(DataError) as excinfo:
         list(read_json_records(path))
     (problem,) = excinfo.value.problems
@@ -450,12 +455,12 @@ def test_iter_conversations_yields_errors_in_place(tmp_path):
 
 def test_iter_conversations_with_explicit_format(tmp_path):
     path = write_jsonl(tmp_path / "es.jsonl", [{"pregunta": Q, "respuesta": A}])
-    ((place, conv, fmt),) = iter_conversations(path, "fields", FIELDS)
+    ((place, conv, fmt),) = iter_conversations(path, DataConfig(format="fields", fields=FIELDS))
     assert (place, fmt) == (f"{path}:1", "fields")
     assert conv.messages == EXPECTED
     # An explicit format is applied, not detected: a question/answer record read as alpaca is a record error.
     path = write_jsonl(tmp_path / "qa.jsonl", [SHAPES["question_answer"]])
-    ((_, err, fmt),) = iter_conversations(path, "alpaca")
+    ((_, err, fmt),) = iter_conversations(path, DataConfig(format="alpaca"))
     assert isinstance(err, RecordError) and err.field == "instruction" and fmt == "alpaca"
 
 
@@ -553,7 +558,7 @@ def test_load_conversations_all_invalid_with_skip_fails(tmp_path, hf_cache):
 
 
 def test_gsm8k_test_head_loads_as_question_answer(tmp_path, hf_cache):
-    with (GSM8K / "test.jsonl").open(encoding="utf-8") as fh:
+    with GSM8K_SAMPLE.open(encoding="utf-8") as fh:
         head = [next(fh) for _ in range(50)]
     path = tmp_path / "gsm8k-head.jsonl"
     path.write_text("".join(head), encoding="utf-8")
@@ -571,14 +576,14 @@ def test_gsm8k_test_head_loads_as_question_answer(tmp_path, hf_cache):
         assert re.search(r"#### -?[\d,]+(\.\d+)?$", row["messages"][1]["content"]), row["messages"][1]["content"][-40:]
 
 
-def test_gsm8k_train_streams_without_errors():
+def test_gsm8k_sample_streams_without_errors():
     count = 0
-    for place, conv, fmt in iter_conversations(GSM8K / "train.jsonl"):
+    for place, conv, fmt in iter_conversations(GSM8K_SAMPLE):
         assert isinstance(conv, Conversation), (place, conv)
         assert fmt == "question_answer"
         count += 1
-    assert count == 7473
-    assert place == f"{GSM8K / 'train.jsonl'}:7473"
+    assert count == 300
+    assert place == f"{GSM8K_SAMPLE}:300"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import tracemalloc
 import pytest
 
 from mathtune.cli import main
+from mathtune.config import DataConfig
 from mathtune.data.builtin import builtin_files
 from mathtune.data.dataset import tokenize_conversation
 from mathtune.data.formats import detect_format, parse_record
@@ -18,8 +19,8 @@ PAIRS = [
     {"instruction": "What is 12 * 7?", "output": "12 * 7 = 84. The answer is \\boxed{84}.", "topic": "arithmetic"},
     {"instruction": "What is 12 * 7?", "output": "12 * 7 = 84. The answer is \\boxed{84}.", "topic": "arithmetic"},  # exact
     {"instruction": "what is 12*7 ?", "output": "12 * 7 = 84. The answer is \\boxed{84}."},  # near, same question
-    {"instruction": "Calcula la derivada de x^3.", "output": "3x^2"},  # not checkable
-    {"instruction": "¿Qué es un número primo?", "output": "Un número con exactamente dos divisores."},
+    {"instruction": "Calcula la derivada de x^3.", "output": "3x^2"},  # only the answer: checkable
+    {"instruction": "¿Qué es un número primo?", "output": "Un número con exactamente dos divisores."},  # prose: not
     {"instruction": "broken"},  # invalid: counted and left out
 ]
 CONVERSATIONS = [
@@ -41,7 +42,8 @@ def test_counts_per_shape_language_duplicates_answers_and_topics(files):
     assert d["shapes"] == {"alpaca": {"records": 5, "turns": 10}, "messages": {"records": 1, "turns": 4}}
     assert d["languages"] == {"en": 3, "es": 3}
     assert d["duplicates"] == {"exact": 1, "near": 1, "same_question": 2}
-    assert d["checkable"] == 4  # the three 12*7 records and the conversation's last answer
+    # The three 12*7 records, the bare "3x^2" and the conversation's last answer; not the prose one.
+    assert d["checkable"] == 5
     # Labelled records keep their field; the others are detected.
     assert d["topics"] == {"arithmetic": 3, "derivatives": 1, "divisibility": 1, "percentages": 1}
     assert d["labelled_topics"] == 2
@@ -65,7 +67,7 @@ def test_near_key_ignores_case_accents_punctuation_spacing_and_latex():
 
 
 def test_token_lengths_are_those_of_training(files, chatml_tokenizer):
-    stats = dataset_stats(files, chatml_tokenizer, max_seq_length=40)
+    stats = dataset_stats(files, chatml_tokenizer, DataConfig(max_seq_length=40))
     expected = []
     for record in PAIRS[:-1] + CONVERSATIONS:
         conv = parse_record(record, detect_format(record))
