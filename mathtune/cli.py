@@ -5,8 +5,9 @@
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
     mathtune eval RUN_DIR --bench gsm8k [--limit N]
     mathtune report RUN_DIR
-    mathtune export RUN_DIR --to gguf|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
+    mathtune export RUN_DIR --to gguf|lmstudio|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
+    mathtune models [--cache | --remove NAME] [--json]
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--set KEY=VALUE ...] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_export(commands)
     _add_chat(commands)
+    _add_models(commands)
     _add_doctor(commands)
     _add_data(commands)
     return parser
@@ -65,7 +67,8 @@ def _add_train(commands) -> None:
     train.add_argument("--config", type=Path, help="YAML config file (e.g. configs/default.yaml, RUN_DIR/config.yaml)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any setting, e.g. --set train.learning_rate=1e-4 (repeatable)")
-    train.add_argument("--model", help="GGUF file, Transformers folder or hub id (model.path)")
+    train.add_argument("--model", help="GGUF file, Transformers folder, hub id, or a unique part of the name of a "
+                       "model `mathtune models` lists (model.path)")
     train.add_argument("--data", action="append", type=Path, metavar="FILE", help="training file (data.files, repeatable)")
     train.add_argument("--output", type=Path, metavar="DIR", help="run folder (output.dir)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -110,13 +113,16 @@ def _add_export(commands) -> None:
         "export",
         help="the fine-tuned model as GGUF (LM Studio, llama.cpp), a llama.cpp LoRA GGUF, or merged safetensors",
         description="Merge the run's LoRA adapter into its base and write RUN_DIR/export/<name>-<quant>.gguf "
-        "(--to gguf), the adapter alone as a llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers "
-        "folder (--to hf). From a GGUF base every metadata field is kept and untouched tensors keep their bytes.",
+        "(--to gguf) or the same file into LM Studio's models folder (--to lmstudio), the adapter alone as a "
+        "llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers folder (--to hf). From a GGUF base every "
+        "metadata field is kept and untouched tensors keep their bytes.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    export.add_argument("--to", required=True, choices=["gguf", "gguf-lora", "hf"], help="what to write")
+    export.add_argument("--to", required=True, choices=["gguf", "lmstudio", "gguf-lora", "hf"],
+                        help="what to write; lmstudio: the --to gguf file, into LM Studio's models folder under "
+                        "mathtune/<run name>/")
     export.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"],
-                        help="type of the tensors LoRA changed (--to gguf; default f16)")
+                        help="type of the tensors LoRA changed (--to gguf and lmstudio; default f16)")
     export.add_argument("--requant-all", action="store_true",
                         help="convert every matrix to --quant, not only the ones LoRA changed")
     export.add_argument("--output", type=Path, metavar="PATH", help="output file or folder (default: RUN_DIR/export/...)")
@@ -137,6 +143,20 @@ def _add_chat(commands) -> None:
     chat.set_defaults(func=cmd_chat)
 
 
+
+def _add_models(commands) -> None:
+    models = commands.add_parser(
+        "models",
+        help="the GGUF models in LM Studio's folders: architecture, size, trainable?, converted copy cached?",
+        description="List the GGUF files in LM Studio's models folders ($MATHTUNE_LMSTUDIO_DIR, ~/.lmstudio/models, "
+        "~/.cache/lm-studio/models), read from their headers. Train one with --model and a unique piece of its name.",
+    )
+    models.add_argument("--cache", action="store_true", help="list mathtune's converted copies (folder, source, size)")
+    models.add_argument("--remove", metavar="NAME", help="delete the converted copy whose folder or source has NAME in it")
+    models.add_argument("--json", action="store_true", help="print one JSON document")
+    models.set_defaults(func=cmd_models)
+
+
 def _add_doctor(commands) -> None:
     doctor = commands.add_parser(
         "doctor",
@@ -145,7 +165,8 @@ def _add_doctor(commands) -> None:
         "diagnose broken installs with the command that fixes them. Exit status 0 when the requested device is "
         "usable (and, with --model, the planned run fits on it), 1 otherwise.",
     )
-    doctor.add_argument("--model", metavar="PATH", help="GGUF file or Transformers folder: estimate the run's memory")
+    doctor.add_argument("--model", metavar="PATH", help="GGUF file, Transformers folder or part of an LM Studio "
+                        "model's name: estimate the run's memory")
     doctor.add_argument("--config", type=Path, metavar="FILE", help="the planned run's YAML (batch, length, LoRA, 4-bit)")
     doctor.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="device to check (default: model.device)")
     doctor.add_argument("--json", action="store_true", help="print one JSON document")
@@ -244,6 +265,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     else:
         chat_run(args.run_dir, args.max_new_tokens, args.system)
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from mathtune.lmstudio import run_models
+
+    if args.cache and args.remove:
+        raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
+    return run_models(cache_list=args.cache, remove=args.remove, as_json=args.json)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

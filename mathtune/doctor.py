@@ -231,10 +231,15 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
     report: dict[str, Any] = {**facts, "findings": [f.__dict__ for f in findings],
                               "device": {"requested": requested, "resolved": resolved, "usable": usable}}
     if model:
-        shape = read_model_shape(Path(model))
+        model_path = Path(model).expanduser()
+        if not model_path.exists():  # a piece of an LM Studio model's name (--model mathstral), or a mistake
+            from mathtune.model import resolve_source
+
+            model_path = Path(resolve_source(cfg.model).path)
+        shape = read_model_shape(model_path)
         room, where = capacity(facts, resolved)
         plan = plan_from_config(cfg, resolved)
-        report["model"] = {"path": model, **shape.__dict__}
+        report["model"] = {"path": str(model_path), **shape.__dict__}
         report["estimate"] = {**estimate_run(shape, plan, room), "where": where}
         if not report["estimate"]["fits"]:
             usable = False

@@ -82,18 +82,23 @@ def cache_root(cfg_cache_dir: Path | None) -> Path:
 
 
 def resolve_source(cfg: ModelConfig) -> ModelSource:
-    """Decide what `cfg.path` names, failing early with a message that says what was expected."""
+    """Decide what `cfg.path` names, failing early with a message that says what was expected.
+
+    In this order: empty, the embedded SmolLM2 GGUF; an existing file (GGUF) or folder (Transformers);
+    `org/name` (one '/', not starting with '.', '/' or '~', not ending in .gguf), a hub id as always,
+    unless a model in LM Studio's folders has it in its name and the local hub cache holds no such
+    model (LM Studio labels its downloads 'lmstudio-community/Mathstral-7B-v0.1-GGUF'); any other
+    string that is not an absolute, ./ or ~ path: a unique piece of the name of a GGUF file in LM
+    Studio's folders (`mathtune models` lists them; `mathstral`, `mathstral q8`), logged with the
+    file it chose. See mathtune/lmstudio.py."""
+    from mathtune import lmstudio
+
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
     reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
     if reason:
         raise ModelError(f"{path}: {reason}; model.path takes a .gguf file, a Transformers folder or a hub id")
     if path.is_file():
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
-                             "model.path takes a .gguf file, a Transformers folder or a hub id")
-        return ModelSource("gguf", str(path), load_from="")
+        return _gguf_source(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
@@ -103,8 +108,27 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         return ModelSource("folder", str(path), load_from=str(path))
     text = str(cfg.path)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf"):
-        return ModelSource("hub", text, load_from=text)
+        if not lmstudio.claims_hub_id(text):
+            return ModelSource("hub", text, load_from=text)
+    if not path.is_absolute() and not text.startswith((".", "~")):
+        try:
+            found = lmstudio.find_model(text)
+        except lmstudio.NoModelFound as exc:
+            raise ModelError(f"{text}: no such file or folder, and {exc} (expected a .gguf file, a Transformers "
+                             "folder, a hub id org/name or part of the name of a model `mathtune models` lists)"
+                             ) from None
+        log.info("model.path '%s' is %s (found in LM Studio's models)", text, found)
+        return _gguf_source(found)
     raise ModelError(f"{text}: no such file or folder (expected a .gguf file, a Transformers folder or a hub id org/name)")
+
+
+def _gguf_source(path: Path) -> ModelSource:
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
+                         "model.path takes a .gguf file, a Transformers folder or a hub id")
+    return ModelSource("gguf", str(path), load_from="")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -273,7 +297,6 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     """The file's `general.architecture` and parameter count, or a ModelError listing what
     transformers can load. Reads the header only (GGUFReader memory-maps the file)."""
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:
         reader = GGUFReader(path)
@@ -282,13 +305,23 @@ def check_gguf_architecture(path: Path) -> tuple[str, int]:
     except (ValueError, KeyError, IndexError, OSError) as exc:
         raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
                          "download it again") from None
-    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
-    normalized = {a.replace("_", "") for a in supported}
-    if arch.replace("_", "").replace("-", "") not in normalized:
-        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; "
-                         f"supported: {', '.join(supported)}")
+    if not gguf_architecture_supported(arch):
+        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: "
+                         f"{', '.join(gguf_supported_architectures())}")
     return arch, n_params
+
+
+def gguf_supported_architectures() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+
+def gguf_architecture_supported(arch: str) -> bool:
+    """Whether transformers' GGUF loader reads a file of this `general.architecture`."""
+    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
+    normalized = {a.replace("_", "") for a in gguf_supported_architectures()}
+    return arch.replace("_", "").replace("-", "") in normalized
 
 
 def _warn_if_short_of_memory(path: Path, n_params: int) -> None:

@@ -112,6 +112,8 @@ def setup(cfg: Config, resume: bool) -> Job:
     data = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data)
     source = resolve_source(cfg.model)
+    if source.kind == "gguf" and cfg.model.path and not Path(cfg.model.path).expanduser().is_file():
+        cfg.model.path = source.path  # a name fragment (--model mathstral): the run records the file it chose
     problems = distributed.launch_problems(cfg)
     if problems:
         raise ConfigError(problems, "launch")

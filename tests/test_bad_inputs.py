@@ -198,6 +198,9 @@ CASES = [
     # --- model ---
     Case("missing model path", lambda e: e.train(None, e.tmp / "nope.gguf"),
          ["{tmp}/nope.gguf: no such file or folder (expected a .gguf file, a Transformers folder or a hub id"]),
+    Case("model name matching nothing", lambda e: e.train(None, "qwen-math-7b-no-such-model"),
+         ["qwen-math-7b-no-such-model: no such file or folder, and no GGUF model in LM Studio's folders (",
+          "`mathtune models` lists"]),
     Case("folder without config.json", lambda e: e.train(None, e.raw("m-Q4_K_M.gguf", b"GGUF").parent),
          ["{tmp}: a folder without config.json is not a Transformers model; it holds GGUF files, name one"]),
     Case("not a GGUF file", lambda e: e.train(None, e.raw("model.gguf", b"PK\x03\x04 a zip")),

@@ -1,12 +1,14 @@
 """`mathtune export`: a trained run back to where the user runs models.
 
     mathtune export runs/x --to gguf [--quant f16|bf16|q8_0] [--requant-all]   # LM Studio, llama.cpp
+    mathtune export runs/x --to lmstudio [--quant ...]   # the same file, into LM Studio's models folder
     mathtune export runs/x --to gguf-lora                                      # llama-cli --lora
     mathtune export runs/x --to hf                                             # merged safetensors
 
-Outputs go to RUN_DIR/export/ (or --output), are written aside and renamed when complete, and are
-never overwritten without --overwrite. One process at a time writes an output (mathtune/locks.py); a
-disk without room for the output is found before writing, or when it fills up, and leaves nothing.
+Outputs go to RUN_DIR/export/ (or --output; --to lmstudio: <LM Studio's models folder>/mathtune/<run
+name>/), are written aside and renamed when complete, and are never overwritten without --overwrite.
+One process at a time writes an output (mathtune/locks.py); a disk without room for the output is
+found before writing, or when it fills up, and leaves nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.locks import lock_output, released_at_exit
+from mathtune.lmstudio import ENV_DIR, export_folder
 
-TARGETS = ("gguf", "gguf-lora", "hf")
+TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
 
 
 @dataclass
@@ -43,17 +46,22 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
         raise MathtuneError(f"--to {to}: expected one of {', '.join(TARGETS)}")
     if quant not in QUANTS:
         raise MathtuneError(f"--quant {quant}: expected one of {', '.join(QUANTS)}")
+    if to == "lmstudio" and output is not None:
+        raise MathtuneError(f"--output: --to lmstudio writes into LM Studio's models folder (set {ENV_DIR} to "
+                            "choose another); use --to gguf --output PATH for a file elsewhere")
     cfg = load_run_config(run_dir)
     source = resolve_source(cfg.model)
     name = base_name(source)
-    out = output or run_dir / "export" / {"gguf": f"{name}-{quant}.gguf", "gguf-lora": f"{name}-lora.gguf",
-                                          "hf": f"{name}-merged"}[to]
+    folder = export_folder(run_dir.resolve().name) if to == "lmstudio" else run_dir / "export"
+    out = output or folder / {"gguf": f"{name}-{quant}.gguf", "lmstudio": f"{name}-{quant}.gguf",
+                              "gguf-lora": f"{name}-lora.gguf", "hf": f"{name}-merged"}[to]
     out.parent.mkdir(parents=True, exist_ok=True)
     with released_at_exit():
         lock_output(out)  # a second export into the same output (another window, a double-click) stops here
         if out.exists():
             if not overwrite:
-                raise MathtuneError(f"{out}: already exists; pass --overwrite to replace it, or --output elsewhere")
+                elsewhere = "" if to == "lmstudio" else ", or --output elsewhere"
+                raise MathtuneError(f"{out}: already exists; pass --overwrite to replace it{elsewhere}")
             if out.is_dir() != (to == "hf"):
                 kind = "a folder" if out.is_dir() else "a file"
                 raise MathtuneError(f"{out}: is {kind}; --to {to} writes a {'folder' if to == 'hf' else 'file'} there. "
@@ -73,14 +81,14 @@ def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str
         return merged_folder(run_dir, cfg, out)
     _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
     adapter = read_adapter(run_dir / "adapter")
-    if to == "gguf":
+    if to in ("gguf", "lmstudio"):
         return _merged_gguf(run_dir, source, adapter, out, quant, requant_all)
     return _lora_gguf(source, adapter, out, name)
 
 
 def _check_architecture(source, to: str) -> None:
     if source.kind == "gguf":
-        if to == "gguf":
+        if to in ("gguf", "lmstudio"):
             import gguf
 
             from mathtune.export.gguf import mergeable_arch
@@ -152,12 +160,17 @@ def how_to_use(result: ExportResult) -> list[str]:
     p = result.path
     if result.target == "gguf":
         lines += [
-            "LM Studio: it lists models as <publisher>/<model>/<file>.gguf under its models folder",
+            "LM Studio: --to lmstudio writes it there for you; it lists models as <publisher>/<model>/<file>.gguf "
+            "under its models folder",
             f"  (~/.lmstudio/models by default), e.g.: mkdir -p ~/.lmstudio/models/mathtune/{p.stem} && "
             f"cp {p} ~/.lmstudio/models/mathtune/{p.stem}/",
             f"  or: lms import {p}",
             f"llama.cpp: llama-cli -m {p} -cnv",
         ]
+    elif result.target == "lmstudio":
+        lines += [f"LM Studio lists it in My Models as mathtune/{p.parent.name}/{p.name} (reopen the list, or "
+                  "restart LM Studio, if it was open)",
+                  f"llama.cpp: llama-cli -m {p} -cnv"]
     elif result.target == "gguf-lora":
         lines += [
             f"llama.cpp: llama-cli -m {result.base} --lora {p} -cnv",
