@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mathtune.errors import MathtuneError, ModelError
-from mathtune.locks import lock_output, released_at_exit
 from mathtune.lmstudio import ENV_DIR, export_folder
+from mathtune.locks import lock_output, released_at_exit
 
 TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
 
