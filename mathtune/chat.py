@@ -10,6 +10,7 @@ are greedy and printed as they are generated.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -80,21 +81,41 @@ def _loop(reply, system: str | None, stdin: TextIO, stdout: TextIO, title: str) 
 
 
 def _reply_transformers(model, tokenizer, messages: list[dict], max_new_tokens: int, stdout: TextIO) -> str:
+    parts = []
+    for text in stream_reply(model, tokenizer, messages, max_new_tokens):
+        stdout.write(text)
+        stdout.flush()
+        parts.append(text)
+    return "".join(parts)
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> Iterator[str]:
+    """The greedy answer to `messages`, in pieces as they are generated (also `mathtune ui`'s chat)."""
+    import threading
+
     import torch
-    from transformers import TextStreamer
+    from transformers import TextIteratorStreamer
 
     from mathtune.data.template import render_chat
     from mathtune.evaluate import stop_token_ids
 
-    class Printer(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            stdout.write(text)
-            stdout.flush()
-
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer, model),
-                             pad_token_id=tokenizer.pad_token_id, streamer=Printer(tokenizer, skip_prompt=True,
-                                                                                   skip_special_tokens=True))
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                               eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+        except BaseException as exc:  # re-raised in the caller's thread, after the streamer is closed
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=generate, daemon=True)
+    worker.start()
+    yield from (piece for piece in streamer if piece)
+    worker.join()
+    if failure:
+        raise failure[0]

@@ -11,6 +11,7 @@
     mathtune doctor [--model PATH] [--config FILE] [--device auto|cpu|cuda|mps] [--json]
     mathtune data check FILE... [--config FILE] [--set KEY=VALUE ...] [--json]
     mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
+    mathtune ui [--runs DIR] [--host HOST] [--port N] [--no-browser]
 
 Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
 """
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(commands)
     _add_doctor(commands)
     _add_data(commands)
+    _add_ui(commands)
     return parser
 
 
@@ -143,7 +145,6 @@ def _add_chat(commands) -> None:
     chat.set_defaults(func=cmd_chat)
 
 
-
 def _add_models(commands) -> None:
     models = commands.add_parser(
         "models",
@@ -198,6 +199,18 @@ def _add_data(commands) -> None:
     stats.add_argument("--json", action="store_true", help="print one JSON document")
     stats.add_argument("--plot", type=Path, metavar="DIR", help="write lengths.png and topics.png into DIR")
     stats.set_defaults(func=cmd_data_stats)
+
+
+def _add_ui(commands) -> None:
+    ui = commands.add_parser(
+        "ui", help="the whole job in a local web page (pip install 'mathtune[ui]')",
+        description="Start a local web server over the runs folder and open it in the browser. The address "
+        "printed carries an access token; only this machine can connect unless --host says otherwise.")
+    ui.add_argument("--runs", type=Path, default=Path("runs"), metavar="DIR", help="the runs folder (default: runs)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    ui.add_argument("--no-browser", action="store_true", help="print the address, don't open a browser")
+    ui.set_defaults(func=cmd_ui)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -296,6 +309,16 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(text) for text in args.set)
     run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot,
               overrides=overrides)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from mathtune.ui.server import serve
+    except ImportError as exc:
+        raise MathtuneError(f"mathtune ui needs its optional packages ({exc.name} is missing): "
+                            "pip install 'mathtune[ui]'") from None
+    serve(args.runs, host=args.host, port=args.port, open_browser=not args.no_browser)
     return 0
 
 

@@ -33,7 +33,9 @@ ENV_PREFIX = "MATHTUNE_"
 
 class _Section(BaseModel):
     # extra="forbid" turns a typo into an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # use_attribute_docstrings: the docstring under each field becomes its description, the help
+    # text that `mathtune ui` shows beside the field (one source for the docs and the form).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):

@@ -219,6 +219,13 @@ def estimate_run(shape: ModelShape, plan: Plan, room: float | None) -> dict[str,
     return result
 
 
+def model_estimate(cfg, model: str, facts: dict[str, Any], device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's shape and the memory estimate of the run `cfg` plans with it on `device` (also `mathtune ui`'s)."""
+    shape = read_model_shape(Path(model))
+    room, where = capacity(facts, device)
+    return {"path": model, **shape.__dict__}, {**estimate_run(shape, plan_from_config(cfg, device), room), "where": where}
+
+
 def run_doctor(model: str | None = None, config: Path | None = None, device: str | None = None,
                as_json: bool = False, probes: Probes = PROBES, out: Callable[[str], None] = print) -> int:
     """`mathtune doctor`: gather, diagnose, estimate, print; returns the exit status."""
@@ -236,11 +243,7 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
             from mathtune.model import resolve_source
 
             model_path = Path(resolve_source(cfg.model).path)
-        shape = read_model_shape(model_path)
-        room, where = capacity(facts, resolved)
-        plan = plan_from_config(cfg, resolved)
-        report["model"] = {"path": str(model_path), **shape.__dict__}
-        report["estimate"] = {**estimate_run(shape, plan, room), "where": where}
+        report["model"], report["estimate"] = model_estimate(cfg, str(model_path), facts, resolved)
         if not report["estimate"]["fits"]:
             usable = False
     report["ok"] = usable

