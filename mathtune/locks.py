@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,14 +46,22 @@ class Lock:
         self.count -= 1
         if self.count > 0:
             return
-        _HELD.pop(_key(self.lock_file), None)
+        _HELD.pop(_key(self.lock_file), None)  # released by the thread that took it
         if self._lock is not None:
             self.owner_file.unlink(missing_ok=True)
             self._lock.release()
 
 
-_HELD: dict[str, Lock] = {}
-_SCOPES: list[list[Lock]] = []
+# Per thread: the UI runs exports in threads, and a second export into the same output from another
+# thread must be refused like one from another process (each thread opens the lock file itself).
+_HELD: dict[tuple[int, str], Lock] = {}
+_LOCAL = threading.local()
+
+
+def _scopes() -> list[list[Lock]]:
+    if not hasattr(_LOCAL, "scopes"):
+        _LOCAL.scopes = []
+    return _LOCAL.scopes
 
 
 RUN_LOCK_FILES = frozenset({RUN_LOCK, RUN_LOCK + OWNER_SUFFIX})
@@ -80,8 +89,8 @@ def acquire(lock_file: Path, what: str) -> Lock:
         try:
             candidate.acquire()
         except Timeout:
-            raise InUseError(f"{what} is in use by another mathtune process ({_owner(held.owner_file)}). Wait for it "
-                             "to finish or stop it; two processes writing there would mix their files.") from None
+            raise InUseError(f"{what} is in use by another mathtune {_who(held.owner_file)}. Wait for it to finish or "
+                             "stop it; two writers there would mix their files.") from None
         except (NotImplementedError, OSError) as exc:
             # A file system without locks (some network mounts): go on, as before locks existed.
             log.warning("Could not lock %s (%s); make sure no other mathtune process writes there", lock_file, exc)
@@ -91,8 +100,8 @@ def acquire(lock_file: Path, what: str) -> Lock:
                                                    "command": " ".join(sys.argv)}), encoding="utf-8")
         _HELD[_key(lock_file)] = held
     held.count += 1
-    if _SCOPES:
-        _SCOPES[-1].append(held)
+    if _scopes():
+        _scopes()[-1].append(held)
     return held
 
 
@@ -100,21 +109,22 @@ def acquire(lock_file: Path, what: str) -> Lock:
 def released_at_exit():
     """Locks taken inside the block are released when it ends (a run's folder lock: held until the
     run is over, evaluation and report included)."""
-    _SCOPES.append([])
+    _scopes().append([])
     try:
         yield
     finally:
-        for held in reversed(_SCOPES.pop()):
+        for held in reversed(_scopes().pop()):
             held.release()
 
 
-def _owner(owner_file: Path) -> str:
+def _who(owner_file: Path) -> str:
     try:
         owner = json.loads(owner_file.read_text(encoding="utf-8"))
-        return f"PID {owner['pid']}, since {owner['since']}: {owner['command']}"
+        where = "job of this process" if owner["pid"] == os.getpid() else "process"
+        return f"{where} (PID {owner['pid']}, since {owner['since']}: {owner['command']})"
     except (OSError, ValueError, KeyError, TypeError):
-        return "PID unknown: it is starting or stopping"
+        return "process (PID unknown: it is starting or stopping)"
 
 
-def _key(lock_file: Path) -> str:
-    return os.path.normcase(os.path.abspath(lock_file))
+def _key(lock_file: Path) -> tuple[int, str]:
+    return threading.get_ident(), os.path.normcase(os.path.abspath(lock_file))

@@ -156,3 +156,27 @@ def test_the_lock_is_released_when_the_run_ends_so_the_next_process_can_resume(t
     train(cfg)
     holder = hold(cfg.output.dir)  # another process gets the folder: this one let it go
     stop(holder)
+
+
+def test_a_second_export_from_another_thread_of_the_same_process_is_refused(tmp_path):
+    # The UI runs exports in threads: a double-click must not start a second writer there either.
+    import threading
+
+    out, taken, done = tmp_path / "x.gguf", threading.Event(), threading.Event()
+
+    def first_export():
+        lock = lock_output(out)
+        taken.set()
+        done.wait(30)
+        lock.release()
+
+    worker = threading.Thread(target=first_export)
+    worker.start()
+    try:
+        assert taken.wait(30)
+        with pytest.raises(InUseError, match=f"in use by another mathtune job of this process \\(PID {os.getpid()}"):
+            lock_output(out)
+    finally:
+        done.set()
+        worker.join()
+    lock_output(out).release()  # free again once the first is done
