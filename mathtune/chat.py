@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mathtune.errors import ModelError
+from mathtune.files import unreadable_reason
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -38,8 +39,9 @@ def chat_gguf(path: Path, max_new_tokens: int = 512, system: str | None = None, 
     except ImportError:
         raise ModelError("chatting with a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
                          "(it compiles llama.cpp, which takes several minutes); or load the file in LM Studio") from None
-    if not path.is_file():
-        raise ModelError(f"{path}: no such file")
+    reason = unreadable_reason(path)
+    if reason:
+        raise ModelError(f"{path}: {reason}")
     llm = Llama(model_path=str(path), n_ctx=context, verbose=False)
 
     def reply(messages: list[dict]) -> str:

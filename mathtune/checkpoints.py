@@ -3,6 +3,10 @@
     mathtune train ...                  # Ctrl-C: finishes the step, saves a checkpoint, says how to resume
     mathtune train --resume RUN_DIR     # continues from the newest *complete* checkpoint
 
+- Ctrl-C, SIGTERM (timeout, docker stop, SLURM, Kubernetes) and SIGHUP (a closed terminal; on
+  Windows SIGBREAK: Ctrl-Break or a closed console) all stop the same way: the current step ends on
+  every process, a checkpoint is saved, and the exit status is 128 + the signal's number (130 for
+  Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). A second signal aborts at once.
 - Checkpoints are written into RUN_DIR/checkpoints/.partial/checkpoint-N, flushed to disk and only
   then renamed to RUN_DIR/checkpoints/checkpoint-N: a crash or `kill -9` mid-save leaves a folder in
   .partial, never a half checkpoint where `--resume` looks. (transformers' Trainer writes
@@ -17,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from mathtune.errors import MathtuneError
+from mathtune.files import is_disk_full
 
 log = logging.getLogger("mathtune")
 
@@ -43,7 +47,19 @@ class TrainingStopped(MathtuneError):
 
 
 class TrainingInterrupted(TrainingStopped):
+    """Stopped by a signal after saving a checkpoint; the exit status says which signal."""
+
     exit_code = 130  # what shells expect after Ctrl-C
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)  # the shell convention: 143 after SIGTERM, 129 after SIGHUP
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that ask a run to stop: Ctrl-C; SIGTERM; SIGHUP (not on Windows); SIGBREAK (Windows only)."""
+    return [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, name)]
 
 
 def last_checkpoint(checkpoints_dir: Path) -> Path | None:
@@ -63,13 +79,6 @@ def last_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def resume_hint(run_dir: Path) -> str:
     return f"mathtune train --resume {run_dir}"
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    # safetensors (Rust) reports a full disk as SafetensorError with the OS message, not as OSError.
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return "No space left on device" in str(exc) or "StorageFull" in str(exc)
 
 
 class SafeTrainingMixin:
@@ -180,48 +189,71 @@ def _fsync_dir(path: Path) -> None:
 
 
 class GracefulInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort now."""
+    """First stop signal (Ctrl-C, SIGTERM, SIGHUP): finish the current step, save a checkpoint, stop.
+    A second one: abort now."""
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
+        """The first stop signal received (by this process, or by any process under torchrun)."""
         self.stopped_at: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     @contextmanager
     def installed(self):
-        """Catch SIGINT while the block runs (main thread only: Python delivers signals there)."""
+        """Catch the stop signals while the block runs (main thread only: Python delivers signals there)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in stop_signals()}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
-    def _on_sigint(self, signum, frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
         if self.requested:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nmathtune: stopping after this step and saving a checkpoint (Ctrl-C again aborts at once)",
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            print(f"\nmathtune: {signal.Signals(signum).name} again: aborting", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {signal.Signals(signum).name} or Ctrl-C"
+        print(f"\nmathtune: {_said(signum)}stopping after this step and saving a checkpoint ({again} aborts at once)",
               file=sys.stderr, flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _any_process(self.requested, args):
-            self.requested = True
+        signum = _any_process(self.signum or 0, args)
+        if signum:
+            self.signum = self.signum or signum
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
         return control
 
+    def error(self, checkpoint: Path | None, run_dir: Path) -> TrainingInterrupted:
+        """What the run ends with once stopped: where the checkpoint is, how to resume, the exit status."""
+        return TrainingInterrupted(f"Interrupted{_said(self.signum, ' by {}')} at step {self.stopped_at}; checkpoint "
+                                   f"saved in {checkpoint}. Resume with: {resume_hint(run_dir)}", self.signum)
 
-def _any_process(flag: bool, args) -> bool:
-    # Under torchrun each process gets its own Ctrl-C, maybe a step apart: agree before stopping.
+
+def _said(signum: int, form: str = "{} received: ") -> str:
+    # Ctrl-C speaks for itself; the others are named (a job log shows who stopped the run).
+    return "" if signum == signal.SIGINT else form.format(signal.Signals(signum).name)
+
+
+def _any_process(signum: int, args) -> int:
+    # Under torchrun each process gets its own signal, maybe a step apart: agree before stopping,
+    # so that every rank stops after the same step (the largest signal number wins the exit status).
     if args.world_size <= 1:
-        return flag
+        return signum
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor(float(flag), device=args.device)
+    value = torch.tensor(float(signum), device=args.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return int(value.item())

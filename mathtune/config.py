@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -24,7 +25,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mathtune.errors import ConfigError
+from mathtune.errors import ConfigError, MathtuneError
+from mathtune.files import unreadable_reason
 
 ENV_PREFIX = "MATHTUNE_"
 
@@ -272,6 +274,65 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(require_run_dir(run_dir, finished=True) / CONFIG, environ={})
 
 
+# Settings that may differ between a run and its --resume, and why; every other difference is refused,
+# since it would mix two different trainings in one run folder (or fail deep inside PEFT).
+RESUMABLE = {
+    "train.max_steps": "train longer (or stop sooner) than first planned; the schedule follows the new total",
+    "train.epochs": "the same, for runs that train by epochs",
+    "train.save_steps": "when checkpoints are written, not what is learned",
+    "train.save_total_limit": "how many checkpoints are kept",
+    "train.logging_steps": "how often the loss is logged",
+    "train.eval_steps": "evaluation during training reads the weights, it does not change them",
+    "train.eval_batch_size": "the same",
+    "eval.*": "the evaluation after training reads the weights, it does not change them",
+    "data.num_proc": "tokenization processes give the same tokens",
+    "data.max_errors": "how many bad records are listed",
+    "model.device": "the training goes on where it is run (a fixed CUDA install: the GPU)",
+    "model.cache_dir": "where a GGUF conversion is cached, not which model",
+    "output.dir": "the run folder may be named by another path, or moved",
+    "output.overwrite": "unused when resuming",
+}
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The settings that differ between a run's saved config and the one it is resumed with, as
+    'key: saved -> new' lines: (those RESUMABLE allows, the others)."""
+    before, after = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    allowed, refused = [], []
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key) != after.get(key):
+            line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+            resumable = key in RESUMABLE or f"{key.split('.')[0]}.*" in RESUMABLE
+            (allowed if resumable else refused).append(line)
+    return allowed, refused
+
+
+def check_resume(run_dir: Path, cfg: Config) -> list[str]:
+    """Refuse to resume `run_dir` with settings other than its own (RESUMABLE aside); returns the
+    allowed changes."""
+    saved = load_config(run_dir / "config.yaml", environ={}, check_machine=False)
+    allowed, refused = resume_changes(saved, cfg)
+    if refused:
+        lines = "\n".join(f"  - {line}" for line in refused)
+        raise MathtuneError(
+            f"{run_dir}: --resume with settings that differ from the run's ({run_dir / 'config.yaml'} -> now):\n{lines}\n"
+            "Resuming would mix two different trainings. Drop these --set/MATHTUNE_* changes, or start a new run "
+            f"with them (--output another folder). Settings that may change on resume: {', '.join(RESUMABLE)}.")
+    if allowed:
+        logging.getLogger("mathtune").info("Resuming with changed settings: %s", "; ".join(allowed))
+    return allowed
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "fields":  # data.fields is one setting
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.learning_rate=1e-4' -> ('train.learning_rate', 1e-4); the value is read as YAML."""
     key, sep, value = text.partition("=")
@@ -307,8 +368,9 @@ def summarize(cfg: Config) -> str:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError([f"{path}: no such config file"], "command line")
+    reason = unreadable_reason(path)
+    if reason:
+        raise ConfigError([f"{path}: {'no such config file' if reason == 'no such file' else reason}"], "command line")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:

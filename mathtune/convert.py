@@ -109,7 +109,7 @@ def convert(plan: ConversionPlan, out: Path, progress: bool = True) -> None:
         raise ModelError(f"{out.parent}: converting {plan.gguf.name} needs about {plan.disk_bytes / 1e9:.1f} GB of "
                          f"disk and {free / 1e9:.1f} GB are free. Free some space, or convert elsewhere with "
                          f"`mathtune convert {plan.gguf} --output DIR` (or set MATHTUNE_CACHE to another disk).")
-    from mathtune.checkpoints import is_disk_full
+    from mathtune.files import is_disk_full
 
     started = time.perf_counter()
     try:

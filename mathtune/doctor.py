@@ -37,17 +37,53 @@ class Finding:
     fix: str | None = None
 
 
+# What a probe is taken to have found when it fails outright (each probe already turns the usual
+# breakages into facts; this is for the ones nobody foresaw).
+UNREAD = {"system": {"os": "unknown", "python": "unknown", "python_executable": None, "cpu_threads": None},
+          "torch": {"installed": False}, "bitsandbytes": {"installed": False}, "versions": {},
+          "memory": {"total": None, "available": None}}
+
+
 def gather(probes: Probes, output_dir: Path) -> dict[str, Any]:
-    """Every fact the doctor reports, as plain JSON-able values."""
-    return {
-        "system": probes.system(),
-        "torch": probes.torch(),
-        "nvidia_smi": probes.nvidia_smi(),
-        "bitsandbytes": probes.bitsandbytes(),
-        "versions": probes.versions(),
-        "memory": probes.memory(),
-        "disk": {"path": str(output_dir), "free": probes.disk_free(output_dir)},
-    }
+    """Every fact the doctor reports, as plain JSON-able values. A probe that raises is reported in
+    `unreadable` and the others go on."""
+    unreadable: dict[str, str] = {}
+    facts = {name: _read(unreadable, name, getattr(probes, name)) for name in
+             ("system", "torch", "nvidia_smi", "bitsandbytes", "versions", "memory")}
+    facts["disk"] = {"path": str(output_dir), "free": _read(unreadable, "disk", probes.disk_free, output_dir)}
+    facts["unreadable"] = unreadable
+    return facts
+
+
+def _read(unreadable: dict[str, str], name: str, probe: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return probe(*args)
+    except Exception as exc:  # noqa: BLE001 - the doctor must answer on a broken machine
+        unreadable[name] = f"{type(exc).__name__}: {exc}"
+        if name in ("torch", "nvidia_smi", "bitsandbytes"):
+            return {**UNREAD.get(name, {"gpus": []}), "error": f"the probe failed ({unreadable[name]})"}
+        return UNREAD.get(name) and dict(UNREAD[name])
+
+
+def unused_gpu_warning(requested: str, resolved: str, probes: Probes = PROBES) -> str | None:
+    """Before training: when model.device auto came out as the CPU although nvidia-smi lists a GPU
+    (a CPU-only PyTorch wheel, a driver too old for the CUDA build...), the doctor's finding and its
+    fix, in one text; None otherwise. Costs one nvidia-smi call, and nothing where it is absent."""
+    if requested != "auto" or resolved != "cpu":
+        return None
+    unreadable: dict[str, str] = {}
+    smi = _read(unreadable, "nvidia_smi", probes.nvidia_smi)
+    if not (smi and smi.get("gpus")):
+        return None
+    facts = {"system": _read(unreadable, "system", probes.system), "torch": _read(unreadable, "torch", probes.torch),
+             "nvidia_smi": smi, "bitsandbytes": {"installed": False}}
+    findings, _, usable = diagnose(facts, "auto")
+    finding = next((f for f in findings if f.level == "error"), None)
+    if usable or finding is None:
+        return None
+    fix = f"\n  fix: {finding.fix}" if finding.fix else ""
+    return (f"model.device auto trains on the CPU here: {finding.message}.{fix}\n  (model.device: cpu trains on "
+            "the CPU on purpose, without this warning)")
 
 
 def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = False) -> tuple[list[Finding], str, bool]:
@@ -161,13 +197,14 @@ def capacity(facts: dict[str, Any], device: str) -> tuple[float | None, str]:
     """Bytes available to a run on `device`, and what they are."""
     if device == "cuda":
         gpus = facts["torch"].get("gpus") or (facts["nvidia_smi"] or {}).get("gpus") or []
+        gpus = [g for g in gpus if g.get("memory_total")]  # nvidia-smi may not report it ("[N/A]")
         if not gpus:
-            return None, "no GPU"
+            return None, "no GPU with a known memory size"
         g = max(gpus, key=lambda g: g.get("memory_free") or g["memory_total"])
         free = g.get("memory_free") or g["memory_total"]
         return float(free), f"{g['name']}: {free / GIB:.1f} GiB free of {g['memory_total'] / GIB:.1f} GiB"
     available = facts["memory"].get("available")
-    if available is None:
+    if available is None or not facts["memory"].get("total"):
         return None, "RAM unknown"
     return float(available), f"RAM: {available / GIB:.1f} GiB available of {facts['memory']['total'] / GIB:.1f} GiB"
 
@@ -290,9 +327,10 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
 
 def format_report(r: dict[str, Any]) -> str:
     s, t, smi, bnb, mem = r["system"], r["torch"], r["nvidia_smi"], r["bitsandbytes"], r["memory"]
-    lines = [f"system        {s['os']}, Python {s['python']}, {s['cpu_threads']} CPU threads"
+    lines = [f"system        {s.get('os')}, Python {s.get('python')}, {s.get('cpu_threads') or '?'} CPU threads"
              + (f" (torch uses {t['threads']})" if t.get("threads") else "")]
-    ram = f"{mem['total'] / GIB:.1f} GiB total, {mem['available'] / GIB:.1f} GiB available" if mem.get("total") else "unknown"
+    ram = (f"{mem['total'] / GIB:.1f} GiB total, {_gib(mem.get('available'))} GiB available" if mem.get("total")
+           else "unknown")
     disk = f"{r['disk']['free'] / GIB:.1f} GiB free at {r['disk']['path']}" if r["disk"]["free"] is not None else "unknown"
     lines += [f"memory        RAM {ram}; disk {disk}"]
     if t.get("installed"):
@@ -312,8 +350,12 @@ def format_report(r: dict[str, Any]) -> str:
     elif smi.get("error"):
         lines.append(f"nvidia-smi    fails: {smi['error']}")
     else:
-        gpus = "; ".join(f"{g['name']} {g['memory_total'] / GIB:.1f} GiB" for g in smi["gpus"])
-        lines.append(f"nvidia-smi    driver {smi['driver']} (CUDA up to {smi.get('cuda') or '?'}): {gpus}")
+        gpus = "; ".join(f"{g['name']} {_gib(g.get('memory_total'))} GiB" for g in smi["gpus"])
+        lines.append(f"nvidia-smi    driver {smi.get('driver') or '?'} (CUDA up to {smi.get('cuda') or '?'}): {gpus}")
+    for line in (smi or {}).get("unreadable", []):
+        lines.append(f"nvidia-smi    unreadable line: {line}")
+    for name, error in r.get("unreadable", {}).items():
+        lines.append(f"unreadable    the {name} probe failed: {error}")
     lines.append("bitsandbytes  " + (("works" if bnb.get("usable") else f"installed, not usable ({bnb.get('error')})")
                                      + f" ({bnb.get('version')})" if bnb.get("installed") else "not installed"))
     lines.append("libraries     " + ", ".join(f"{k} {v or '-'}" for k, v in r["versions"].items()))
@@ -331,6 +373,10 @@ def format_report(r: dict[str, Any]) -> str:
               + (": usable" if d["usable"] else ": NOT usable") + ("" if r["ok"] or not d["usable"] else
                                                                   ", but the planned run does not fit")]
     return "\n".join(lines)
+
+
+def _gib(value: float | None) -> str:
+    return f"{value / GIB:.1f}" if value else "?"
 
 
 def format_estimate(m: dict[str, Any], e: dict[str, Any]) -> list[str]:

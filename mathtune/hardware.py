@@ -104,55 +104,119 @@ def probe_system() -> dict:
 
 
 def probe_torch() -> dict:
-    """Version, build, CUDA state and each GPU as PyTorch sees them."""
+    """Version, build, CUDA state and each GPU as PyTorch sees them. A broken CUDA install raises
+    from any of these calls: what could not be read is said in `cuda_error`, the rest is kept."""
     import warnings
 
     try:
         import torch
     except Exception as exc:  # noqa: BLE001 - a broken install raises anything (OSError for a missing .so)
         return {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        available = torch.cuda.is_available()
     info = {"installed": True, "version": torch.__version__, "cuda_build": torch.version.cuda,
-            "hip_build": getattr(torch.version, "hip", None), "cuda_available": available,
-            "cuda_error": str(caught[0].message).strip() if caught and not available else None,
-            "threads": torch.get_num_threads(), "mps": mps_available(), "gpus": []}
-    for i in range(torch.cuda.device_count() if available else 0):
-        props = torch.cuda.get_device_properties(i)
-        try:
-            free, total = torch.cuda.mem_get_info(i)
-        except RuntimeError:
-            free, total = None, props.total_memory
-        info["gpus"].append({"name": props.name, "memory_total": total, "memory_free": free,
-                             "capability": f"{props.major}.{props.minor}", "bf16": props.major >= 8})
+            "hip_build": getattr(torch.version, "hip", None), "cuda_available": False, "cuda_error": None,
+            "threads": torch.get_num_threads(), "mps": False, "gpus": []}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info["cuda_available"] = bool(torch.cuda.is_available())
+        if caught and not info["cuda_available"]:
+            info["cuda_error"] = str(caught[0].message).strip()
+        for i in range(torch.cuda.device_count() if info["cuda_available"] else 0):
+            info["gpus"].append(_torch_gpu(torch, i))
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        info["cuda_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        info["mps"] = mps_available()
+    except Exception:  # noqa: BLE001 - same for the MPS backend
+        pass
     return info
 
 
+def _torch_gpu(torch, i: int) -> dict:
+    props = torch.cuda.get_device_properties(i)
+    try:
+        free, total = torch.cuda.mem_get_info(i)
+    except RuntimeError:
+        free, total = None, props.total_memory
+    return {"name": props.name, "memory_total": total, "memory_free": free,
+            "capability": f"{props.major}.{props.minor}", "bf16": props.major >= 8}
+
+
+NVIDIA_SMI_SECONDS = 10
+"""How long nvidia-smi may take to answer; a wedged driver makes it hang for minutes."""
+
+
 def probe_nvidia_smi() -> dict | None:
-    """Driver, its highest CUDA version and the GPUs from nvidia-smi; None when it is not installed."""
-    import re
+    """Driver, its highest CUDA version and the GPUs from nvidia-smi; None when it is not installed.
+
+    Whatever nvidia-smi answers (a failure, a hang, fields it cannot report such as "[N/A]", units,
+    lines of another shape, bytes that are not UTF-8) ends in a dict: what could be read, plus
+    `error` (why nothing could) or `unreadable` (the lines that could not be)."""
     import shutil
-    import subprocess
 
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     query = [exe, "--query-gpu=name,memory.total,memory.free,driver_version", "--format=csv,noheader,nounits"]
+    listing, error = _run_quietly(query)
+    if error:
+        return {"error": error, "gpus": []}
+    gpus, drivers, unreadable = [], [], []
+    for line in listing.splitlines():
+        gpu, driver = _smi_gpu(line)
+        if gpu is None:
+            if line.strip():
+                unreadable.append(line.strip()[:200])
+            continue
+        gpus.append(gpu)
+        drivers.append(driver)
+    banner, _ = _run_quietly([exe])  # only for "CUDA Version: 12.4"; the listing has the rest
+    import re
+
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", banner or "")
+    info = {"driver": next((d for d in drivers if d), None), "cuda": cuda.group(1) if cuda else None, "gpus": gpus,
+            "error": None if gpus else "nvidia-smi listed no GPU it could read"}
+    if unreadable:
+        info["unreadable"] = unreadable
+    return info
+
+
+def _run_quietly(command: list[str]) -> tuple[str | None, str | None]:
+    """(stdout, None), or (None, why it failed): not started, timed out, non-zero exit."""
+    import subprocess
+
     try:
-        listing = subprocess.run(query, capture_output=True, text=True, timeout=20)
-        banner = subprocess.run([exe], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"error": str(exc), "gpus": []}
-    if listing.returncode != 0:
-        return {"error": (listing.stdout + listing.stderr).strip().splitlines()[0] if (listing.stdout + listing.stderr).strip()
-                else f"exit status {listing.returncode}", "gpus": []}
-    gpus, driver = [], None
-    for line in listing.stdout.strip().splitlines():
-        name, total, free, driver = [part.strip() for part in line.split(",")]
-        gpus.append({"name": name, "memory_total": int(float(total)) << 20, "memory_free": int(float(free)) << 20})
-    cuda = re.search(r"CUDA Version:\s*([\d.]+)", banner.stdout)
-    return {"driver": driver, "cuda": cuda.group(1) if cuda else None, "gpus": gpus, "error": None}
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                              timeout=NVIDIA_SMI_SECONDS, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return None, f"{Path(command[0]).name} did not answer within {NVIDIA_SMI_SECONDS} s (a hung driver?)"
+    except OSError as exc:
+        return None, f"{Path(command[0]).name} could not be run: {exc.strerror or exc}"
+    if done.returncode != 0:
+        said = (done.stdout + done.stderr).strip()
+        return None, said.splitlines()[0][:300] if said else f"exit status {done.returncode}"
+    return done.stdout, None
+
+
+def _smi_gpu(line: str) -> tuple[dict | None, str | None]:
+    """One line of the CSV listing -> (gpu, driver); (None, None) for a line of another shape.
+    A memory nvidia-smi cannot report ("[N/A]", "[Not Supported]") is None."""
+    parts = [part.strip() for part in line.split(",")]
+    if len(parts) != 4 or not parts[0]:
+        return None, None
+    name, total, free, driver = parts
+    memory = [_mib(total), _mib(free)]
+    if memory[0] is None and not total.startswith("["):
+        return None, None  # not a field nvidia-smi leaves out, but text of another shape
+    return ({"name": name, "memory_total": memory[0], "memory_free": memory[1]},
+            driver if _numbers(driver) else None)
+
+
+def _mib(text: str) -> int | None:
+    import re
+
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:MiB)?", text)
+    return int(float(found.group(1))) << 20 if found else None
 
 
 def probe_bitsandbytes() -> dict:
@@ -161,7 +225,10 @@ def probe_bitsandbytes() -> dict:
 
     if not bitsandbytes_available():
         return {"installed": False}
-    version = importlib.metadata.version("bitsandbytes")
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        version = None  # a bitsandbytes folder on the path without its package metadata
     try:
         import bitsandbytes.functional as bnbf
         import torch
@@ -169,7 +236,7 @@ def probe_bitsandbytes() -> dict:
         if not torch.cuda.is_available():
             return {"installed": True, "version": version, "usable": False, "error": "no CUDA GPU"}
         bnbf.quantize_4bit(torch.ones(64, device="cuda", dtype=torch.float16), quant_type="nf4")
-    except Exception as exc:  # noqa: BLE001 - a broken bitsandbytes raises anything at import or first use
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken bitsandbytes raises anything (old ones exit)
         return {"installed": True, "version": version, "usable": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"installed": True, "version": version, "usable": True, "error": None}
 
@@ -208,15 +275,9 @@ def probe_memory() -> dict:
 
 def probe_disk_free(path: Path) -> int | None:
     """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    import shutil
+    from mathtune.files import free_bytes
 
-    path = Path(path).expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
+    return free_bytes(Path(path).expanduser())
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mathtune.errors import ModelError
+from mathtune.files import unreadable_reason
 
 GB = 1e9
 NF4_BYTES = 0.516  # 4 bits + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quantization)
@@ -113,6 +114,9 @@ def shape_from_config(config: dict[str, Any], params: int | None = None, source:
 def read_model_shape(path: Path) -> ModelShape:
     """The shape of a GGUF file, a Transformers folder or a config.json file, without loading weights."""
     path = Path(path).expanduser()
+    reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
+    if reason:
+        raise ModelError(f"{path}: {reason}; expected a .gguf file, a Transformers folder with config.json, or a config.json")
     if path.is_file() and path.suffix != ".json":
         return _gguf_shape(path)
     config_file = path / "config.json" if path.is_dir() else path

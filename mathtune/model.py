@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathtune.errors import ModelError
+from mathtune.files import unreadable_reason
 from mathtune.hardware import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     from mathtune import lmstudio
 
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
+    reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
+    if reason:
+        raise ModelError(f"{path}: {reason}; model.path takes a .gguf file, a Transformers folder or a hub id")
     if path.is_file():
         return _gguf_source(path)
     if path.is_dir():

@@ -3,7 +3,8 @@
     runs/x/config.yaml  metrics.jsonl  checkpoints/  adapter/  train_summary.json  eval/  report.html
 
 `mathtune train` picks and creates it (`choose_run_dir`, then `create_run_dir` once the model and
-data are known to work); every other command starts with `require_run_dir`.
+data are known to work); every other command starts with `require_run_dir`. A training process
+holds the folder's lock (mathtune/locks.py) from the first look at it to the end of the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from mathtune.errors import MathtuneError
 from mathtune.files import write_text
+from mathtune.locks import RUN_LOCK_FILES, lock_run_dir
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -39,22 +41,34 @@ def choose_run_dir(out_dir: Path | None, resume: bool, overwrite: bool) -> Path:
     cannot be destroyed by starting another one with the same name."""
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if resume:
-        return require_run_dir(run_dir, why="nothing to resume")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise MathtuneError(f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
-                            "continue it with --resume, or replace it with --overwrite.")
+        require_run_dir(run_dir, why="nothing to resume")
+        lock_run_dir(run_dir)  # another process training here is refused, with its PID, before anything else
+        return run_dir
+    if run_dir.exists() and _run_files(run_dir):
+        if overwrite or (run_dir / CONFIG).is_file():
+            lock_run_dir(run_dir)  # the same for a run folder (a folder of something else is left untouched)
+        if not overwrite:
+            raise MathtuneError(f"{run_dir}: the run folder exists and is not empty. Choose another with --output, "
+                                "continue it with --resume, or replace it with --overwrite.")
     return run_dir
 
 
 def create_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
     """Empty (an overwritten run's folder) and create `run_dir`, and save the resolved config in it.
-    A resumed run keeps its folder and its config.yaml as they are."""
+    A resumed run keeps its folder; its config.yaml takes the settings that may change on resume."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)  # two new runs that chose the same name: the second stops here
     if resume:
+        if (run_dir / CONFIG).read_text(encoding="utf-8") != config_text:
+            write_text(run_dir / CONFIG, config_text)  # the settings allowed to change on resume (config.RESUMABLE)
         return
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # choose_run_dir allowed it: output.overwrite
-    run_dir.mkdir(parents=True)
+    for path in _run_files(run_dir):  # choose_run_dir allowed it: output.overwrite. The lock stays.
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     write_text(run_dir / CONFIG, config_text)
+
+
+def _run_files(run_dir: Path) -> list[Path]:
+    return [p for p in run_dir.iterdir() if p.name not in RUN_LOCK_FILES]
 
 
 def _tail(why: str) -> str:

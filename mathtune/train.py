@@ -30,16 +30,16 @@ from transformers import Trainer, TrainerCallback, set_seed
 from mathtune.checkpoints import (
     GracefulInterrupt,
     SafeTrainingMixin,
-    TrainingInterrupted,
     is_disk_full,
     publish,
     resume_hint,
 )
 from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
-from mathtune.config import Config, dump_config, resolve_optimizer, summarize
+from mathtune.config import Config, check_resume, dump_config, resolve_optimizer, summarize
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import ConfigError, MathtuneError
 from mathtune.files import write_json, write_text
+from mathtune.locks import released_at_exit
 from mathtune.rundir import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, choose_run_dir, create_run_dir
 
 log = logging.getLogger("mathtune")
@@ -78,6 +78,8 @@ class Job:
     """Where a resumed run continues from."""
     eval_before: float | None
     """The eval loss before training, when an earlier session of this run logged it."""
+    warnings: list[str]
+    """Said before training and kept in train_summary.json (an NVIDIA GPU left unused...)."""
 
 
 @dataclass
@@ -91,8 +93,9 @@ class Fit:
 
 def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Run the whole job described by `cfg`: the run folder, the trained adapter and its summary."""
-    job = setup(cfg, resume)
-    return finish(job, fit(job))
+    with released_at_exit():  # the run folder's lock, taken in setup, is held until the run is over
+        job = setup(cfg, resume)
+        return finish(job, fit(job))
 
 
 def setup(cfg: Config, resume: bool) -> Job:
@@ -100,6 +103,7 @@ def setup(cfg: Config, resume: bool) -> Job:
     from mathtune import distributed
     from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
     from mathtune.doctor import preflight
+    from mathtune.doctor import unused_gpu_warning
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora
     from mathtune.model import load_model, resolve_source
@@ -122,7 +126,14 @@ def setup(cfg: Config, resume: bool) -> Job:
     # Rank 0 checks the folder (its name may come from its clock) and every rank gets its answer.
     run_dir = distributed.agree_on_run_dir(state, lambda: choose_run_dir(cfg.output.dir, resume, cfg.output.overwrite))
     cfg.output.dir = run_dir
+    if resume:
+        check_resume(run_dir, cfg)  # other data, model or LoRA settings would mix two trainings
     log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
+    # Said before anything slow: auto picked the CPU beside an NVIDIA GPU that PyTorch cannot use.
+    gpu_warning = unused_gpu_warning(cfg.model.device, device) if state.is_main_process else None
+    warnings = [gpu_warning] if gpu_warning else []
+    for text in warnings:
+        log.warning("WARNING: %s", text)
 
     set_seed(cfg.train.seed)  # before LoRA: its A matrices are drawn from the global RNG
     started = time.perf_counter()
@@ -155,11 +166,11 @@ def setup(cfg: Config, resume: bool) -> Job:
         # train() then never wraps it in DDP: each process would train alone (accelerate 1.15).
         trainer.args.eval_on_start = True
     return Job(cfg, run_dir, state, device, source, model, tokenizer, trainer, data, eval_ds, eval_conv, checkpoint,
-               eval_before)
+               eval_before, warnings)
 
 
 def fit(job: Job) -> Fit:
-    """Train (Ctrl-C: checkpoint, resume hint, exit 130), then take the held-out loss."""
+    """Train (Ctrl-C, SIGTERM, SIGHUP: checkpoint, resume hint, exit 128 + signal), then take the held-out loss."""
     trainer, checkpoint = job.trainer, job.checkpoint
     start_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else 0
     started = time.perf_counter()
@@ -172,9 +183,8 @@ def fit(job: Job) -> Fit:
             raise MathtuneError(f"{checkpoint}: refused to load it: a file in it holds Python objects, not only tensors "
                                 f"({str(exc).splitlines()[0]}). Delete that folder to resume from an earlier "
                                 "checkpoint.") from None
-    if interrupt.stopped_at is not None:
-        raise TrainingInterrupted(f"Interrupted at step {interrupt.stopped_at}; checkpoint saved in "
-                                  f"{last_checkpoint(job.run_dir)}. Resume with: {resume_hint(job.run_dir)}")
+    if interrupt.stopped_at is not None:  # Ctrl-C, SIGTERM, SIGHUP: exit status 128 + the signal
+        raise interrupt.error(last_checkpoint(job.run_dir), job.run_dir)
     seconds = time.perf_counter() - started
     eval_before = job.eval_before if job.eval_before is not None else _first_eval_loss(trainer, start_step)
     return Fit(seconds, start_step, result.training_loss, eval_before, _eval_loss(trainer, job.eval_ds))
@@ -252,6 +262,7 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "processes": job.state.num_processes,
         "engine": distributed.engine() if job.state.num_processes > 1 else None,
+        "warnings": job.warnings,
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,16 @@ class Env:
 
     def jsonl(self, name: str, records: list) -> Path:
         return write_jsonl(self.tmp / name, records)
+
+    def folder(self, name: str) -> Path:
+        (self.tmp / name).mkdir()
+        return self.tmp / name
+
+    def fifo(self, name: str) -> Path:
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on Windows")
+        os.mkfifo(self.tmp / name)  # opening it would block until a writer comes: never opened
+        return self.tmp / name
 
     def raw(self, name: str, data: bytes) -> Path:
         path = self.tmp / name
@@ -179,6 +191,10 @@ CASES = [
          ["{tmp}/qa.jsonl: no record has the field 'pregunta' that data.fields.prompt names",
           "the first record's keys: answer, question", "set data.fields.prompt to the name this file uses"]),
     Case("missing data file", lambda e: e.train(e.tmp / "nope.jsonl"), ["{tmp}/nope.jsonl: no such file"]),
+    Case("a folder as the data file", lambda e: e.train(e.folder("data.jsonl")),
+         ["{tmp}/data.jsonl: is a folder, not a file"]),
+    Case("a FIFO as the data file", lambda e: e.train(e.fifo("data.jsonl")),
+         ["{tmp}/data.jsonl: is a named pipe (FIFO), not a file"]),
     # --- model ---
     Case("missing model path", lambda e: e.train(None, e.tmp / "nope.gguf"),
          ["{tmp}/nope.gguf: no such file or folder (expected a .gguf file, a Transformers folder or a hub id"]),
@@ -189,6 +205,8 @@ CASES = [
          ["{tmp}: a folder without config.json is not a Transformers model; it holds GGUF files, name one"]),
     Case("not a GGUF file", lambda e: e.train(None, e.raw("model.gguf", b"PK\x03\x04 a zip")),
          ["{tmp}/model.gguf: not a GGUF file (starts with b'PK\\x03\\x04', expected b'GGUF')"]),
+    Case("a FIFO as the model", lambda e: e.train(None, e.fifo("model.gguf")),
+         ["{tmp}/model.gguf: is a named pipe (FIFO), not a file; model.path takes a .gguf file"]),
     Case("truncated GGUF", truncated_gguf, ["{tmp}/cut.gguf:", "truncated"]),
     Case("unsupported GGUF architecture", unsupported_architecture,
          ["{tmp}/rwkv.gguf: GGUF architecture 'rwkv6' cannot be loaded by transformers; supported: llama, mistral"]),
@@ -197,6 +215,8 @@ CASES = [
     Case("pickle weights", pickle_weights,
          ["{tmp}/pickled: the weights are pickle files (pytorch_model.bin)", "safetensors or GGUF"]),
     # --- config ---
+    Case("a folder as the config file", lambda e: ["train", "--config", str(e.folder("run.yaml"))],
+         ["{tmp}/run.yaml: is a folder, not a file"]),
     Case("unknown key", lambda e: e.train(None, None, "train.lerning_rate=1e-3"),
          ["train.lerning_rate: unknown key (from command line); did you mean 'train.learning_rate'?"]),
     Case("wrong type", lambda e: e.train(None, None, "train.max_steps=many"),
@@ -314,3 +334,46 @@ def test_any_bytes_yield_records_or_our_errors(tmp_path, data):
         list(iter_conversations(path))
     except DataError as exc:
         assert str(path) in str(exc)
+
+
+def make_unreadable(path: Path, monkeypatch) -> None:
+    """chmod 000; as root (who reads anything) the refusal the kernel would give is injected."""
+    path.chmod(0)
+    if getattr(os, "geteuid", lambda: 1)() != 0:
+        return
+    real_open = os.open
+
+    def refusing(file, flags, *args, **kwargs):
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+
+
+def test_an_unreadable_file_is_named_as_unreadable_not_missing(tmp_path, monkeypatch):
+    from mathtune.config import ModelConfig, load_config
+    from mathtune.errors import ConfigError, ModelError
+    from mathtune.model import resolve_source
+
+    data, config, model = (write_jsonl(tmp_path / "math.jsonl", [GOOD]), tmp_path / "run.yaml", tmp_path / "m.gguf")
+    config.write_text("train: {max_steps: 3}\n")
+    model.write_bytes(b"GGUF")
+    for path in (data, config, model):
+        make_unreadable(path, monkeypatch)
+    expected = "cannot be read: permission denied (check the file's permissions and owner)"
+    with pytest.raises(DataError, match=re.escape(f"{data}: {expected}")):
+        list(iter_conversations(data))
+    with pytest.raises(ConfigError, match=re.escape(f"{config}: {expected}")):
+        load_config(config)
+    with pytest.raises(ModelError, match=re.escape(f"{model}: {expected}")):
+        resolve_source(ModelConfig(path=str(model)))
+
+
+def test_data_check_names_folders_and_fifos(tmp_path, capsys):
+    (tmp_path / "a.jsonl").mkdir()
+    os.mkfifo(tmp_path / "b.jsonl")
+    assert main(["data", "check", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]) == 1
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/a.jsonl: not checked: is a folder, not a file" in out
+    assert f"{tmp_path}/b.jsonl: not checked: is a named pipe (FIFO), not a file" in out

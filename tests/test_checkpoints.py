@@ -16,7 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mathtune.checkpoints import PARTIAL, GracefulInterrupt, TrainingInterrupted, TrainingStopped, last_checkpoint
+from mathtune.checkpoints import (
+    PARTIAL,
+    GracefulInterrupt,
+    TrainingInterrupted,
+    TrainingStopped,
+    last_checkpoint,
+    stop_signals,
+)
 from mathtune.cli import main
 from mathtune.errors import MathtuneError
 from mathtune.train import RunTrainer, save_adapter, train
@@ -190,7 +197,15 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
 # Ctrl-C
 
 
-def test_ctrl_c_stops_after_the_step_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama_dir):
+STOP_SIGNALS = [pytest.param(signal.SIGINT, 130, "", id="Ctrl-C"),
+                pytest.param(signal.SIGTERM, 143, " by SIGTERM", id="SIGTERM"),
+                pytest.param(getattr(signal, "SIGHUP", None), 129, " by SIGHUP", id="SIGHUP",
+                             marks=pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows"))]
+
+
+@pytest.mark.parametrize(("signum", "status", "said"), STOP_SIGNALS)
+def test_a_stop_signal_stops_after_the_step_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_llama_dir, signum,
+                                                                                      status, said):
     steps = 60
     data = write_jsonl(tmp_path / "math.jsonl", math_records(24))
     run, log = tmp_path / "run", tmp_path / "train.log"
@@ -198,17 +213,19 @@ def test_ctrl_c_stops_after_the_step_saves_a_checkpoint_and_says_how_to_resume(t
     proc = start(args, log)
     metrics = run / "metrics.jsonl"
     assert wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), proc), log.read_text()[-3000:]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == status, log.read_text()[-3000:]
     out = log.read_text()
     assert "Traceback" not in out
     assert "stopping after this step" in out
     stopped = last_checkpoint(run / "checkpoints")
     assert stopped is not None and 0 < int(stopped.name.split("-")[1]) < steps
-    assert f"Interrupted at step {stopped.name.split('-')[1]}" in out
+    assert f"Interrupted{said} at step {stopped.name.split('-')[1]}" in out
     assert f"Resume with: mathtune train --resume {run}" in out
     assert not (run / "adapter").exists() and not (run / "train_summary.json").exists()
     assert_only_complete_checkpoints(run)
+    if signum != signal.SIGINT:
+        return  # the same checkpoint as after Ctrl-C: resuming from it is shown once, below
 
     assert main(["train", "--resume", str(run)]) == 0
     summary = json.loads((run / "train_summary.json").read_text())
@@ -227,6 +244,23 @@ def test_a_second_ctrl_c_aborts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on Windows")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, getattr(signal, "SIGHUP", None)], ids=["SIGTERM", "SIGHUP"])
+def test_a_second_signal_aborts_at_once_with_its_status_and_the_handlers_are_restored(signum, capsys):
+    before = {s: signal.getsignal(s) for s in stop_signals()}
+    interrupt = GracefulInterrupt()
+    with interrupt.installed():
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)
+        assert interrupt.signum == signum
+        assert f"{signum.name} received: stopping after this step" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exc:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.5)
+    assert exc.value.code == 128 + signum
+    assert {s: signal.getsignal(s) for s in stop_signals()} == before
+
+
 def test_the_interrupt_asks_the_trainer_to_save_and_stop():
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -235,10 +269,13 @@ def test_the_interrupt_asks_the_trainer_to_save_and_stop():
     state.global_step = 7
     interrupt.on_step_end(args, state, control)
     assert not control.should_save and not control.should_training_stop and interrupt.stopped_at is None
-    interrupt.requested = True
+    interrupt.signum = signal.SIGTERM
     interrupt.on_step_end(args, state, control)
     assert control.should_save and control.should_training_stop and interrupt.stopped_at == 7
-    assert TrainingInterrupted("x").exit_code == 130
+    error = interrupt.error(Path("run/checkpoints/checkpoint-7"), Path("run"))
+    assert str(error) == ("Interrupted by SIGTERM at step 7; checkpoint saved in run/checkpoints/checkpoint-7. "
+                          "Resume with: mathtune train --resume run")
+    assert error.exit_code == 143 and TrainingInterrupted("x").exit_code == 130
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -129,3 +131,31 @@ def test_qlora_and_cpu_under_a_sharding_engine_are_refused_before_loading(monkey
     with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, tiny_llama_dir):
+    # SLURM, Kubernetes and `timeout` stop a job with SIGTERM; torchrun passes it on to every rank.
+    data = write_jsonl(tmp_path / "math.jsonl", math_records(20))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    log = tmp_path / "torchrun.log"
+    settings = {**SETTINGS, "train.batch_size": 2, "train.max_steps": 400, "eval.at_end": False}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "mathtune", "train", "--model", str(tiny_llama_dir), "--data", str(data),
+                                 "--output", "run", *set_args(settings)], cwd=tmp_path, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()) and proc.poll() is None:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    text = log.read_text()
+    stops = re.findall(r"Interrupted by SIGTERM at step (\d+)", text)
+    assert len(stops) == 2 and stops[0] == stops[1], text[-3000:]  # both ranks, the same step
+    checkpoint = tmp_path / "run" / "checkpoints" / f"checkpoint-{stops[0]}"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == int(stops[0])
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+    assert 0 < int(stops[0]) < 400 and "Resume with: mathtune train --resume run" in text

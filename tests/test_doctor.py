@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,152 @@ def test_nvidia_smi_output_is_parsed(tmp_path, monkeypatch):
 
 def test_default_probes_are_the_real_functions():
     assert PROBES.torch is probe_torch and PROBES.nvidia_smi is probe_nvidia_smi
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes on a broken machine: whatever nvidia-smi, CUDA or bitsandbytes do, the doctor answers.
+
+
+def fake_nvidia_smi(folder: Path, monkeypatch, listing: str, banner: str = "CUDA Version: 12.4") -> None:
+    """An nvidia-smi on PATH whose query prints `listing` (shell code) and whose banner prints `banner`."""
+    fake = folder / "nvidia-smi"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "" ]; then echo "{banner}"; exit 0; fi\n{listing}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+SMI_OUTPUTS = {
+    "fields it cannot report": ('echo "NVIDIA A100-SXM4-40GB, [N/A], [Not Supported], 550.54.14"',
+                                {"driver": "550.54.14", "gpus": [{"name": "NVIDIA A100-SXM4-40GB", "memory_total": None,
+                                                                  "memory_free": None}]}),
+    "units": ('echo "NVIDIA L4, 23034 MiB, 22000 MiB, 550.54.14"',
+              {"gpus": [{"name": "NVIDIA L4", "memory_total": 23034 << 20, "memory_free": 22000 << 20}]}),
+    "extra and malformed lines": ('echo "No devices were found"; echo "Tesla T4, 15360, 15000, 535.1"; echo "x, y"; echo',
+                                  {"driver": "535.1", "unreadable": ["No devices were found", "x, y"],
+                                   "gpus": [{"name": "Tesla T4", "memory_total": 15360 << 20,
+                                             "memory_free": 15000 << 20}]}),
+    "not UTF-8": (r"printf 'Tesla \377\376, 15360, 15000, 535.1\n'", {"driver": "535.1"}),
+    "an unreadable driver version": ('echo "Tesla T4, 15360, 15000, [N/A]"', {"driver": None}),
+    "no GPU lines": ('echo "Unable to determine the device handle for GPU0000:00:1E.0: Unknown Error"',
+                     {"gpus": [], "error": "nvidia-smi listed no GPU it could read"}),
+    "non-zero exit, no output": ("exit 3", {"gpus": [], "error": "exit status 3"}),
+    "non-zero exit on stderr": ('echo "Failed to initialize NVML: Driver/library version mismatch" >&2; exit 18',
+                                {"error": "Failed to initialize NVML: Driver/library version mismatch"}),
+}
+
+
+@pytest.mark.parametrize("listing, expected", SMI_OUTPUTS.values(), ids=SMI_OUTPUTS.keys())
+def test_odd_nvidia_smi_output_is_read_as_far_as_it_goes(tmp_path, monkeypatch, listing, expected):
+    fake_nvidia_smi(tmp_path, monkeypatch, listing)
+    info = probe_nvidia_smi()
+    assert {key: info.get(key) for key in expected} == expected
+    # ... and the doctor's report and diagnosis read it without failing.
+    code, text = doctor(machine(cpu_torch(), info))
+    assert code in (0, 1) and "nvidia-smi" in text
+
+
+def test_a_hanging_nvidia_smi_is_given_up_on(tmp_path, monkeypatch):
+    import mathtune.hardware as hardware
+
+    fake_nvidia_smi(tmp_path, monkeypatch, "sleep 30")
+    monkeypatch.setattr(hardware, "NVIDIA_SMI_SECONDS", 1)
+    started = time.perf_counter()
+    info = probe_nvidia_smi()
+    assert time.perf_counter() - started < 5
+    assert info == {"error": "nvidia-smi did not answer within 1 s (a hung driver?)", "gpus": []}
+    code, text = doctor(machine(cpu_torch(), info))
+    assert "nvidia-smi is installed but fails: nvidia-smi did not answer within 1 s" in text
+
+
+def test_a_cuda_install_that_raises_is_reported_and_the_rest_is_read(monkeypatch):
+    import torch
+
+    def broken(*args):
+        raise RuntimeError("CUDA driver initialization failed, you might not have a CUDA gpu.")
+
+    monkeypatch.setattr(torch.cuda, "is_available", broken)
+    info = probe_torch()
+    assert info["installed"] and info["version"] == torch.__version__ and info["threads"] > 0
+    assert info["cuda_available"] is False and info["gpus"] == []
+    assert info["cuda_error"] == "RuntimeError: CUDA driver initialization failed, you might not have a CUDA gpu."
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
+    info = probe_torch()
+    assert info["gpus"] == [] and info["cuda_error"].startswith("RuntimeError: CUDA driver initialization failed")
+
+
+def test_a_probe_that_raises_is_named_and_the_others_still_report():
+    def broken():
+        raise OSError(5, "Input/output error")
+
+    probes = Probes(**{**machine(cuda_torch(), smi(), BNB_OK).__dict__, "memory": broken, "system": broken})
+    code, text = doctor(probes)
+    assert code == 0  # the GPU works; RAM and the OS could not be read
+    assert "unreadable    the memory probe failed: OSError: [Errno 5] Input/output error" in text
+    assert "unreadable    the system probe failed" in text
+    assert "[ok] CUDA works" in text and "RAM unknown" in text
+
+
+BROKEN_BNB = {
+    "raises at import": "raise RuntimeError('CUDA Setup failed despite GPU being available.')",
+    "exits at import": "import sys; sys.exit('bitsandbytes was compiled without GPU support')",
+}
+
+
+@pytest.mark.parametrize("body", BROKEN_BNB.values(), ids=BROKEN_BNB.keys())
+def test_mathtune_doctor_survives_a_broken_bitsandbytes_and_an_odd_nvidia_smi(tmp_path, monkeypatch, body):
+    import subprocess
+    import sys
+
+    (tmp_path / "site" / "bitsandbytes").mkdir(parents=True)
+    (tmp_path / "site" / "bitsandbytes" / "__init__.py").write_text(body + "\n")
+    (tmp_path / "site" / "bitsandbytes" / "functional.py").write_text("")
+    fake_nvidia_smi(tmp_path, monkeypatch, 'echo "Tesla T4, [N/A], [N/A], 535.1"; echo "garbage"; exit 0')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "mathtune", "doctor", "--json"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr
+    report = json.loads(done.stdout)
+    assert report["bitsandbytes"]["installed"] and report["bitsandbytes"]["usable"] is False
+    assert report["nvidia_smi"]["gpus"] == [{"name": "Tesla T4", "memory_total": None, "memory_free": None}]
+    assert report["nvidia_smi"]["unreadable"] == ["garbage"]
+
+
+def test_the_unused_gpu_warning_before_training_is_the_doctors_finding_and_fix():
+    from mathtune.doctor import unused_gpu_warning
+
+    probes = machine(cpu_torch("2.7.1+cpu"), smi("550.54.14", "NVIDIA GeForce RTX 3060", 12))
+    text = unused_gpu_warning("auto", "cpu", probes)
+    assert text.startswith("model.device auto trains on the CPU here: PyTorch 2.7.1+cpu is a CPU-only build, but this "
+                           "machine has an NVIDIA GPU (NVIDIA GeForce RTX 3060, driver 550.54.14): the GPU is unused.")
+    assert (f"fix: {PY} -m pip install --force-reinstall torch==2.7.1 "
+            "--index-url https://download.pytorch.org/whl/cu128") in text
+    assert unused_gpu_warning("cpu", "cpu", probes) is None  # the CPU on purpose
+    assert unused_gpu_warning("auto", "cpu", machine(cpu_torch(), None)) is None  # no NVIDIA GPU: nothing to say
+    assert unused_gpu_warning("auto", "cuda", machine(cuda_torch(), smi())) is None
+
+
+def test_training_on_the_cpu_beside_an_unused_nvidia_gpu_warns_first_and_records_it(tmp_path, tiny_llama_dir,
+                                                                                    monkeypatch, caplog):
+    import logging
+
+    from mathtune.train import train
+    from tests.test_train import tiny_run_config
+
+    # This machine's PyTorch is a CPU-only build; an nvidia-smi on PATH plays the GPU it leaves unused.
+    fake_nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA GeForce RTX 3060, 12288, 11900, 550.54.14"')
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1)
+    cfg.eval.at_end = False
+    with caplog.at_level(logging.INFO, logger="mathtune"):
+        summary = train(cfg).summary
+    (warning,) = summary["warnings"]
+    assert warning.startswith("model.device auto trains on the CPU here: PyTorch ")
+    assert "but this machine has an NVIDIA GPU (NVIDIA GeForce RTX 3060, driver 550.54.14): the GPU is unused" in warning
+    assert "fix: " in warning and "--index-url https://download.pytorch.org/whl/cu" in warning
+    assert f"WARNING: {warning}" in caplog.text
+    assert caplog.text.index(f"WARNING: {warning}") < caplog.text.index("Evaluating on")  # before training starts
+    (tmp_path / "cpu").mkdir()
+    cfg2 = tiny_run_config(tmp_path / "cpu", tiny_llama_dir, max_steps=1)
+    cfg2.eval.at_end, cfg2.model.device = False, "cpu"
+    assert train(cfg2).summary["warnings"] == []  # the CPU on purpose: nothing to say

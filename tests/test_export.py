@@ -528,3 +528,63 @@ def test_hf_export_refuses_a_base_that_cannot_fit_before_loading_it(tmp_path, ch
                                          r"about 0\.5 GiB of RAM, and 0\.0 GiB are available\. `--to gguf` merges"):
         export_run(run, "hf")
     assert not (run / "export").exists() or not any((run / "export").iterdir())
+
+
+# --- A full disk: found before writing, or when it fills up; nothing left behind ---------------------
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export-disk")
+    return train_run(root, tiny_folder("llama", root / "base"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # .NAME.lock: the output lock
+
+
+@pytest.mark.parametrize("to", ["gguf", "gguf-lora", "hf"])
+def test_an_export_that_cannot_fit_is_refused_before_writing_with_the_space_it_needs(llama_run, tmp_path, monkeypatch,
+                                                                                    to):
+    from types import SimpleNamespace
+
+    from mathtune import files
+
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    out = tmp_path / ("out" if to == "hf" else "out.gguf")
+    with pytest.raises(MathtuneError, match=r"not enough disk space: it needs about [\d.]+ MB and 0.0 MB are free in"):
+        export_run(llama_run, to, output=out)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("to", ["gguf", "hf"])
+def test_a_disk_that_fills_up_during_an_export_leaves_no_partial_file(llama_run, tmp_path, monkeypatch, to):
+    import errno
+
+    import gguf
+    from transformers import PreTrainedModel
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if to == "gguf":
+        real = gguf.GGUFWriter.write_tensor_data
+        written = []
+
+        def fills_up(self, tensor, *args, **kwargs):  # the third tensor does not fit
+            written.append(1)
+            return enospc() if len(written) == 3 else real(self, tensor, *args, **kwargs)
+
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fills_up)
+    else:
+        real = PreTrainedModel.save_pretrained
+
+        def fills_up(self, folder, *args, **kwargs):  # the weights are half written when the disk is full
+            real(self, folder, *args, **kwargs)
+            enospc()
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_up)
+    out = tmp_path / ("out" if to == "hf" else "out.gguf")
+    with pytest.raises(MathtuneError, match=r"the disk filled up while writing it: it needs about [\d.]+ MB"):
+        export_run(llama_run, to, output=out)
+    assert leftovers(tmp_path) == []

@@ -39,14 +39,16 @@ def test_the_epoch_loop_is_still_run_epoch():
 
 
 def test_the_chat_template_environment_is_still_compiled_by_transformers():
-    why = ("mathtune.data.template builds its sandbox with the options, extensions, filters and globals of the "
+    why = ("mathtune.data.sandbox builds its sandbox with the options, extensions, filters and globals of the "
            "environment transformers renders chat templates in, read from the private "
-           "transformers.utils.chat_template_utils._compile_jinja_template; it moved.")
+           "transformers.utils.chat_template_utils._compile_jinja_template (sandbox.transformers_environment); "
+           "it moved.")
     from transformers.utils import chat_template_utils
 
-    compile_template = getattr(chat_template_utils, "_compile_jinja_template", None)
-    assert compile_template is not None, why
-    environment = compile_template("").environment
+    assert getattr(chat_template_utils, "_compile_jinja_template", None) is not None, why
+    from mathtune.data.sandbox import transformers_environment
+
+    environment = transformers_environment()
     assert {"tojson"} <= set(environment.filters) and "raise_exception" in environment.globals, why
 
 

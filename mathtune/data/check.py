@@ -49,10 +49,12 @@ class FileCheck:
 @dataclass
 class CheckReport:
     files: list[FileCheck] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    """Problems of the files together (too few records to train on)."""
 
     @property
     def ok(self) -> bool:
-        return all(f.invalid == 0 and f.error is None for f in self.files)
+        return all(f.invalid == 0 and f.error is None for f in self.files) and not self.problems
 
     def to_dict(self, problems: list[dict] | None = None) -> dict:
         out = {"ok": self.ok, "records": sum(f.records for f in self.files),
@@ -106,12 +108,19 @@ def check_files(paths: list[Path], on_problem: Callable[[str, str], None], cfg: 
     return report
 
 
+def say(text: str) -> None:
+    """print, escaping what stdout cannot encode: a record may hold anything (an unpaired surrogate
+    in a key; on Windows, characters the console's code page lacks)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
 def run_check(paths: list[Path], as_json: bool = False, config: Path | None = None, overrides: dict | None = None) -> int:
     """`mathtune data check`: print the problems (or one JSON document); 0 if all valid, 1 otherwise.
     `config` and `overrides` give the data settings (data.format and data.fields for records with
     field names of their own, data.documents, data.preference, ...)."""
     from mathtune.config import load_config
-    from mathtune.data.dataset import MAX_CHARS_PER_TOKEN
+    from mathtune.data.dataset import MAX_CHARS_PER_TOKEN, too_few_records
 
     data = load_config(config, overrides, check_machine=False).data
     problems: list[dict] = []
@@ -120,23 +129,27 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
             problems.append({"place": place, "problem": message})
     else:
         def on_problem(place: str, message: str) -> None:
-            print(f"{place}: {message}", flush=False)
+            say(f"{place}: {message}")
 
     report = check_files(paths, on_problem, data, MAX_CHARS_PER_TOKEN * data.max_seq_length)
+    valid = sum(f.records - f.invalid - f.skipped for f in report.files)
+    if not any(f.error for f in report.files) and (problem := too_few_records(valid, data)):
+        report.problems.append(problem)  # what training would say about these files
+        on_problem(", ".join(map(str, paths)), problem)
     if as_json:
-        print(json.dumps(report.to_dict(problems), indent=2, ensure_ascii=False))
+        say(json.dumps(report.to_dict(problems), indent=2, ensure_ascii=False))
     else:
         for f in report.files:
             if f.error:
-                print(f"{f.path}: not checked: {f.error.splitlines()[0].removeprefix(f'{f.path}: ')}")
+                say(f"{f.path}: not checked: {f.error.splitlines()[0].removeprefix(f'{f.path}: ')}")
             else:
                 status = f"{f.invalid} invalid" if f.invalid else "all valid"
                 if f.skipped:
                     status += (f"; {f.skipped} labelled undesirable (label: false) will be left out "
                                "(data.on_undesirable: train to use them)")
-                print(f"{f.path} ({f.format or 'no records'}): {f.records} records, {status}")
+                say(f"{f.path} ({f.format or 'no records'}): {f.records} records, {status}")
                 for note in f.notes:
-                    print(f"  {note.removeprefix(f'{f.path}: ')}")
-        bad = sum(f.invalid for f in report.files) + sum(f.error is not None for f in report.files)
-        print("OK: every record is valid" if report.ok else f"{bad} problem{'s' * (bad != 1)} found")
+                    say(f"  {note.removeprefix(f'{f.path}: ')}")
+        bad = sum(f.invalid for f in report.files) + sum(f.error is not None for f in report.files) + len(report.problems)
+        say("OK: every record is valid" if report.ok else f"{bad} problem{'s' * (bad != 1)} found")
     return 0 if report.ok else 1

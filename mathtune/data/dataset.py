@@ -389,6 +389,15 @@ def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, c
     return kept.remove_columns(["truncated"])
 
 
+def too_few_records(valid: int, cfg: DataConfig) -> str | None:
+    """The one dataset-wide rule (also checked by `mathtune data check`): without data.eval_files one
+    record is held out, so training needs two."""
+    if cfg.eval_files or valid >= 2:
+        return None
+    return (f"only {valid} valid record{'s' * (valid != 1)}: need at least 2 to hold one out for evaluation "
+            "(or give data.eval_files)")
+
+
 def split_conversations(cfg: DataConfig, seed: int,
                         report: DataReport | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """The train and eval conversations: cfg.files (or the bundled set) split by seed, or cfg.eval_files.
@@ -407,9 +416,9 @@ def split_conversations(cfg: DataConfig, seed: int,
             raise DataError([f"data.eval_files hold {kinds[1]} but data.files hold {kinds[0]}: evaluate on the kind "
                              "you train on"])
         return conversations, evaluation
-    if len(conversations) < 2:
-        raise DataError([f"only {len(conversations)} valid record: need at least 2 to hold one out for evaluation "
-                         "(or give data.eval_files)"])
+    problem = too_few_records(len(conversations), cfg)
+    if problem:
+        raise DataError([f"{', '.join(map(str, cfg.files or ['the bundled dataset']))}: {problem}"])
     split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
     return split["train"], split["test"]
 

@@ -27,11 +27,13 @@ an `<image>` placeholder, an "images" key), tool turns and tool calls, tool defi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
 MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
@@ -120,7 +122,7 @@ def parse_record(record: Any, fmt: str, fields: dict[str, str | None] | None = N
     else:
         raise ValueError(f"unknown record format {fmt!r}")
     topic = record.get("topic")
-    conv.topic = topic if isinstance(topic, str) and topic.strip() else None
+    conv.topic = topic if isinstance(topic, str) and topic.strip() and not _SURROGATE.search(topic) else None
     conv.desirable = _desirable(record)
     if isinstance(conv, Conversation):
         validate_turns(conv.messages)
@@ -298,6 +300,10 @@ def _text(record: dict, key: str, where: str = "") -> str:
         raise RecordError(path, f"expected text, got {_json_type(value)}")
     if not value.strip():
         raise RecordError(path, "is empty")
+    bad = _SURROGATE.search(value)
+    if bad:  # JSON can escape one ("\ud83d" without its pair); no text file, tokenizer or Arrow table can hold it
+        raise RecordError(path, f"holds an unpaired UTF-16 surrogate (\\u{ord(bad.group()):04x}) at character "
+                                f"{bad.start() + 1}: not valid Unicode; the record was cut in the middle of an emoji?")
     return value
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from mathtune.data.formats import RecordError, detect_format
 from mathtune.errors import DataError
+from mathtune.files import unreadable_reason
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
@@ -53,13 +54,16 @@ def read_records(path: Path, documents: str = "file", keep_going: bool = False, 
     `documents` ('file' or 'blocks') cuts text files; `keep_going` (data check) yields an unreadable
     JSONL line as a RecordError instead of raising; `progress` gets byte counts; `on_note` hears
     what the reader decided (the key a wrapped list was found under)."""
-    if not path.is_file():
-        raise DataError([f"{path}: no such file"])
+    reason = unreadable_reason(path)
+    if reason:
+        raise DataError([f"{path}: {reason}"])
     suffix = path.suffix.lower()
     if suffix in WORKBOOK_SUFFIXES:
         raise DataError([f"{path}: a spreadsheet workbook ({suffix}); mathtune reads CSV, TSV, Parquet, JSON and JSONL. "
                          "Save it as CSV: File > Save As > 'CSV UTF-8 (comma delimited)' (one sheet, the first row "
                          "holding the column names)"])
+    if suffix != ".parquet":
+        _refuse_other_encodings(path)
     kind = file_kind(path)
     if kind == "text":
         records = _read_text(path, documents)
@@ -75,8 +79,35 @@ def read_records(path: Path, documents: str = "file", keep_going: bool = False, 
         progress(path.stat().st_size)
 
 
+# Byte order marks of the encodings Windows tools save besides UTF-8 (Excel's "Unicode text": UTF-16).
+_OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+               (b"\xfe\xff", "UTF-16"))
+
+
+def _refuse_other_encodings(path: Path) -> None:
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    encoding = next((name for bom, name in _OTHER_BOMS if head.startswith(bom)), None)
+    if encoding:
+        raise DataError([f"{path}: the file is {encoding} text; save it as UTF-8 (in most editors: Save as -> "
+                         "Encoding UTF-8)"])
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON and JSONL
+
+TOO_DEEP = "JSON nested too deeply to read (thousands of levels of [ or {); records are a few levels deep"
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, except that a number too long for Python's int (over 4,300 digits: it refuses to
+    convert them) is read as a float (inf), so that it is judged like any other number, not a crash.
+    Raises JSONDecodeError, or RecursionError for nesting deeper than the parser's stack."""
+    return json.loads(text, parse_int=_int)
+
+
+def _int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= 4000 else float(digits)
 
 
 def read_json_records(path: Path, keep_going: bool = False, progress: Progress | None = None,
@@ -103,9 +134,11 @@ def read_json_records(path: Path, keep_going: bool = False, progress: Progress |
 def _load_whole(path: Path) -> Any:
     text = _decode(path.read_bytes().removeprefix(b"\xef\xbb\xbf"), path, 1)
     try:
-        return json.loads(text)
+        return parse_json(text)
     except json.JSONDecodeError as exc:
         raise DataError([f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+    except RecursionError:
+        raise DataError([f"{path}: {TOO_DEEP}"]) from None
 
 
 def _numbered(path: Path, values: list, label: str) -> Iterator[tuple[str, Any]]:
@@ -128,7 +161,12 @@ def _read_lines(path: Path, keep_going: bool, progress: Progress | None, on_note
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = parse_json(line)
+            except RecursionError:
+                if keep_going:
+                    yield f"{path}:{lineno}", RecordError("", TOO_DEEP)
+                    continue
+                raise DataError([f"{path}:{lineno}: {TOO_DEEP}"]) from None
             except json.JSONDecodeError as exc:
                 whole = _whole_object(path) if lineno == 1 and exc.msg.startswith(("Expecting", "Unterminated")) else None
                 if isinstance(whole, dict):  # not one object per line: one pretty-printed object
@@ -148,8 +186,8 @@ def _read_lines(path: Path, keep_going: bool, progress: Progress | None, on_note
 
 def _whole_object(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return parse_json(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         # Not one object either: report the first line's error as for any JSONL file.
         return None
 

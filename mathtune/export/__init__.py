@@ -7,6 +7,8 @@
 
 Outputs go to RUN_DIR/export/ (or --output; --to lmstudio: <LM Studio's models folder>/mathtune/<run
 name>/), are written aside and renamed when complete, and are never overwritten without --overwrite.
+One process at a time writes an output (mathtune/locks.py); a disk without room for the output is
+found before writing, or when it fills up, and leaves nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.lmstudio import ENV_DIR, export_folder
+from mathtune.locks import lock_output, released_at_exit
 
 TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
 
@@ -36,7 +39,6 @@ class ExportResult:
 def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = False, output: Path | None = None,
                overwrite: bool = False) -> ExportResult:
     from mathtune.config import load_run_config
-    from mathtune.export.adapter import read_adapter
     from mathtune.export.gguf import QUANTS
     from mathtune.model import resolve_source
 
@@ -53,26 +55,35 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
     folder = export_folder(run_dir.resolve().name) if to == "lmstudio" else run_dir / "export"
     out = output or folder / {"gguf": f"{name}-{quant}.gguf", "lmstudio": f"{name}-{quant}.gguf",
                               "gguf-lora": f"{name}-lora.gguf", "hf": f"{name}-merged"}[to]
-    if out.exists():
-        if not overwrite:
-            elsewhere = "" if to == "lmstudio" else ", or --output elsewhere"
-            raise MathtuneError(f"{out}: already exists; pass --overwrite to replace it{elsewhere}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    with released_at_exit():
+        lock_output(out)  # a second export into the same output (another window, a double-click) stops here
+        if out.exists():
+            if not overwrite:
+                elsewhere = "" if to == "lmstudio" else ", or --output elsewhere"
+                raise MathtuneError(f"{out}: already exists; pass --overwrite to replace it{elsewhere}")
+            if out.is_dir() != (to == "hf"):
+                kind = "a folder" if out.is_dir() else "a file"
+                raise MathtuneError(f"{out}: is {kind}; --to {to} writes a {'folder' if to == 'hf' else 'file'} there. "
+                                    "Choose another --output.")
+        started = time.perf_counter()
+        notes = _write(run_dir, to, cfg, source, name, out, quant, requant_all)
+    size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
+    return ExportResult(out, to, size, time.perf_counter() - started, source.path, notes)
 
-    started = time.perf_counter()
+
+def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str, requant_all: bool) -> list[str]:
+    from mathtune.export.adapter import read_adapter
+
     if to == "hf":
         from mathtune.export.hf import merged_folder
 
-        notes = merged_folder(run_dir, cfg, out)
-    else:
-        _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
-        adapter = read_adapter(run_dir / "adapter")
-        if to in ("gguf", "lmstudio"):
-            notes = _merged_gguf(run_dir, source, adapter, out, quant, requant_all)
-        else:
-            notes = _lora_gguf(source, adapter, out, name)
-    size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
-    return ExportResult(out, to, size, time.perf_counter() - started, source.path, notes)
+        return merged_folder(run_dir, cfg, out)
+    _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
+    adapter = read_adapter(run_dir / "adapter")
+    if to in ("gguf", "lmstudio"):
+        return _merged_gguf(run_dir, source, adapter, out, quant, requant_all)
+    return _lora_gguf(source, adapter, out, name)
 
 
 def _check_architecture(source, to: str) -> None:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mathtune.errors import ModelError
+from mathtune.errors import MathtuneError, ModelError
 from mathtune.export.adapter import Adapter
+from mathtune.files import is_disk_full, no_space, require_space
 from mathtune.model import gguf_field, gguf_heads
 
 # Architectures whose GGUF tensors map one to one onto the Transformers modules LoRA adapts, each
@@ -90,31 +91,48 @@ def encode(values: np.ndarray, qtype) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
 
 
+HEADER_ALLOWANCE = 64 << 20
+"""Room counted for the metadata (a 150,000-token vocabulary and its merges take ~10 MB)."""
+
+
 def write_gguf(writer, out: Path, tensors: list[PlannedTensor]) -> None:
     """Header, metadata and tensor table from the plan, then each tensor in turn; written aside and
-    renamed when complete, so `out` is either absent or whole."""
-    from tqdm.auto import tqdm
-
+    renamed when complete, so `out` is either absent or whole. A disk without room for it is found
+    before the first byte, or when it fills up during the write (the partial file is removed)."""
     tmp = out.with_name(out.name + ".partial")
     total = 0
     for t in tensors:
         nbytes = planned_nbytes(t.shape, t.qtype)
         writer.add_tensor_info(t.name, t.shape, np.float32, nbytes, raw_dtype=t.qtype)
         total += nbytes
+    require_space(out, total + HEADER_ALLOWANCE)
+    disk_full = False
     try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"Writing {out.name}", dynamic_ncols=True) as bar:
-            for t in tensors:
-                data = t.produce()
-                writer.write_tensor_data(data)
-                bar.update(data.nbytes)
-        writer.close()
-        os.replace(tmp, out)
+        _write_all(writer, tmp, out, tensors, total)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        disk_full = True
     finally:
         writer.close()
         tmp.unlink(missing_ok=True)
+    if disk_full:
+        raise MathtuneError(no_space(out, total + HEADER_ALLOWANCE, during=True))
+
+
+def _write_all(writer, tmp: Path, out: Path, tensors: list[PlannedTensor], total: int) -> None:
+    from tqdm.auto import tqdm
+
+    writer.write_header_to_file(tmp)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Writing {out.name}", dynamic_ncols=True) as bar:
+        for t in tensors:
+            data = t.produce()
+            writer.write_tensor_data(data)
+            bar.update(data.nbytes)
+    writer.close()
+    os.replace(tmp, out)
 
 
 def planned(name: str, qtype, shape: tuple[int, ...], produce: Callable[[], np.ndarray]) -> PlannedTensor:

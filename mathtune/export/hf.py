@@ -15,7 +15,9 @@ import shutil
 from pathlib import Path
 
 from mathtune.checkpoints import publish
-from mathtune.errors import ModelError
+from mathtune.errors import MathtuneError, ModelError
+from mathtune.export.gguf import HEADER_ALLOWANCE
+from mathtune.files import is_disk_full, no_space, require_space
 
 log = logging.getLogger(__name__)
 GIB = 1 << 30
@@ -30,10 +32,17 @@ def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
     merged.config.use_cache = True
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    needed = sum(p.numel() * p.element_size() for p in merged.parameters()) + HEADER_ALLOWANCE
+    require_space(out, needed)
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         publish(tmp, out)  # an older export of the same name stays whole until this one is
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MathtuneError(no_space(out, needed, during=True)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")

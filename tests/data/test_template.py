@@ -79,6 +79,11 @@ def test_a_template_cannot_reach_python_internals(tokenizer, template, tmp_path)
     assert not pwned.exists()
 
 
+DOUBLING = "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}"
+DOUBLING_MACRO = ("{% macro d(s, n) %}{% if n %}{% set t %}{{ s }}{{ s }}{% endset %}{{ d(t, n - 1) }}{% else %}"
+                  "{{ s|length }}{% endif %}{% endmacro %}{{ d('ab', 60) }}")
+SELF_DOUBLING_LIST = "{% set ns = namespace(l=['a' * 100]) %}{% for i in range(60) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}"
+
 HOGS = {
     "range of a billion": "{% for i in range(10**9) %}{% endfor %}",
     "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
@@ -88,7 +93,7 @@ HOGS = {
     "list times": "{{ ([0] * 100000 * 100000)|length }}",
     "huge power": "{{ 7 ** 100000000 }}",
     "squaring loop": "{% set ns = namespace(x=10**5) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
-    "doubling loop": "{% set ns = namespace(x='ab') %}{% for i in range(60) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+    "doubling loop": DOUBLING,
     "lipsum": "{{ lipsum(10**7) }}",
     "center filter": "{{ 'x'|center(10**9) }}",
     "ljust method": "{{ 'x'.ljust(10**9) }}",
@@ -99,6 +104,11 @@ HOGS = {
     "join blow-up": "{% set s = 'a' * 1000000 %}{{ s.join(range(100000)|map('string')|list) }}",
     "indent blow-up": "{% set s = '\\n' * 1000000 %}{{ s|indent(1000000) }}",
     "recursion": "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
+    "doubling through set blocks": DOUBLING_MACRO,
+    "output flood": "{% set s = 'a' * 1000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+    "tojson of a self-doubling list": SELF_DOUBLING_LIST + "{{ ns.l|tojson }}",
+    "printing a self-doubling list": SELF_DOUBLING_LIST + "{{ ns.l }}",
+    "joining a self-doubling list": SELF_DOUBLING_LIST + "{{ ns.l|join }}",
 }
 
 
@@ -108,6 +118,24 @@ def test_a_template_cannot_hang_or_flood_the_process(tokenizer, template):
     with pytest.raises(TemplateError, match="chat template"):
         render(tokenizer, template, seconds=1.0)
     assert time.perf_counter() - started < 3.0
+
+
+@pytest.mark.parametrize("template", [DOUBLING, DOUBLING_MACRO, HOGS["output flood"]], ids=["~", "set block", "output"])
+def test_a_doubling_template_fails_on_size_fast_with_little_memory(tokenizer, template):
+    # Before the size bound, the `~` loop was stopped by the clock after 4.6 s and 1.5 GiB; the
+    # output flood after 9.6 s and 2.9 GiB (scripts in the issue 19 report).
+    import tracemalloc
+
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(TemplateError, match="would build a value of"):
+            render(tokenizer, template, seconds=5.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2.0
+    assert peak < 100 << 20, f"{peak / 2**20:.0f} MiB"
 
 
 def test_the_time_budget_message_names_the_fix(tokenizer):
