@@ -102,8 +102,7 @@ def setup(cfg: Config, resume: bool) -> Job:
     """Check everything, load the model, tokenize the data, apply LoRA, build the Trainer."""
     from mathtune import distributed
     from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
-    from mathtune.doctor import preflight
-    from mathtune.doctor import unused_gpu_warning
+    from mathtune.doctor import preflight, unused_gpu_warning
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora
     from mathtune.model import load_model, resolve_source
