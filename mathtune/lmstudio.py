@@ -11,8 +11,8 @@ folder is `~/.lmstudio/models` (older versions: `~/.cache/lm-studio/models`) on 
 `%USERPROFILE%\\.lmstudio\\models` on Windows; one moved elsewhere in LM Studio's settings is named
 with `MATHTUNE_LMSTUDIO_DIR`.
 
-Listing reads each file's header only, with `read_header` below rather than `gguf.GGUFReader`:
-GGUFReader turns every vocabulary entry into numpy views, which took 10 s for SmolLM2's 49k tokens
+Listing reads each file's header only, with `read_header` below (model.gguf_header) rather than
+`gguf.GGUFReader`: GGUFReader turns every vocabulary entry into numpy views, which took 10 s for SmolLM2's 49k tokens
 on a 2-core machine (3x that for a 152k-token 7B), while skipping the arrays takes milliseconds.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
 import shutil
@@ -272,7 +271,7 @@ def remove_cached(fragment: str, cache: Path | None = None) -> CachedModel:
 @dataclass
 class GGUFHeader:
     fields: dict[str, Any]
-    """Scalar and string metadata; arrays (vocabulary, merges) are skipped."""
+    """The metadata; an array of strings (vocabulary, merges) as its length (model.gguf_header)."""
     tensors: list[tuple[str, tuple[int, ...], int]]
     """name, shape as GGUF lists it (innermost first), ggml type id"""
     missing_bytes: int
@@ -301,74 +300,27 @@ class GGUFHeader:
         return GGMLQuantizationType(qtype).name if qtype in {t.value for t in GGMLQuantizationType} else str(qtype)
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_header(path: Path) -> GGUFHeader:
-    """Metadata and tensor table of a GGUF file (v2/v3, little-endian); ValueError when it is not one."""
-    from gguf import GGML_QUANT_SIZES
+    """Metadata and tensor table of a GGUF file (model.gguf_header: arrays are not decoded); ValueError
+    when it is not one or its header is cut short."""
+    from mathtune.model import gguf_header
 
-    sizes = {int(qtype): block for qtype, block in GGML_QUANT_SIZES.items()}
     size = path.stat().st_size
     if size < 24:
         raise ValueError(f"{size} bytes: too short for a GGUF header")
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        try:
-            magic, version, n_tensors, n_fields = struct.unpack_from("<4sIQQ", buf, 0)
-            if magic != b"GGUF":
-                raise ValueError(f"starts with {magic!r}, not b'GGUF'")
-            if version not in (2, 3):
-                raise ValueError(f"GGUF version {version} (mathtune reads versions 2 and 3, little-endian)")
-            pos, fields = 24, {}
-            for _ in range(n_fields):
-                key, pos = _string(buf, pos)
-                (kind,), pos = struct.unpack_from("<I", buf, pos), pos + 4
-                fields[key], pos = _value(buf, pos, kind)
-            tensors, ends = [], []
-            for _ in range(n_tensors):
-                name, pos = _string(buf, pos)
-                (n_dims,) = struct.unpack_from("<I", buf, pos)
-                shape = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-                qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-                pos += 4 + 8 * n_dims + 12
-                if qtype not in sizes:
-                    raise ValueError(f"tensor {name}: type {qtype} unknown to the installed gguf package")
-                block, block_bytes = sizes[qtype]
-                tensors.append((name, tuple(shape), qtype))
-                ends.append(offset + math.prod(shape) // block * block_bytes)
-        except struct.error as exc:
-            raise ValueError(f"the header ends early ({exc}): a truncated file?") from None
-    alignment = int(fields.get("general.alignment", 32))
-    data_start = -(-pos // alignment) * alignment
-    return GGUFHeader(fields, tensors, max(0, data_start + max(ends, default=0) - size))
-
-
-def _string(buf, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", buf, pos)
-    if pos + 8 + length > len(buf):
-        raise struct.error("string runs past the end of the file")
-    return bytes(buf[pos + 8: pos + 8 + length]).decode("utf-8", errors="replace"), pos + 8 + length
-
-
-def _value(buf, pos: int, kind: int) -> tuple[Any, int]:
-    if kind in _SCALARS:
-        fmt = _SCALARS[kind]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-    if kind == _STRING:
-        return _string(buf, pos)
-    if kind != _ARRAY:
-        raise ValueError(f"metadata value of unknown type {kind}")
-    item, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if item in _SCALARS:
-        return None, pos + count * struct.calcsize(_SCALARS[item])
-    if item != _STRING:
-        raise ValueError(f"array of type {item} (mathtune reads arrays of scalars and strings)")
-    unpack = struct.Struct("<Q").unpack_from
-    for _ in range(count):  # vocabulary and merges: lengths only, no decoding
-        pos += 8 + unpack(buf, pos)[0]
-    return None, pos
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"starts with {magic!r}, not b'GGUF'")
+    try:
+        header = gguf_header(path)
+    except (struct.error, IndexError) as exc:
+        raise ValueError(f"the header ends early ({exc}): a truncated file?") from None
+    except KeyError as exc:
+        raise ValueError(f"tensor of a type unknown to the installed gguf package ({exc})") from None
+    end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    tensors = [(t.name, tuple(reversed(t.shape)), t.ggml_type) for t in header.tensors]  # GGUF order
+    return GGUFHeader(header.metadata, tensors, max(0, end - size))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
     mathtune export runs/x --to gguf       # double-click is refused, naming the PID of the first
 
 The lock is an operating-system lock (the `filelock` package: flock on Linux and macOS, LockFileEx
-on Windows) on a hidden file: `RUN_DIR/.mathtune.lock`, or `.NAME.lock` beside an export output.
+on Windows) on a hidden file: `RUN_DIR/.mathtune.lock` for a run; for an export output, a file
+named after the output's full path in mathtune's cache (`~/.cache/mathtune/locks/`), so that nothing
+but the output lands in the folder it is written to (LM Studio's models folder, for one).
 The kernel releases it when its process ends, however it ends, so a `kill -9` or a power cut never
 leaves a stale lock behind. The holder writes its PID and command beside it (`.owner`) so that the
 refusal can say who holds the folder.
@@ -73,7 +75,14 @@ def lock_run_dir(run_dir: Path) -> Lock:
 
 
 def lock_output(out: Path) -> Lock:
-    return acquire(out.with_name(f".{out.name}.lock"), f"{out}")
+    import hashlib
+
+    from mathtune.model import cache_root
+
+    folder = cache_root(None) / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
+    return acquire(folder / f"{out.name}-{key}.lock", f"{out}")
 
 
 def acquire(lock_file: Path, what: str) -> Lock:
