@@ -101,11 +101,11 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
 def setup(cfg: Config, resume: bool) -> Job:
     """Check everything, load the model, tokenize the data, apply LoRA, build the Trainer."""
     from mathtune import distributed
-    from mathtune.data.dataset import DataReport, ensure_chat_template, split_conversations, tokenize_splits
+    from mathtune.data.dataset import DataReport, split_conversations, tokenize_splits
     from mathtune.doctor import preflight, unused_gpu_warning
     from mathtune.hardware import resolve_device
     from mathtune.lora import apply_lora
-    from mathtune.model import load_model, resolve_source
+    from mathtune.model import resolve_source
 
     # Every record, the model path and the run folder are checked before anything is written or
     # loaded: a typo costs neither a run folder nor a model conversion.
@@ -135,14 +135,7 @@ def setup(cfg: Config, resume: bool) -> Job:
         log.warning("WARNING: %s", text)
 
     set_seed(cfg.train.seed)  # before LoRA: its A matrices are drawn from the global RNG
-    started = time.perf_counter()
-    with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
-        model, tokenizer, source = load_model(cfg.model, source, device)
-    if not data.text:  # plain text is trained without a chat template
-        ensure_chat_template(tokenizer, cfg.model.chat_template)
-    model.config.use_cache = False  # training needs no KV cache, and packed rows are kept apart only without one
-    log.info("Loaded %s%s in %.1f s", source.path, " (cached conversion)" if source.cache_hit else "",
-             time.perf_counter() - started)
+    model, tokenizer, source = _load_base(cfg, source, device, state, chat=not data.text)
 
     train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data)
     log.info("Data:\n%s", "\n".join(data.lines()))
@@ -166,6 +159,23 @@ def setup(cfg: Config, resume: bool) -> Job:
         trainer.args.eval_on_start = True
     return Job(cfg, run_dir, state, device, source, model, tokenizer, trainer, data, eval_ds, eval_conv, checkpoint,
                eval_before, warnings)
+
+
+def _load_base(cfg: Config, source, device: str, state, chat: bool):
+    """The base model and tokenizer, ready to train: a chat template unless the data is plain text
+    (`chat`), no KV cache (training needs none, and packed rows are kept apart only without one)."""
+    from mathtune.data.dataset import ensure_chat_template
+    from mathtune.model import load_model
+
+    started = time.perf_counter()
+    with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
+        model, tokenizer, source = load_model(cfg.model, source, device)
+    if chat:
+        ensure_chat_template(tokenizer, cfg.model.chat_template)
+    model.config.use_cache = False
+    log.info("Loaded %s%s in %.1f s", source.path, " (cached conversion)" if source.cache_hit else "",
+             time.perf_counter() - started)
+    return model, tokenizer, source
 
 
 def fit(job: Job) -> Fit:
