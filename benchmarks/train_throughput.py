@@ -2,15 +2,19 @@
 
     .venv/bin/python benchmarks/train_throughput.py --quick      # tiny random llama, ~1.5 minutes on 2 cores
     .venv/bin/python benchmarks/train_throughput.py              # SmolLM2-135M, GSM8K train, batch 8 x 512
+    .venv/bin/python benchmarks/train_throughput.py --profile    # and the top operators of one step of each
     .venv/bin/python benchmarks/train_throughput.py --device cuda    # bf16, plus peak GPU memory and MFU
 
-The same job runs twice, each in its own child process (so each has its own peak memory):
+The same job runs in each row, each in its own child process (so each has its own peak memory):
 
 - mathtune: mathtune's own path (load_model, chat-template tokenization with assistant-only labels,
-  apply_lora, build_trainer: packed batches without padding, loss only at label positions);
+  apply_lora, build_trainer: packed batches without padding, loss only at label positions), in the
+  precision `model.dtype: auto` picks on this machine (bf16 on a CPU with bf16 units; --dtype forces one);
 - reference: written the way the Transformers/PEFT docs show it: AutoModelForCausalLM +
   get_peft_model, prompt tokens masked with -100, DataCollatorForSeq2Seq padded batches, Trainer with
-  the model's own full-vocabulary loss.
+  the model's own full-vocabulary loss; float32 on a CPU, bf16 on CUDA;
+- reference bf16 (CPU): the same with `TrainingArguments(bf16=True)`, what a user who knows their CPU
+  has bf16 units would try. Run where the CPU has them (--reference-bf16 yes runs it anywhere).
 
 Same model folder, examples (in the same order: same dataset, same sampler seed), maximum length,
 batch, LoRA (r, alpha, all linear layers), optimizer, learning-rate schedule, steps and seed. Printed
@@ -32,7 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-TOOLS = ("mathtune", "reference")
+TOOLS = ("mathtune", "reference", "reference-bf16")
+NAMES = {"mathtune": "mathtune", "reference": "reference (Trainer+PEFT)", "reference-bf16": "reference bf16=True"}
 
 # Dense bf16 peak of common GPUs (TFLOP/s), for model FLOPs utilisation; --peak-tflops overrides.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -69,13 +74,15 @@ def peak_tflops_for(device_name: str) -> float | None:
 
 
 def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_seq_length: int) -> float:
-    """Plain loss (full-vocabulary logits, mean over the answer tokens) of each held-out example alone."""
+    """Plain loss (full-vocabulary logits, mean over the answer tokens) of each held-out example alone,
+    in float32 whatever precision the row trained in: the trained weights are compared, not the
+    precision of this evaluation."""
     import torch
 
     from mathtune.data.dataset import IGNORE_INDEX, tokenize_conversation
 
     device = next(model.parameters()).device
-    model.eval()
+    model.float().eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for messages in conversations:
@@ -113,6 +120,32 @@ def _step_clock():
     return StepClock
 
 
+def _step_profiler():
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        """torch.profiler over one optimizer step (the first timed one): its top operators by own time."""
+
+        def __init__(self, step: int, rows: int = 15):
+            self.step, self.rows, self.profiler, self.table = step, rows, None, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CPU])
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                self.table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=self.rows,
+                                                                max_name_column_width=40)
+                self.profiler = None
+
+    return StepProfiler
+
+
 def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float) -> dict:
     """Train, then everything the table needs, as a JSON-ready dict."""
     import torch
@@ -120,10 +153,14 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
     cuda = spec["device"] == "cuda"
     clock = _step_clock()(cuda)
     trainer.add_callback(clock)
+    profiler = _step_profiler()(spec["warmup"]) if spec["profile"] else None
+    if profiler:
+        trainer.add_callback(profiler)
     lora_a = [p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_A" in n]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    precision = _precision(model, trainer.args)
     tokens = [b[1] - a[1] for a, b in zip(clock.marks, clock.marks[1:])]
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     eval_conv = [json.loads(line)["messages"] for line in Path(spec["eval_file"]).read_text().splitlines()]
@@ -144,7 +181,15 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
         "threads": torch.get_num_threads(),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "precision": precision,
+        "profile": profiler.table if profiler else None,
     }
+
+
+def _precision(model, args) -> str:
+    from mathtune.train import precision
+
+    return precision(model, args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +208,7 @@ def run_mathtune(spec: dict) -> dict:
     h = spec["hyper"]
     cfg = load_config(overrides={
         "model.path": spec["model_path"], "model.cache_dir": spec["cache_dir"], "model.device": spec["device"],
-        "model.dtype": spec["dtype"], "data.max_seq_length": spec["max_seq_length"],
+        "model.dtype": spec["mathtune_dtype"], "data.max_seq_length": spec["max_seq_length"],
         "lora.r": h["r"], "lora.alpha": h["alpha"], "train.max_steps": spec["steps"],
         "train.batch_size": spec["batch_size"], "train.learning_rate": h["learning_rate"],
         "train.lr_scheduler": h["lr_scheduler"], "train.warmup_ratio": h["warmup_ratio"],
@@ -184,8 +229,8 @@ def run_mathtune(spec: dict) -> dict:
     return train_and_measure(trainer, model, tokenizer, spec, load_seconds)
 
 
-def run_reference(spec: dict) -> dict:
-    """The Transformers + PEFT documentation recipe, nothing added."""
+def run_reference(spec: dict, bf16: bool = False) -> dict:
+    """The Transformers + PEFT documentation recipe, nothing added (with `bf16`: TrainingArguments(bf16=True))."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
@@ -199,7 +244,7 @@ def run_reference(spec: dict) -> dict:
     )
 
     h = spec["hyper"]
-    dtype = getattr(torch, spec["dtype"]) if spec["dtype"] != "auto" else torch.float32
+    dtype = getattr(torch, spec["dtype"])
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_folder"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_folder"], dtype=dtype).to(spec["device"])
@@ -232,7 +277,7 @@ def run_reference(spec: dict) -> dict:
         save_strategy="no",
         seed=spec["seed"],
         data_seed=spec["seed"],
-        bf16=spec["device"] == "cuda" and dtype == torch.bfloat16,
+        bf16=bf16 or (spec["device"] == "cuda" and dtype == torch.bfloat16),
         use_cpu=spec["device"] == "cpu",
         include_num_input_tokens_seen="non_padding",
         report_to=[],
@@ -248,7 +293,9 @@ def worker(tool: str, spec_path: Path, result_path: Path) -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    result = (run_mathtune if tool == "mathtune" else run_reference)(spec)
+    run = {"mathtune": run_mathtune, "reference": run_reference,
+           "reference-bf16": lambda s: run_reference(s, bf16=True)}[tool]
+    result = run(spec)
     result_path.write_text(json.dumps(result))
 
 
@@ -261,6 +308,7 @@ def prepare(args, work: Path) -> dict:
     from mathtune.config import Config, DataConfig, ModelConfig, resolve_optimizer
     from mathtune.data.builtin import builtin_files
     from mathtune.data.dataset import DataReport, load_conversations
+    from mathtune.hardware import cpu_bf16_units
     from mathtune.model import convert_gguf, embedded_model_path, resolve_source
 
     cache = Path(args.cache_dir) if args.cache_dir else None
@@ -294,10 +342,18 @@ def prepare(args, work: Path) -> dict:
         "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length, "seed": args.seed, "device": args.device, "threads": args.threads,
         "dtype": "bfloat16" if args.device == "cuda" else "float32", "no_packing": args.no_packing,
+        "mathtune_dtype": args.dtype, "profile": args.profile, "cpu_kernels": _cpu_kernels(),
+        "cpu_bf16": cpu_bf16_units(),
         "hyper": {"r": defaults.lora.r, "alpha": defaults.lora.alpha, "learning_rate": defaults.train.learning_rate,
                   "lr_scheduler": defaults.train.lr_scheduler, "warmup_ratio": defaults.train.warmup_ratio,
                   "optimizer": resolve_optimizer(defaults)},
     }
+
+
+def _cpu_kernels() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _data_name(data: str, files: list[Path]) -> str:
@@ -358,13 +414,15 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
     head = (f"{spec['model_name']}, {spec['data_name']}, batch {spec['batch_size']}, max length "
             f"{spec['max_seq_length']}, {spec['steps']} steps ({warm} warm-up, not timed), LoRA r={h['r']} "
             f"alpha={h['alpha']:g} all linear layers, {h['optimizer']} lr {h['learning_rate']:g} {h['lr_scheduler']}, "
-            f"{m['device_name']} {spec['dtype']}, {m['threads']} threads")
-    cols = ["real tokens/s", "median step", "peak RSS GB", "held-out loss", "train loss*", "s/step"]
+            f"{m['device_name']}, {m['threads']} threads")
+    cpu = (f"CPU: {spec['cpu_kernels']} kernels, bf16 units: {spec['cpu_bf16'] or 'none'}; mathtune trains in "
+           f"{m['precision']}" + ("" if spec["mathtune_dtype"] == "auto" else f" (--dtype {spec['mathtune_dtype']})"))
+    cols = ["precision", "real tokens/s", "median step", "peak RSS GB", "held-out loss", "train loss*", "s/step"]
     if cuda:
         cols += ["peak GPU GB", "MFU"]
 
     def row(res):
-        cells = [f"{res['tokens_per_second']:.1f}", f"{res['median_step_tokens_per_second']:.1f}",
+        cells = [res["precision"], f"{res['tokens_per_second']:.1f}", f"{res['median_step_tokens_per_second']:.1f}",
                  f"{res['peak_rss_bytes'] / 1e9:.2f}", f"{res['held_out_loss']:.4f}",
                  f"{sum(res['train_losses'][-last:]) / len(res['train_losses'][-last:]):.4f}",
                  f"{res['seconds_per_step']:.2f}"]
@@ -373,16 +431,24 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
             cells += [f"{res['cuda_peak_bytes'] / 1e9:.2f}", f"{100 * mfu:.1f}%" if mfu is not None else "n/a"]
         return cells
 
-    ratio = [f"{m['tokens_per_second'] / r['tokens_per_second']:.2f}x",
-             f"{m['median_step_tokens_per_second'] / r['median_step_tokens_per_second']:.2f}x",
-             f"{m['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x",
-             f"{m['held_out_loss'] / r['held_out_loss']:.3f}x", "", f"{m['seconds_per_step'] / r['seconds_per_step']:.2f}x"]
-    if cuda:
-        ratio += [f"{m['cuda_peak_bytes'] / r['cuda_peak_bytes']:.2f}x", ""]
-    rows = [("", cols), ("mathtune", row(m)), ("reference (Trainer+PEFT)", row(r)), ("mathtune / reference", ratio)]
+    def ratio(other):
+        cells = ["", f"{m['tokens_per_second'] / other['tokens_per_second']:.2f}x",
+                 f"{m['median_step_tokens_per_second'] / other['median_step_tokens_per_second']:.2f}x",
+                 f"{m['peak_rss_bytes'] / other['peak_rss_bytes']:.2f}x",
+                 f"{m['held_out_loss'] / other['held_out_loss']:.3f}x", "",
+                 f"{m['seconds_per_step'] / other['seconds_per_step']:.2f}x"]
+        if cuda:
+            cells += [f"{m['cuda_peak_bytes'] / other['cuda_peak_bytes']:.2f}x", ""]
+        return cells
+
+    rows = [("", cols)] + [(NAMES[tool], row(results[tool])) for tool in TOOLS if tool in results]
+    rows += [(f"mathtune / {NAMES[tool].split(' (')[0]}", ratio(results[tool])) for tool in TOOLS[1:] if tool in results]
     width = [max(len(cells[i]) for _, cells in rows) for i in range(len(cols))]
-    lines = [head, ""] + [f"{name:<26}" + "  ".join(c.rjust(w) for c, w in zip(cells, width)) for name, cells in rows]
-    same_tokens = m["step_tokens"] == r["step_tokens"]
+    lines = [head, cpu, ""] + [f"{name:<30}" + "  ".join(c.rjust(w) for c, w in zip(cells, width)) for name, cells in rows]
+    if "reference-bf16" not in results and not cuda:
+        lines.append(f"{NAMES['reference-bf16']}: not run, this CPU has no bf16 units (--reference-bf16 yes runs it)")
+    same_tokens = all(res["step_tokens"] == m["step_tokens"] for res in results.values())
+    same_init = all(res["lora_init"] == m["lora_init"] for res in results.values())
     lines += [
         "",
         "real tokens/s: non-padding tokens of the timed steps over their wall time; median step: the median of "
@@ -390,9 +456,9 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
         f"* mean training loss of the last {last} steps; each tool's own labels (the reference also trains on the "
         "newline after each end-of-turn token), so compare the held-out loss.",
         f"held-out loss: after the last step, {spec['eval_examples']} examples not trained on, the plain "
-        "full-vocabulary loss per answer token, computed the same way for both.",
+        "full-vocabulary loss per answer token, computed the same way (in float32) for every row.",
         f"same real tokens in every step: {'yes' if same_tokens else 'NO'} ({sum(m['step_tokens']):,} tokens in "
-        f"{len(m['step_tokens'])} steps); same initial LoRA weights: {'yes' if m['lora_init'] == r['lora_init'] else 'NO'}"
+        f"{len(m['step_tokens'])} steps); same initial LoRA weights: {'yes' if same_init else 'NO'}"
         f"; trainable parameters: {m['trainable']:,} / {r['trainable']:,}",
         f"optimizer state: {m['optimizer_floats'] / m['trainable']:.2f} / {r['optimizer_floats'] / r['trainable']:.2f} "
         "floats per trainable parameter (AdamW keeps 2: state for the trainable parameters only)",
@@ -400,6 +466,10 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
         + (" (GGUF, cached conversion)" if str(spec["model_path"]).endswith(".gguf") else "")
         + f", reference {r['load_seconds']:.2f} s (from the converted folder)",
     ]
+    for tool in TOOLS:
+        if results.get(tool, {}).get("profile"):
+            lines += ["", f"{NAMES[tool]}: one step (step {warm + 1}) under torch.profiler, top operators by own time",
+                      results[tool]["profile"]]
     return "\n".join(lines)
 
 
@@ -424,6 +494,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", help="GGUF conversion cache (default: $MATHTUNE_CACHE or ~/.cache/mathtune)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: from its name)")
     parser.add_argument("--json", type=Path, help="also write every measured figure here")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="mathtune's model.dtype (auto: bf16 on a CPU with bf16 units, float32 elsewhere)")
+    parser.add_argument("--reference-bf16", choices=["auto", "yes", "no"], default="auto",
+                        help="the third row, the reference with bf16=True (auto: on a CPU with bf16 units)")
+    parser.add_argument("--profile", action="store_true", help="print the top operators of one timed step of each row")
     args = parser.parse_args(argv)
     args.model = args.model or ("tiny" if args.quick else "smollm2")
     if not 0 <= args.warmup < args.steps:
@@ -439,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = prepare(args, work)
         spec["eval_examples"] = args.eval_examples
         results = {}
-        for tool in TOOLS:
+        third = {"yes": True, "no": False}.get(args.reference_bf16, bool(spec["cpu_bf16"]))
+        for tool in TOOLS if third and args.device == "cpu" else TOOLS[:2]:
             print(f"[train_throughput] {tool}: {spec['model_name']}, {spec['steps']} steps ...", file=sys.stderr, flush=True)
             results[tool] = run_child(tool, spec, work)
     peak = args.peak_tflops or peak_tflops_for(results["mathtune"]["device_name"])

@@ -145,7 +145,7 @@ def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = F
     if not cuda_ok and not t.get("mps") and not nvidia_present:
         threads = facts["system"].get("cpu_threads") or 1
         findings.append(Finding(
-            "info", f"No GPU: training runs on the CPU ({threads} threads), in float32. The default run "
+            "info", f"No GPU: training runs on the CPU ({threads} threads), in {cpu_precision(t)}. The default run "
             f"(SmolLM2-135M, {TrainConfig().max_steps} steps) fits a CPU; a 7B model needs a GPU (`mathtune doctor "
             "--model FILE` estimates its memory). `mathtune data` and `eval` work as well."))
     if t.get("mps"):
@@ -177,16 +177,24 @@ def diagnose(facts: dict[str, Any], requested: str = "auto", need_4bit: bool = F
     return findings, device, usable
 
 
+def cpu_precision(t: dict[str, Any]) -> str:
+    """How `model.dtype: auto` trains on this CPU, and why (from probe_torch's facts)."""
+    if t.get("cpu_bf16"):
+        return f"bfloat16 (the cores have {t['cpu_bf16']} bf16 units; LoRA weights and optimizer state in float32)"
+    return "float32 (the cores have no bf16 units, AMX or AVX512-BF16, and emulated bf16 is far slower)"
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def plan_from_config(cfg, device: str) -> Plan:
-    """The memory-relevant settings of a config, with 'auto' dtype resolved for `device`."""
+def plan_from_config(cfg, device: str, cpu_bf16: str | None = None) -> Plan:
+    """The memory-relevant settings of a config, with 'auto' dtype resolved for `device` (on a CPU
+    with `cpu_bf16` units, as probe_torch reads them, auto is bfloat16)."""
     if cfg.model.dtype != "auto":
         dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
     else:
-        dtype_bytes = 2 if device == "cuda" else 4
+        dtype_bytes = 2 if device == "cuda" or (device == "cpu" and cpu_bf16) else 4
     return Plan(device=device, dtype_bytes=dtype_bytes, load_in_4bit=cfg.model.load_in_4bit, lora_r=cfg.lora.r,
                 lora_targets=cfg.lora.target_modules, batch_size=cfg.train.batch_size,
                 seq_len=cfg.data.max_seq_length, gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -223,7 +231,8 @@ def model_estimate(cfg, model: str, facts: dict[str, Any], device: str) -> tuple
     """The model's shape and the memory estimate of the run `cfg` plans with it on `device` (also `mathtune ui`'s)."""
     shape = read_model_shape(Path(model))
     room, where = capacity(facts, device)
-    return {"path": model, **shape.__dict__}, {**estimate_run(shape, plan_from_config(cfg, device), room), "where": where}
+    plan = plan_from_config(cfg, device, facts["torch"].get("cpu_bf16"))
+    return {"path": model, **shape.__dict__}, {**estimate_run(shape, plan, room), "where": where}
 
 
 def run_doctor(model: str | None = None, config: Path | None = None, device: str | None = None,
@@ -343,6 +352,8 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"gpu {i}         {g['name']}: {g['memory_total'] / GIB:.1f} GiB{free}, compute capability "
                          f"{g['capability']}, bf16 {'yes' if g.get('bf16') else 'no'}")
         lines.append(f"mps           {'available' if t.get('mps') else 'not available'}")
+        if t.get("cpu_kernels"):
+            lines.append(f"cpu           {t['cpu_kernels']} kernels, bf16 units: {t.get('cpu_bf16') or 'none'}")
     else:
         lines.append(f"pytorch       not importable: {t.get('error')}")
     if smi is None:

@@ -115,7 +115,7 @@ def _run_table(summary: dict | None, config: str) -> str:
     else:
         s, model = summary, summary.get("model", {})
         rows.append(("model", f"<code>{escape(str(model.get('path')))}</code> ({escape(str(model.get('kind')))})"))
-        rows.append(("device", escape(str(s.get("device")))))
+        rows.append(("device", escape(str(s.get("device")) + (f", {s['precision']}" if s.get("precision") else ""))))
         rows.append(("steps", f"{s['steps']} ({s.get('epochs', 0):g} epochs)"))
         seconds = s.get("train_seconds") or 0
         rows.append(("wall time", f"{seconds:.1f} s ({int(seconds // 60)} min {seconds % 60:.0f} s)"))

@@ -259,6 +259,7 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
         "tokens_seen": state.num_input_tokens_seen,
         "train_seconds": round(fitted.seconds, 2),
         "tokens_per_second": round(session_tokens / fitted.seconds, 2) if fitted.seconds else None,
+        "precision": precision(job.model, job.trainer.args),
         "first_train_loss": round(losses[0], 6) if losses else None,
         "last_train_loss": round(losses[-1], 6) if losses else None,
         "train_loss_mean": round(fitted.train_loss_mean, 6),
@@ -363,6 +364,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     log.info("Batches: %s", "packed without padding" if packed else "padded to the longest example")
     args = training_arguments(cfg, run_dir, device, _compute_dtype(model), packed, has_eval=len(eval_ds) > 0)
+    log.info("Precision: %s", precision(model, args))
     trainer = RunTrainer(
         model=model,
         args=args,
@@ -402,7 +404,8 @@ def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: b
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=device == "cuda" and dtype == torch.bfloat16,
+        # Autocast over bf16 weights on CUDA and on CPUs with bf16 units alike (hardware.resolve_dtype).
+        bf16=device in ("cuda", "cpu") and dtype == torch.bfloat16,
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         # Every LoRA parameter gets a gradient each step: DDP need not search the graph for unused ones
@@ -474,6 +477,15 @@ class RunLogger(TrainerCallback):
             self.bar = None
 
 
+def precision(model, args) -> str:
+    """What the matrix products run in, for the log and train_summary.json: "float32", or
+    "bf16 autocast, bfloat16 weights" (the frozen base in bf16; LoRA weights and optimizer in float32)."""
+    weights = str(_compute_dtype(model)).removeprefix("torch.")
+    if args.bf16 or args.fp16:
+        return f"{'bf16' if args.bf16 else 'fp16'} autocast, {weights} weights"
+    return weights
+
+
 def _compute_dtype(model):
     """The dtype the matrix products run in: a 4-bit base computes in its bnb compute dtype (its
     other weights are float32 after prepare_model_for_kbit_training), any other in its weights' dtype."""
@@ -531,7 +543,8 @@ def summary_text(summary: dict, run_dir: Path) -> str:
         [
             "",
             f"Done: {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
-            f"{summary['tokens_per_second'] or 0:.0f} tokens/s ({summary['tokens_seen']:,} tokens)",
+            f"{summary['tokens_per_second'] or 0:.0f} tokens/s ({summary['tokens_seen']:,} tokens"
+            + (f", {summary['precision']})" if summary.get("precision") else ")"),
             f"  train loss  {_loss(summary['first_train_loss'])} -> {_loss(summary['last_train_loss'])}",
             f"  eval loss   {_loss(before)} -> {_loss(after)}{change}",
             f"  adapter     {run_dir / ADAPTER}",

@@ -225,7 +225,7 @@ CASES = [
          ["lora.r: Input should be greater than 0", "data.eval_fraction: Input should be less than 1"]),
     Case("contradictory options", lambda e: e.train(None, None, "data.format=fields", "model.device=cpu",
                                                     "model.dtype=bfloat16"),
-         ["data.fields: required when data.format is 'fields'", "model.dtype: bfloat16 on CPU"]),
+         ["data.fields: required when data.format is 'fields'", "model.dtype: bfloat16 on this CPU, which has no bf16 units"]),
     Case("output folder exists", existing_output,
          ["{tmp}/run: the run folder exists and is not empty", "--output", "--resume", "--overwrite"]),
 ]
@@ -238,6 +238,7 @@ def env(tmp_path, tiny_llama_dir, smollm_gguf, monkeypatch) -> Env:
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)  # the same refusals on every CPU
     return Env(tmp_path, tiny_llama_dir, smollm_gguf)
 
 

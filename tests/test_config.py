@@ -271,7 +271,8 @@ def test_4bit_on_a_non_cuda_device_fails_even_with_cuda(monkeypatch, device):
     assert problem == f"model.load_in_4bit: needs CUDA, but model.device is '{device}'"
 
 
-def test_bf16_and_8bit_optimizer_on_cpu_are_reported_together():
+def test_bf16_and_8bit_optimizer_on_cpu_are_reported_together(monkeypatch):
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
     with pytest.raises(ConfigError) as excinfo:
         load_config(
             None, {"model.device": "cpu", "model.dtype": "bfloat16", "train.optimizer": "paged_adamw_8bit"}, environ=NO_ENV
@@ -279,6 +280,21 @@ def test_bf16_and_8bit_optimizer_on_cpu_are_reported_together():
     text = problems_of(excinfo)
     assert len(excinfo.value.problems) == 2
     assert "model.dtype" in text and "train.optimizer" in text
+
+
+def test_bf16_on_a_cpu_is_refused_without_bf16_units_and_allowed_with_them(monkeypatch):
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, {"model.device": "cpu", "model.dtype": "bfloat16"}, environ=NO_ENV)
+    (problem,) = excinfo.value.problems
+    assert problem.startswith("model.dtype: bfloat16 on this CPU, which has no bf16 units (AMX or AVX512-BF16): ")
+    assert "24x slower in bf16 than in float32" in problem and problem.endswith("use float32 or auto")
+    # Planning for another machine (`mathtune doctor --config`) does not judge this CPU.
+    assert load_config(None, {"model.device": "cpu", "model.dtype": "bfloat16"}, environ=NO_ENV,
+                       check_machine=False).model.dtype == "bfloat16"
+
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
+    assert load_config(None, {"model.device": "cpu", "model.dtype": "bfloat16"}, environ=NO_ENV).model.dtype == "bfloat16"
 
 
 def test_fields_format_needs_field_names():

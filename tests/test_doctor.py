@@ -33,7 +33,7 @@ def machine(torch=None, smi=None, bnb=None, ram=64 * GIB) -> Probes:
 
 def cpu_torch(version="2.7.1+cpu"):
     return {"installed": True, "version": version, "cuda_build": None, "hip_build": None, "cuda_available": False,
-            "cuda_error": None, "threads": 16, "mps": False, "gpus": []}
+            "cuda_error": None, "threads": 16, "mps": False, "gpus": [], "cpu_kernels": "AVX2", "cpu_bf16": None}
 
 
 def cuda_torch(gpu_gib=24, name="NVIDIA GeForce RTX 4090", capability="8.9", free_gib=None):
@@ -127,6 +127,16 @@ def test_no_gpu_at_all_says_what_works_on_the_cpu():
     assert "[info] No GPU: training runs on the CPU (16 threads), in float32" in text and "54 steps" in text
     code, text = doctor(machine(), device="cuda")
     assert code == 1 and "device cuda: NOT usable" in text
+
+
+def test_a_cpu_with_bf16_units_trains_in_bfloat16_and_the_estimate_counts_2_bytes(mathstral_dir):
+    code, text = doctor(machine(), model=str(mathstral_dir), device="cpu")
+    assert "[info] No GPU: training runs on the CPU (16 threads), in float32 (the cores have no bf16 units" in text
+    assert "cpu           AVX2 kernels, bf16 units: none" in text and "float32 weights" in text
+    code, text = doctor(machine({**cpu_torch(), "cpu_kernels": "AVX512", "cpu_bf16": "AMX"}), model=str(mathstral_dir),
+                        device="cpu")
+    assert "in bfloat16 (the cores have AMX bf16 units; LoRA weights and optimizer state in float32)" in text
+    assert "cpu           AVX512 kernels, bf16 units: AMX" in text and "16-bit weights" in text
 
 
 def test_json_output(tmp_path):

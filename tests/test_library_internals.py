@@ -1,5 +1,5 @@
-"""The private transformers internals mathtune still relies on, each checked by name, so that a new
-transformers release that moves one fails here with the reason instead of deep inside a run.
+"""The private transformers and torch internals mathtune still relies on, each checked by name, so that a new
+release that moves one fails here with the reason instead of deep inside a run.
 
 pyproject.toml pins the transformers range these were checked on. Every other hook mathtune uses is
 public: `compute_loss_func` (the label-only loss), `training_step`, callbacks.
@@ -71,3 +71,13 @@ def test_the_gguf_loader_pieces_the_streaming_conversion_reuses_are_there():
     assert {"llama", "gemma3"} <= set(TENSOR_PROCESSORS) and callable(TensorProcessor().process), why
     assert _parameters(reader._read_metadata)[:2] == ["blob", "gguf_path"], why
     assert _parameters(reader._read_tensor_table) == ["blob", "tensor_count", "pos"] and callable(reader._mapped), why
+
+
+def test_torch_still_says_which_bf16_units_the_cpu_has():
+    why = ("mathtune.hardware.cpu_bf16_units reads torch.cpu._is_amx_tile_supported and _is_avx512_bf16_supported "
+           "(the checks PyTorch's own CPU dispatch uses) to train in bf16 only where the cores have bf16 units; "
+           "find their new names in torch.cpu, or read the CPU flags another way.")
+    import torch
+
+    assert callable(getattr(torch.cpu, "_is_amx_tile_supported", None)), why
+    assert callable(getattr(torch.cpu, "_is_avx512_bf16_supported", None)), why

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,10 +58,37 @@ def test_a_hub_id_offline_says_to_download_it(monkeypatch):
         load_model(ModelConfig(path="mistralai/Mathstral-7B-v0.1"))
 
 
-def test_device_and_dtype_on_a_cpu_machine():
+def test_device_and_dtype_on_a_cpu_machine(monkeypatch):
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else resolve_device("auto"))
-    assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AVX512-BF16")
+    assert resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", "mps") == torch.float32
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "units"), [(True, True, "AMX"), (False, True, "AVX512-BF16"),
+                                                            (False, False, None)])
+def test_cpu_bf16_units_are_read_from_torchs_own_dispatch_checks(monkeypatch, amx, avx512_bf16, units):
+    from mathtune.hardware import cpu_bf16_units
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert cpu_bf16_units() == units
+
+
+def test_this_cpus_bf16_units_match_its_flags():
+    """On Linux the kernel's CPU flags say the same as torch's checks (amx_bf16 / avx512_bf16)."""
+    from mathtune.hardware import cpu_bf16_units
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    expected = "AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    assert cpu_bf16_units() == expected
 
 
 @pytest.mark.gpu

@@ -152,3 +152,41 @@ def test_a_run_shorter_than_the_logging_interval_still_reports_its_train_loss(tm
     train_line = next(text for text in line.splitlines() if "train loss" in text)
     # Rounded like the rest: "train loss  1.5555 -> 1.5555", not 1.5555301666259767
     assert train_line.split()[2] == f"{summary['first_train_loss']:.4f}" and "None" not in line
+
+
+def test_auto_precision_on_a_cpu_with_bf16_units_trains_bf16_products_with_float32_lora(tmp_path, tiny_llama_dir,
+                                                                                         monkeypatch):
+    """Where the cores have bf16 units, `model.dtype: auto` loads the frozen base in bf16 and trains
+    under bf16 autocast, as on CUDA; the LoRA weights (and so the optimizer state and the saved
+    adapter) stay float32. This CPU may have no bf16 units: the test says it has, and the products
+    are emulated (slow, but a tiny model)."""
+    import mathtune.train as train_module
+
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
+    seen = {}
+    build = train_module.build_trainer
+
+    def spy(cfg, model, *args, **kwargs):
+        trainer = build(cfg, model, *args, **kwargs)
+        seen["base"] = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+        seen["lora"] = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+        seen["bf16"] = trainer.args.bf16
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", spy)
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=4)
+    cfg.model.device = "cpu"
+    cfg.eval.at_end = False
+    summary = train(cfg).summary
+    assert seen == {"base": {torch.bfloat16}, "lora": {torch.float32}, "bf16": True}
+    assert summary["precision"] == "bf16 autocast, bfloat16 weights"
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert {w.dtype for w in adapter_weights(tmp_path / "run").values()} == {torch.float32}
+
+
+def test_a_cpu_without_bf16_units_trains_in_float32(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2)
+    cfg.model.device = "cpu"
+    cfg.eval.at_end = False
+    assert train(cfg).summary["precision"] == "float32"

@@ -19,25 +19,34 @@ def test_both_tools_train_on_the_same_tokens_and_the_table_has_the_ratios(tmp_pa
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--model", str(tiny_llama_dir), "--data", "bundled", "--steps", "3",
          "--warmup", "1", "--batch-size", "4", "--max-seq-length", "128", "--eval-examples", "2", "--threads", "1",
-         "--json", str(out)],
+         "--reference-bf16", "yes", "--profile", "--json", str(out)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
-    ratio = next(line for line in lines if line.startswith("mathtune / reference"))
-    assert ratio.count("x") >= 4
+    assert lines[1].startswith("CPU: ") and "bf16 units: " in lines[1] and "mathtune trains in " in lines[1]
+    for name in ("mathtune / reference ", "mathtune / reference bf16=True "):
+        assert next(line for line in lines if line.startswith(name)).count("x") >= 4, run.stdout
     assert any(line.startswith("same real tokens in every step: yes") and "same initial LoRA weights: yes" in line
                for line in lines), run.stdout
 
+    # --profile: one timed step of each row under torch.profiler, its top operators by own time.
+    for name in ("mathtune", "reference (Trainer+PEFT)", "reference bf16=True"):
+        assert f"{name}: one step (step 2) under torch.profiler, top operators by own time" in run.stdout
+    assert run.stdout.count("Self CPU time total") == 3 and "aten::mm" in run.stdout
+
     results = json.loads(out.read_text())["results"]
-    mathtune, reference = results["mathtune"], results["reference"]
-    assert mathtune["step_tokens"] == reference["step_tokens"] and len(mathtune["step_tokens"]) == 3
-    for result in (mathtune, reference):
+    mathtune, reference, reference_bf16 = results["mathtune"], results["reference"], results["reference-bf16"]
+    assert mathtune["step_tokens"] == reference["step_tokens"] == reference_bf16["step_tokens"]
+    assert len(mathtune["step_tokens"]) == 3
+    assert reference["precision"] == "float32" and reference_bf16["precision"] == "bf16 autocast, float32 weights"
+    for result in (mathtune, reference, reference_bf16):
         assert result["tokens_per_second"] > 0 and result["peak_rss_bytes"] > 50e6
         assert result["threads"] == 1 and result["optimizer_floats"] == 2 * result["trainable"]
         assert len(result["train_losses"]) == 3 and result["held_out_loss"] > 0
     # Same network, same examples, same initial adapter: the losses agree closely.
     assert mathtune["held_out_loss"] == pytest.approx(reference["held_out_loss"], rel=1e-2)
+    assert reference_bf16["held_out_loss"] == pytest.approx(reference["held_out_loss"], rel=1e-2)
 
 
 def test_throughput_counts_only_the_steps_after_the_warm_up():
