@@ -316,7 +316,8 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
         from mathtune.model import check_gguf_architecture
 
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
-    facts = {"torch": probes.torch() if device == "cuda" else {}, "nvidia_smi": None, "memory": probes.memory()}
+    # The torch facts: a GPU's free memory, or whether the CPU's bf16 units halve the weights.
+    facts = {"torch": probes.torch() if device in ("cuda", "cpu") else {}, "nvidia_smi": None, "memory": probes.memory()}
     model, estimate = model_estimate(cfg, source.path, facts, device)
     check = f"mathtune doctor --model {source.path}"
     if estimate["capacity"] is not None and not estimate["fits"]:

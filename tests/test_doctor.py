@@ -156,6 +156,22 @@ def mathstral_dir(tmp_path) -> Path:
     return folder
 
 
+def test_preflight_counts_bf16_weights_on_a_cpu_with_bf16_units(mathstral_dir):
+    """7.25B parameters on a 24 GiB CPU machine: float32 weights (29 GB) do not fit; where the cores
+    have bf16 units `model.dtype: auto` loads them in bf16 (14.5 GB) and the run is let through."""
+    from mathtune.config import load_config
+    from mathtune.doctor import preflight
+    from mathtune.errors import ModelError
+    from mathtune.model import ModelSource
+
+    cfg = load_config(None, {"model.device": "cpu", "train.gradient_checkpointing": True}, environ={},
+                      check_machine=False)
+    source = ModelSource("folder", str(mathstral_dir), str(mathstral_dir))
+    with pytest.raises(ModelError, match=r"7\.25B parameters\): this run needs about"):
+        preflight(cfg, source, "cpu", probes=machine(ram=24 * GIB))
+    preflight(cfg, source, "cpu", probes=machine({**cpu_torch(), "cpu_bf16": "AMX"}, ram=24 * GIB))
+
+
 def test_mathstral_qlora_estimate_on_a_12_gb_gpu(mathstral_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model: {load_in_4bit: true}\ndata: {max_seq_length: 1024}\n"
