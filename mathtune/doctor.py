@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mathtune.config import TrainConfig
-from mathtune.hardware import PROBES, Probes, cuda_tag, min_driver_for, torch_index_url
+from mathtune.hardware import PROBES, Probes, auto_dtype, cuda_tag, min_driver_for, torch_index_url
 from mathtune.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
 
 GIB = 1 << 30  # sizes are shown in GiB: a "12 GB" card has 12 GiB
@@ -191,12 +191,9 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def plan_from_config(cfg, device: str, cpu_bf16: str | None = None) -> Plan:
     """The memory-relevant settings of a config, with 'auto' dtype resolved for `device` (on a CPU
     with `cpu_bf16` units, as probe_torch reads them, auto is bfloat16)."""
-    if cfg.model.dtype != "auto":
-        dtype_bytes = 4 if cfg.model.dtype == "float32" else 2
-    else:
-        dtype_bytes = 2 if device == "cuda" or (device == "cpu" and cpu_bf16) else 4
-    return Plan(device=device, dtype_bytes=dtype_bytes, load_in_4bit=cfg.model.load_in_4bit, lora_r=cfg.lora.r,
-                lora_targets=cfg.lora.target_modules, batch_size=cfg.train.batch_size,
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else auto_dtype(device, cpu_bf16)
+    return Plan(device=device, dtype_bytes=4 if dtype == "float32" else 2, load_in_4bit=cfg.model.load_in_4bit,
+                lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, batch_size=cfg.train.batch_size,
                 seq_len=cfg.data.max_seq_length, gradient_checkpointing=cfg.train.gradient_checkpointing,
                 optimizer=cfg.train.optimizer)
 
@@ -308,6 +305,7 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
     import os
 
     from mathtune.errors import ModelError
+    from mathtune.hardware import cpu_bf16_units
 
     if source.kind == "hub" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
@@ -316,8 +314,10 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
         from mathtune.model import check_gguf_architecture
 
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
-    # The torch facts: a GPU's free memory, or whether the CPU's bf16 units halve the weights.
-    facts = {"torch": probes.torch() if device in ("cuda", "cpu") else {}, "nvidia_smi": None, "memory": probes.memory()}
+    # The torch facts a run needs: a GPU's free memory, or whether the CPU's bf16 units halve the
+    # weights (read alone: the whole torch probe would start CUDA on a GPU machine told to use its CPU).
+    torch_facts = probes.torch() if device == "cuda" else {"cpu_bf16": cpu_bf16_units()} if device == "cpu" else {}
+    facts = {"torch": torch_facts, "nvidia_smi": None, "memory": probes.memory()}
     model, estimate = model_estimate(cfg, source.path, facts, device)
     check = f"mathtune doctor --model {source.path}"
     if estimate["capacity"] is not None and not estimate["fits"]:

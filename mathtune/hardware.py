@@ -81,13 +81,18 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
 
     if requested != "auto":
         return getattr(torch, requested)
+    cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return getattr(torch, auto_dtype(device, cpu_bf16_units() if device == "cpu" else None, cuda_bf16))
+
+
+def auto_dtype(device: str, cpu_bf16: str | None, cuda_bf16: bool = True) -> str:
+    """`model.dtype: auto` on `device`, from what is known of it (this machine's probes, or the
+    doctor's facts of the machine it plans for): bfloat16 on a GPU that has it (else float16) and
+    on a CPU with `cpu_bf16` units, float32 elsewhere. MPS autocast in half precision is not
+    reliable for training yet; a CPU without bf16 units emulates bf16 products."""
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "cpu" and cpu_bf16_units():
-        return torch.bfloat16
-    # MPS autocast in half precision is not reliable for training yet; a CPU without bf16 units
-    # emulates bf16 products.
-    return torch.float32
+        return "bfloat16" if cuda_bf16 else "float16"
+    return "bfloat16" if device == "cpu" and cpu_bf16 else "float32"
 
 
 # ---------------------------------------------------------------------------------------------
