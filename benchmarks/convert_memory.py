@@ -31,7 +31,7 @@ SHAPES = {"small": (12, 1024, 4096, 16, 4, True), "2.3b": (32, 2560, 6912, 20, 4
 CHILD = """
 import sys
 from pathlib import Path
-import mathtune.convert as c
+import mathtune.model.convert as c
 if sys.argv[3] == "before":
     c.STREAMING_ARCHS = ()
 c.convert(c.plan_conversion(Path(sys.argv[1])), Path(sys.argv[2]), progress=False)
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where to write the files (default: a temporary folder)")
     parser.add_argument("--source", type=Path, help="convert this GGUF (kept) instead of writing one of --shape")
     args = parser.parse_args()
-    from mathtune.convert import plan_conversion
-    from mathtune.model import embedded_model_path
+    from mathtune.model.convert import plan_conversion
+    from mathtune.model.load import embedded_model_path
 
     work = Path(tempfile.mkdtemp(dir=args.dir, prefix="convert-memory-"))
     try:

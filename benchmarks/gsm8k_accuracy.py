@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/gsm8k_accuracy.py --limit 100
     .venv/bin/python benchmarks/gsm8k_accuracy.py --model ~/models/x.gguf --adapter runs/x --limit 300
 
-The code path of `mathtune eval RUN --bench gsm8k` (mathtune.bench.run_bench): the 300-problem
-seeded sample of GSM8K's test split in mathtune/bench/gsm8k, the model's chat template, greedy
+The code path of `mathtune eval RUN --bench gsm8k` (mathtune.eval.evaluate.run_bench): the 300-problem
+seeded sample of GSM8K's test split in mathtune/eval/bench/gsm8k, the model's chat template, greedy
 batched answers up to 256 new tokens, math-verify. Without --adapter the model is scored alone;
 with one, base and fine-tuned on the same problems with the paired test. Prints the accuracy
 table (95% intervals, protocol) and writes summary.json and predictions.jsonl to --out.
@@ -16,10 +16,10 @@ import argparse
 import time
 from pathlib import Path
 
-from mathtune.accuracy import comparison_table
-from mathtune.bench import BENCHES, run_bench
 from mathtune.config import ModelConfig
 from mathtune.data.dataset import ensure_chat_template
+from mathtune.eval.accuracy import comparison_table
+from mathtune.eval.evaluate import BENCHES, run_bench
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
                         "predictions.jsonl")
     args = parser.parse_args()
 
-    from mathtune.model import load_model
+    from mathtune.model.load import load_model
 
     model, tokenizer, source = load_model(ModelConfig(path=args.model))
     ensure_chat_template(tokenizer, None)

@@ -187,7 +187,7 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
 
 
 def _precision(model, args) -> str:
-    from mathtune.train import precision
+    from mathtune.train.recipe import precision
 
     return precision(model, args)
 
@@ -201,9 +201,9 @@ def run_mathtune(spec: dict) -> dict:
 
     from mathtune.config import load_config
     from mathtune.data.dataset import DataReport, ensure_chat_template, load_conversations, tokenize_dataset
-    from mathtune.lora import apply_lora
-    from mathtune.model import load_model
-    from mathtune.train import build_trainer
+    from mathtune.model.load import load_model
+    from mathtune.train.lora import apply_lora
+    from mathtune.train.recipe import build_trainer
 
     h = spec["hyper"]
     cfg = load_config(overrides={
@@ -309,7 +309,7 @@ def prepare(args, work: Path) -> dict:
     from mathtune.data.builtin import builtin_files
     from mathtune.data.dataset import DataReport, load_conversations
     from mathtune.hardware import cpu_bf16_units
-    from mathtune.model import convert_gguf, embedded_model_path, resolve_source
+    from mathtune.model.load import convert_gguf, embedded_model_path, resolve_source
 
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.model in ("smollm2", "tiny"):
@@ -363,7 +363,7 @@ def _data_name(data: str, files: list[Path]) -> str:
 
 
 def _cache_root(cache: Path | None) -> Path:
-    from mathtune.model import cache_root
+    from mathtune.model.load import cache_root
 
     return cache_root(cache)
 

@@ -23,7 +23,7 @@ HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) qu
 def chat_run(run_dir: Path, max_new_tokens: int = 512, system: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     from mathtune.config import load_run_config
-    from mathtune.model import load_trained
+    from mathtune.model.load import load_trained
 
     cfg = load_run_config(run_dir)
     model, tokenizer = load_trained(run_dir, cfg)
@@ -97,7 +97,7 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) ->
     from transformers import TextIteratorStreamer
 
     from mathtune.data.template import render_chat
-    from mathtune.evaluate import stop_token_ids
+    from mathtune.eval.evaluate import stop_token_ids
 
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)

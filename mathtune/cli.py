@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 from mathtune import __version__
-from mathtune.bench import BENCHES
 from mathtune.errors import MathtuneError
+from mathtune.eval.evaluate import BENCHES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,20 +242,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None:
             raise MathtuneError("--resume uses RUN_DIR/config.yaml; don't pass --config with it")
-        from mathtune.rundir import CONFIG, require_run_dir
+        from mathtune.run import CONFIG, require_run_dir
 
         config_file = require_run_dir(args.resume, why="nothing to resume") / CONFIG
         overrides["output.dir"] = str(args.resume)
     cfg = load_config(config_file, overrides)
 
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     train(cfg, resume=args.resume is not None)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mathtune.evaluate import evaluate_run
+    from mathtune.eval.evaluate import evaluate_run
 
     for name in ("limit", "max_new_tokens", "batch_size"):
         value = getattr(args, name)
@@ -269,7 +269,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mathtune.report import write_report
+    from mathtune.eval.report import write_report
 
     print(f"Written {write_report(args.run_dir)}")
     return 0
@@ -297,14 +297,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mathtune.convert import convert_command
+    from mathtune.model.convert import convert_command
 
     convert_command(args.gguf, args.output, args.overwrite)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mathtune.lmstudio import run_models
+    from mathtune.model.lmstudio import run_models
 
     if args.cache and args.remove:
         raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
@@ -312,7 +312,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from mathtune.doctor import run_doctor
+    from mathtune.doctor.doctor import run_doctor
 
     return run_doctor(model=args.model, config=args.config, device=args.device, as_json=args.json)
 

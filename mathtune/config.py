@@ -172,7 +172,7 @@ class EvalConfig(_Section):
     the same answers at every size."""
     bench: list[Literal["gsm8k"]] = []
     """Shipped benchmarks scored base vs fine-tuned after training, to catch a loss of general math
-    (mathtune.bench). Off by default: GSM8K takes minutes on a CPU (`mathtune eval RUN --bench
+    (mathtune.eval.evaluate). Off by default: GSM8K takes minutes on a CPU (`mathtune eval RUN --bench
     gsm8k` runs it later)."""
     bench_limit: int = Field(0, ge=0)
     """Problems of each benchmark to score (0: all 300 of GSM8K's sample)."""
@@ -274,7 +274,7 @@ def load_config(
 def load_run_config(run_dir: Path) -> Config:
     """The configuration a finished run was trained with (RUN_DIR/config.yaml beside RUN_DIR/adapter/).
     The environment is not read: the run's settings are what they were."""
-    from mathtune.rundir import CONFIG, require_run_dir
+    from mathtune.run import CONFIG, require_run_dir
 
     return load_config(require_run_dir(run_dir, finished=True) / CONFIG, environ={})
 

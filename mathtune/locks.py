@@ -77,7 +77,7 @@ def lock_run_dir(run_dir: Path) -> Lock:
 def lock_output(out: Path) -> Lock:
     import hashlib
 
-    from mathtune.model import cache_root
+    from mathtune.model.load import cache_root
 
     folder = cache_root(None) / "locks"
     folder.mkdir(parents=True, exist_ok=True)

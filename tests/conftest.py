@@ -114,7 +114,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
-    from mathtune.model import embedded_model_path
+    from mathtune.model.load import embedded_model_path
 
     return embedded_model_path()
 

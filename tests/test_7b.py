@@ -50,7 +50,7 @@ def test_doctor_reports_the_7b_run_and_its_conversion(deepseek, tmp_path, monkey
 
 
 def test_tokenizer_and_chat_template_of_the_7b_load_from_the_header(deepseek, tmp_path):
-    from mathtune.model import load_tokenizer
+    from mathtune.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(path=str(deepseek), cache_dir=tmp_path))
     assert len(tokenizer) > 151_000
@@ -69,9 +69,9 @@ def test_data_stats_counts_tokens_with_the_7b_tokenizer(deepseek, tmp_path, caps
 
 
 def test_train_refuses_the_7b_before_converting_when_it_cannot_fit(deepseek, tmp_path, monkeypatch, capsys):
-    import mathtune.doctor
+    import mathtune.doctor.doctor
 
-    monkeypatch.setattr(mathtune.doctor, "PROBES", a_machine_with(16))
+    monkeypatch.setattr(mathtune.doctor.doctor, "PROBES", a_machine_with(16))
     monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "math.jsonl", math_records(8))
     started = time.perf_counter()

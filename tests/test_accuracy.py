@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mathtune.accuracy import MIN_COMPARE, comparison_table, paired_change, significant_drop, summarize
-from mathtune.evaluate import EvalExample
+from mathtune.eval.accuracy import MIN_COMPARE, comparison_table, paired_change, significant_drop, summarize
+from mathtune.eval.evaluate import EvalExample
 
 PROTOCOL = {"prompt": "the model's chat template, no system prompt, zero-shot", "decoding": "greedy",
             "max_new_tokens": 96, "stop_tokens": ["<|im_end|>"], "verifier": "math-verify 0.9.0"}

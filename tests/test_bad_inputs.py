@@ -355,7 +355,7 @@ def make_unreadable(path: Path, monkeypatch) -> None:
 def test_an_unreadable_file_is_named_as_unreadable_not_missing(tmp_path, monkeypatch):
     from mathtune.config import ModelConfig, load_config
     from mathtune.errors import ConfigError, ModelError
-    from mathtune.model import resolve_source
+    from mathtune.model.load import resolve_source
 
     data, config, model = (write_jsonl(tmp_path / "math.jsonl", [GOOD]), tmp_path / "run.yaml", tmp_path / "m.gguf")
     config.write_text("train: {max_steps: 3}\n")

@@ -13,7 +13,7 @@ from tests.test_train import tiny_run_config
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_llama_dir):
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     tmp = tmp_path_factory.mktemp("chat")
     train(tiny_run_config(tmp, tiny_llama_dir, max_steps=2))

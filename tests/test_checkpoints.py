@@ -16,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mathtune.checkpoints import (
+from mathtune.cli import main
+from mathtune.errors import MathtuneError
+from mathtune.train.checkpoints import (
     PARTIAL,
     GracefulInterrupt,
     TrainingInterrupted,
@@ -24,9 +26,7 @@ from mathtune.checkpoints import (
     last_checkpoint,
     stop_signals,
 )
-from mathtune.cli import main
-from mathtune.errors import MathtuneError
-from mathtune.train import RunTrainer, save_adapter, train
+from mathtune.train.recipe import RunTrainer, save_adapter, train
 from tests.conftest import math_records, write_jsonl
 from tests.test_train import adapter_weights, tiny_run_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mathtune.confidence import compare, interval, mcnemar_exact, newcombe_paired, wilson
+from mathtune.eval.confidence import compare, interval, mcnemar_exact, newcombe_paired, wilson
 
 
 @pytest.mark.parametrize(("correct", "n", "low", "high"), [

@@ -491,10 +491,10 @@ def test_cli_malformed_set_returns_2(tmp_path, capsys, quiet_cli_env):
 
 def test_cli_flags_override_the_yaml(tmp_path, capsys, quiet_cli_env, monkeypatch):
     import mathtune.cli
-    import mathtune.train
+    import mathtune.train.recipe
 
     seen = {}
-    monkeypatch.setattr(mathtune.train, "train", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
+    monkeypatch.setattr(mathtune.train.recipe, "train", lambda cfg, resume: seen.update(cfg=cfg, resume=resume))
     config_file = write_yaml(tmp_path / "run.yaml", "train:\n  learning_rate: 0.001\nlora:\n  r: 4\n")
     argv = ["train", "--config", str(config_file), "--set", "train.learning_rate=2e-4", "--data", "x.jsonl",
             "--output", str(tmp_path / "run")]

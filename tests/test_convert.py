@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from mathtune.cli import main
-from mathtune.convert import INDEX, convert, damage, plan_conversion
 from mathtune.errors import ModelError
-from mathtune.model import _cache_folder, convert_gguf
+from mathtune.model.convert import INDEX, convert, damage, plan_conversion
+from mathtune.model.load import _cache_folder, convert_gguf
 from tests.gguf_files import gemma3_gguf, kquant_gguf, peak_rss_anon, scaled_llama_gguf, tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,9 +86,9 @@ def test_tiny_conversion_matches_transformers_loader(tiny_files, name, tmp_path,
 
 def test_architectures_outside_the_streaming_path_use_transformers_loader_and_say_so(tiny_files, tmp_path,
                                                                                     monkeypatch, caplog):
-    import mathtune.convert
+    import mathtune.model.convert
 
-    monkeypatch.setattr(mathtune.convert, "STREAMING_ARCHS", ())
+    monkeypatch.setattr(mathtune.model.convert, "STREAMING_ARCHS", ())
     plan = plan_conversion(tiny_files["qwen2-q8_0"])
     assert not plan.streaming and "whole model in memory" in plan.describe()
     with caplog.at_level(logging.INFO, logger="mathtune"):
@@ -119,21 +119,21 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_message_naming_it(tiny_files, t
 
 
 def test_disk_full_during_conversion_leaves_nothing_and_says_what_was_needed(tiny_files, tmp_path, monkeypatch):
-    import mathtune.convert
+    import mathtune.model.convert
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mathtune.convert, "write_safetensors_header", full)
+    monkeypatch.setattr(mathtune.model.convert, "write_safetensors_header", full)
     with pytest.raises(ModelError, match=r"the disk filled up while converting tiny-llama-f16.gguf \(it needs about"):
         convert_gguf(tiny_files["llama-f16"], tmp_path)
     assert [p.name for p in (tmp_path / "gguf").iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_a_disk_that_cannot_hold_the_result_is_refused_before_writing(tiny_files, tmp_path, monkeypatch):
-    import mathtune.convert
+    import mathtune.model.convert
 
-    monkeypatch.setattr(mathtune.convert.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    monkeypatch.setattr(mathtune.model.convert.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
     with pytest.raises(ModelError, match=r"needs about 0\.\d GB of disk and 0\.0 GB are free"):
         convert(plan_conversion(tiny_files["llama-f16"]), tmp_path / "out")
     assert not any(tmp_path.iterdir())
@@ -143,7 +143,7 @@ CONVERT_IN_CHILD = """
 import logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-from mathtune.model import convert_gguf
+from mathtune.model.load import convert_gguf
 print("RESULT", convert_gguf(Path(sys.argv[1]), Path(sys.argv[2])), flush=True)
 """
 
@@ -194,7 +194,7 @@ def test_convert_command_fills_the_cache_once(tiny_files, tmp_path, monkeypatch,
 CONVERT_ONLY = """
 import sys
 from pathlib import Path
-from mathtune.convert import convert, plan_conversion
+from mathtune.model.convert import convert, plan_conversion
 convert(plan_conversion(Path(sys.argv[1])), Path(sys.argv[2]), progress=False)
 """
 

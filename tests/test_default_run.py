@@ -10,7 +10,7 @@ import json
 import pytest
 
 from mathtune.config import load_config
-from mathtune.train import train
+from mathtune.train.recipe import train
 
 
 @pytest.mark.slow

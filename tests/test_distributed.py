@@ -17,7 +17,7 @@ import torch
 from mathtune import distributed
 from mathtune.config import load_config
 from mathtune.errors import ConfigError
-from mathtune.train import train
+from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
 from tests.test_train import adapter_weights
 

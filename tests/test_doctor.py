@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mathtune.cli import main
-from mathtune.doctor import run_doctor
+from mathtune.doctor.doctor import run_doctor
 from mathtune.hardware import PROBES, Probes, cuda_tag, probe_disk_free, probe_memory, probe_nvidia_smi, probe_torch
 from tests.test_memory import MATHSTRAL
 
@@ -160,9 +160,9 @@ def test_preflight_counts_bf16_weights_on_a_cpu_with_bf16_units(mathstral_dir, m
     """7.25B parameters on a 24 GiB CPU machine: float32 weights (29 GB) do not fit; where the cores
     have bf16 units `model.dtype: auto` loads them in bf16 (14.5 GB) and the run is let through."""
     from mathtune.config import load_config
-    from mathtune.doctor import preflight
+    from mathtune.doctor.doctor import preflight
     from mathtune.errors import ModelError
-    from mathtune.model import ModelSource
+    from mathtune.model.load import ModelSource
 
     cfg = load_config(None, {"model.device": "cpu", "train.gradient_checkpointing": True}, environ={},
                       check_machine=False)
@@ -342,7 +342,7 @@ def test_mathtune_doctor_survives_a_broken_bitsandbytes_and_an_odd_nvidia_smi(tm
 
 
 def test_the_unused_gpu_warning_before_training_is_the_doctors_finding_and_fix():
-    from mathtune.doctor import unused_gpu_warning
+    from mathtune.doctor.doctor import unused_gpu_warning
 
     probes = machine(cpu_torch("2.7.1+cpu"), smi("550.54.14", "NVIDIA GeForce RTX 3060", 12))
     text = unused_gpu_warning("auto", "cpu", probes)
@@ -359,7 +359,7 @@ def test_training_on_the_cpu_beside_an_unused_nvidia_gpu_warns_first_and_records
                                                                                     monkeypatch, caplog):
     import logging
 
-    from mathtune.train import train
+    from mathtune.train.recipe import train
     from tests.test_train import tiny_run_config
 
     # This machine's PyTorch is a CPU-only build; an nvidia-smi on PATH plays the GPU it leaves unused.

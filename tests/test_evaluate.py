@@ -8,12 +8,11 @@ import re
 
 import torch
 
-from mathtune.bench import BENCHES
 from mathtune.cli import main
 from mathtune.config import LoraConfig, ModelConfig
-from mathtune.evaluate import EvalExample, Generated, eval_examples, generate, score, stop_token_ids
-from mathtune.lora import apply_lora
-from mathtune.model import load_model
+from mathtune.eval.evaluate import BENCHES, EvalExample, Generated, eval_examples, generate, score, stop_token_ids
+from mathtune.model.load import load_model
+from mathtune.train.lora import apply_lora
 from tests.test_train import tiny_run_config
 
 
@@ -82,7 +81,7 @@ def test_an_answer_that_hits_the_token_limit_is_truncated_not_wrong(tiny_llama_d
 def test_training_ends_with_base_vs_finetuned_scores_written_beside_the_run(tmp_path, tiny_llama_dir):
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2, save_steps=2)
     run = tmp_path / "run"
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     train(cfg)
     summary = json.loads((run / "eval" / "summary.json").read_text())
@@ -108,7 +107,7 @@ def test_training_ends_with_base_vs_finetuned_scores_written_beside_the_run(tmp_
 
 def test_eval_command_scores_real_gsm8k_lines_with_no_gsm8k_code(tmp_path, tiny_llama_dir, caplog):
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"at_end": False})}))
     lines = BENCHES["gsm8k"].file.read_text(encoding="utf-8").splitlines()[:4]
@@ -131,7 +130,7 @@ def test_eval_command_scores_real_gsm8k_lines_with_no_gsm8k_code(tmp_path, tiny_
 
 def test_bench_scores_base_and_finetuned_on_the_shipped_gsm8k_sample(tmp_path, tiny_llama_dir, caplog):
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"at_end": False})}))
     caplog.set_level(logging.INFO, logger="mathtune")
@@ -151,8 +150,8 @@ def test_bench_scores_base_and_finetuned_on_the_shipped_gsm8k_sample(tmp_path, t
 
 def test_eval_bench_runs_after_training_and_a_significant_drop_is_the_last_word(tmp_path, tiny_llama_dir, caplog,
                                                                                 monkeypatch):
-    import mathtune.accuracy
-    from mathtune.train import train
+    import mathtune.eval.accuracy
+    from mathtune.train.recipe import train
 
     seen = []
 
@@ -160,8 +159,8 @@ def test_eval_bench_runs_after_training_and_a_significant_drop_is_the_last_word(
         seen.append((what, summary["examples"]))
         return "Fine-tuning made the model worse on gsm8k" if what == "gsm8k" else None
 
-    monkeypatch.setattr(mathtune.accuracy, "significant_drop", drop_on_gsm8k)
-    monkeypatch.setattr("mathtune.evaluate.significant_drop", drop_on_gsm8k)
+    monkeypatch.setattr(mathtune.eval.accuracy, "significant_drop", drop_on_gsm8k)
+    monkeypatch.setattr("mathtune.eval.evaluate.significant_drop", drop_on_gsm8k)
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
     cfg.eval.bench, cfg.eval.bench_limit = ["gsm8k"], 2
     caplog.set_level(logging.INFO, logger="mathtune")
@@ -176,7 +175,7 @@ def test_eval_bench_runs_after_training_and_a_significant_drop_is_the_last_word(
 
 
 def test_without_eval_bench_training_says_how_to_check_general_math(tmp_path, tiny_llama_dir, caplog):
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     caplog.set_level(logging.INFO, logger="mathtune")
     train(tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1))
@@ -204,7 +203,7 @@ def test_eval_of_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
 
 
 def test_reference_loss_is_lower_for_the_model_that_learned_the_reference(tiny_llama_dir):
-    from mathtune.evaluate import reference_loss
+    from mathtune.eval.evaluate import reference_loss
 
     model, tokenizer, _ = load_model(ModelConfig(path=str(tiny_llama_dir)))
     model = apply_lora(model, LoraConfig(r=4, alpha=8))

@@ -16,7 +16,7 @@ from mathtune.cli import main
 from mathtune.config import load_config
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.export import base_name, export_run, how_to_use
-from mathtune.train import train
+from mathtune.train.recipe import train
 from tests.conftest import CHATML, CORPUS, build_chatml_tokenizer, math_records, tiny_config, write_jsonl
 
 PROBES = [
@@ -47,7 +47,7 @@ def train_run(tmp_path: Path, model_path: Path, cache: Path | None = None, steps
 
 def merged_reference(run_dir: Path):
     """PEFT's merge of the run: the model every export must reproduce."""
-    from mathtune.model import load_trained
+    from mathtune.model.load import load_trained
 
     model, tokenizer = load_trained(run_dir, load_config(run_dir / "config.yaml", environ={}))
     return model.merge_and_unload().float().eval(), tokenizer
@@ -359,7 +359,7 @@ def test_not_a_run_folder_and_bad_choices_are_clear(tmp_path):
 
 
 def test_base_name_drops_the_quantization_suffix():
-    from mathtune.model import ModelSource
+    from mathtune.model.load import ModelSource
 
     assert base_name(ModelSource("gguf", "/m/SmolLM2-135M-Instruct.Q4_1.gguf", "")) == "SmolLM2-135M-Instruct"
     assert base_name(ModelSource("gguf", "/m/mathstral-7B-v0.1-Q4_K_M.gguf", "")) == "mathstral-7B-v0.1"
@@ -429,7 +429,7 @@ def test_llama_cpp_applies_the_lora_gguf_to_the_q4_base_as_pytorch_merges_it(smo
     merged model as it is, without, to PyTorch's base model; and far from the base (the LoRA acts).
     Measured: 1.06 vs 1.60 (logit max error), while the adapter moves logits by up to 20."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from mathtune.model import load_model
+    from mathtune.model.load import load_model
 
     ref_model, ref_tokenizer = smol_reference
     base_model = load_model(load_config(smol_run / "config.yaml", environ={}).model)[0].eval()
@@ -511,7 +511,7 @@ def test_gemma3_q4_k_m_download_merges_and_round_trips(tmp_path, model_cache):
 
 
 def test_training_ends_by_pointing_to_export(tmp_path):
-    from mathtune.train import summary_text
+    from mathtune.train.recipe import summary_text
 
     summary = {"steps": 2, "train_seconds": 1.0, "tokens_per_second": 10.0, "tokens_seen": 20, "first_train_loss": 2.0,
                "last_train_loss": 1.0, "eval_loss_before": 2.0, "eval_loss_after": 1.5}

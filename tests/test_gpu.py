@@ -14,9 +14,9 @@ import subprocess
 import pytest
 import torch
 
-import mathtune.train
+import mathtune.train.recipe
 from mathtune.config import load_config
-from mathtune.train import train
+from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
 from tests.test_distributed import SETTINGS, set_args, torchrun
 from tests.test_train import adapter_weights, tiny_run_config
@@ -29,8 +29,8 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
 def trainers(monkeypatch):
     """The Trainer each train() call builds, to look at its arguments and optimizer afterwards."""
     built = []
-    build = mathtune.train.build_trainer
-    monkeypatch.setattr(mathtune.train, "build_trainer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    build = mathtune.train.recipe.build_trainer
+    monkeypatch.setattr(mathtune.train.recipe, "build_trainer", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
     return built
 
 

@@ -18,7 +18,7 @@ def _parameters(function) -> list[str]:
 
 
 def test_checkpoints_are_staged_through_get_output_dir():
-    why = ("mathtune.checkpoints.SafeTrainingMixin makes checkpoints atomic by pointing Trainer._get_output_dir at "
+    why = ("mathtune.train.checkpoints.SafeTrainingMixin makes checkpoints atomic by pointing Trainer._get_output_dir at "
            "checkpoints/.partial while Trainer._save_checkpoint writes, then renaming the folder; no public hook "
            "lets a checkpoint be written aside. Adapt SafeTrainingMixin to the new Trainer.")
     assert _parameters(Trainer._get_output_dir)[:2] == ["self", "trial"], why
@@ -54,13 +54,13 @@ def test_the_chat_template_environment_is_still_compiled_by_transformers():
 
 @pytest.mark.parametrize("name", ["compute_loss_func", "processing_class"])
 def test_public_trainer_arguments_mathtune_passes_are_there(name):
-    assert name in _parameters(Trainer.__init__), f"Trainer(...) no longer takes {name}= (mathtune.train.build_trainer)"
+    assert name in _parameters(Trainer.__init__), f"Trainer(...) no longer takes {name}= (mathtune.train.recipe.build_trainer)"
 
 
 def test_the_gguf_loader_pieces_the_streaming_conversion_reuses_are_there():
-    why = ("mathtune.convert streams a GGUF into safetensors with the pieces of transformers' own legacy GGUF loader "
+    why = ("mathtune.model.convert streams a GGUF into safetensors with the pieces of transformers' own legacy GGUF loader "
            "(modeling_gguf_pytorch_utils.load_gguf_checkpoint): get_gguf_hf_weights_map for the names and "
-           "TENSOR_PROCESSORS for llama's Q/K permutation and gemma's norms; and mathtune.model.gguf_header reads "
+           "TENSOR_PROCESSORS for llama's Q/K permutation and gemma's norms; and mathtune.model.load.gguf_header reads "
            "headers with integrations.gguf.reader's _read_metadata/_read_tensor_table (gguf.GGUFReader decodes "
            "every token: tens of seconds on a 152k vocabulary). One of them moved; tests/test_convert.py compares "
            "the result with the loader itself.")

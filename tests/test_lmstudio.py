@@ -17,7 +17,7 @@ import pytest
 from mathtune.cli import main
 from mathtune.config import ModelConfig
 from mathtune.errors import ModelError
-from mathtune.lmstudio import (
+from mathtune.model.lmstudio import (
     NoModelFound,
     cached_models,
     find_model,
@@ -26,7 +26,7 @@ from mathtune.lmstudio import (
     read_header,
     remove_cached,
 )
-from mathtune.model import resolve_source
+from mathtune.model.load import resolve_source
 from tests.test_doctor import doctor, machine
 
 MATHSTRAL = "lmstudio-community/Mathstral-7B-v0.1-GGUF/Mathstral-7B-v0.1-Q4_K_M.gguf"
@@ -230,7 +230,7 @@ def tiny_gguf(path: Path, work: Path) -> Path:
 @pytest.fixture
 def converted(lm_studio, tmp_path) -> Path:
     """A tiny llama GGUF in LM Studio's folder, converted into mathtune's cache (MATHTUNE_CACHE)."""
-    from mathtune.model import cache_root, convert_gguf
+    from mathtune.model.load import cache_root, convert_gguf
 
     gguf_path = tiny_gguf(lm_studio / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf", tmp_path)
     convert_gguf(gguf_path, cache_root(None))
@@ -238,7 +238,7 @@ def converted(lm_studio, tmp_path) -> Path:
 
 
 def test_a_converted_model_shows_its_cached_copy_and_size(converted):
-    from mathtune.model import _cache_folder, cache_root
+    from mathtune.model.load import _cache_folder, cache_root
 
     model = next(m for m in list_models() if m.path == converted)
     assert model.trainable and model.cached == _cache_folder(converted, cache_root(None))

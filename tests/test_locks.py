@@ -14,8 +14,8 @@ import pytest
 from mathtune.cli import main
 from mathtune.config import RESUMABLE, Config, load_config, resume_changes
 from mathtune.locks import InUseError, lock_output, lock_run_dir
-from mathtune.rundir import create_run_dir
-from mathtune.train import train
+from mathtune.run import create_run_dir
+from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
 from tests.test_checkpoints import cli_args, start, wait_for
 from tests.test_train import tiny_run_config

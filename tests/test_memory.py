@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from mathtune.doctor.memory import GB, Plan, estimate_memory, fit_plan, read_model_shape, shape_from_config
 from mathtune.errors import ModelError
-from mathtune.memory import GB, Plan, estimate_memory, fit_plan, read_model_shape, shape_from_config
 
 GIB = 1 << 30
 
@@ -69,7 +69,7 @@ def test_counts_match_a_real_model_and_peft(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     from mathtune.config import LoraConfig
-    from mathtune.lora import apply_lora, count_parameters
+    from mathtune.train.lora import apply_lora, count_parameters
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     shape = read_model_shape(tiny_llama_dir)

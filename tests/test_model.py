@@ -10,7 +10,7 @@ import torch
 from mathtune.config import ModelConfig
 from mathtune.errors import ModelError
 from mathtune.hardware import resolve_device, resolve_dtype
-from mathtune.model import check_gguf_architecture, load_model, resolve_source
+from mathtune.model.load import check_gguf_architecture, load_model, resolve_source
 
 
 def test_transformers_folder_loads_on_cpu_in_float32_with_a_pad_token(tiny_llama_dir):

@@ -9,10 +9,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 
 from mathtune.config import LoraConfig
 from mathtune.data.dataset import IGNORE_INDEX
-from mathtune.lora import apply_lora
-from mathtune.model import PADDING_FREE_ARCHS, supports_padding_free
-from mathtune.packing import PACKED_SDPA, label_only_loss, packed_collator, use_packed_attention
-from mathtune.train import RunTrainer
+from mathtune.model.load import PADDING_FREE_ARCHS, supports_padding_free
+from mathtune.train.lora import apply_lora
+from mathtune.train.packing import PACKED_SDPA, label_only_loss, packed_collator, use_packed_attention
+from mathtune.train.recipe import RunTrainer
 from tests.conftest import TINY_ARCHS, tiny_config
 
 VOCAB = 400  # the size of conftest's tokenizer, which pads the reference batch
@@ -144,7 +144,7 @@ def test_a_sliding_window_shorter_than_an_example_falls_back_to_the_masked_row()
 
 def test_build_trainer_packs_with_per_example_attention(tmp_path, tiny_llama_dir):
     from mathtune.config import load_config
-    from mathtune.train import build_trainer
+    from mathtune.train.recipe import build_trainer
 
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, alpha=8))
     cfg = load_config(overrides={"train.max_steps": 1})

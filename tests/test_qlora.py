@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import mathtune.hardware
-import mathtune.train
+import mathtune.train.recipe
 from mathtune.config import load_config, resolve_optimizer
 from mathtune.errors import ConfigError
-from mathtune.train import _compute_dtype, train
+from mathtune.train.recipe import _compute_dtype, train
 from tests.test_train import tiny_run_config
 
 NO_ENV: dict = {}
@@ -82,8 +82,8 @@ def test_a_4bit_base_trains_in_its_compute_dtype_though_its_other_weights_are_fl
 
 def test_the_trainer_gets_the_resolved_optimizer_and_evaluates_inside_train(tmp_path, tiny_llama_dir, monkeypatch):
     trainers = []
-    build = mathtune.train.build_trainer
-    monkeypatch.setattr(mathtune.train, "build_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
+    build = mathtune.train.recipe.build_trainer
+    monkeypatch.setattr(mathtune.train.recipe, "build_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2, eval_steps=1)
     cfg.eval.at_end = False
     summary = train(cfg).summary

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mathtune.accuracy import comparison_table, paired_change, summarize
 from mathtune.config import dump_config, load_config
 from mathtune.errors import MathtuneError
-from mathtune.evaluate import EvalExample, write_eval
-from mathtune.report import write_report
+from mathtune.eval.accuracy import comparison_table, paired_change, summarize
+from mathtune.eval.evaluate import EvalExample, write_eval
+from mathtune.eval.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -295,7 +295,7 @@ def test_page_renders_in_a_browser(run_dir, tmp_path):
 @pytest.mark.parametrize("eval_steps, joined", [((0, 54), False), ((0, 20, 40, 54), True)])
 def test_eval_loss_is_a_line_only_when_it_was_measured_along_the_way(eval_steps, joined):
     from mathtune.display import pyplot
-    from mathtune.report import loss_figure
+    from mathtune.eval.report import loss_figure
 
     metrics = [{"step": s, "loss": 2.0 - s / 100} for s in range(10, 55, 10)]
     metrics += [{"step": s, "eval_loss": 1.9 - s / 100} for s in eval_steps]

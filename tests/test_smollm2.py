@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mathtune.config import ModelConfig, load_config
-from mathtune.model import load_model
-from mathtune.train import train
+from mathtune.model.load import load_model
+from mathtune.train.recipe import train
 from tests.conftest import math_records, write_jsonl
 
 

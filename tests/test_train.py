@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mathtune.cli import main
 from mathtune.config import load_config
 from mathtune.errors import MathtuneError
-from mathtune.train import last_checkpoint, train
+from mathtune.train.recipe import last_checkpoint, train
 from tests.conftest import math_records, write_jsonl
 
 
@@ -160,7 +160,7 @@ def test_auto_precision_on_a_cpu_with_bf16_units_trains_bf16_products_with_float
     under bf16 autocast, as on CUDA; the LoRA weights (and so the optimizer state and the saved
     adapter) stay float32. This CPU may have no bf16 units: the test says it has, and the products
     are emulated (slow, but a tiny model)."""
-    import mathtune.train as train_module
+    import mathtune.train.recipe as train_module
 
     monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
     seen = {}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import mathtune.verify as verify_module
-from mathtune.verify import Verdict, reference_answer, stated_answer, validate_math_response
+import mathtune.eval.verify as verify_module
+from mathtune.eval.verify import Verdict, reference_answer, stated_answer, validate_math_response
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_TEST = ROOT / "mathtune" / "bench" / "gsm8k" / "test.jsonl"  # the sample shipped in the package

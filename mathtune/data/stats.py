@@ -41,7 +41,7 @@ from mathtune.data.dataset import Skipped, iter_conversations
 from mathtune.data.formats import Conversation, Document
 from mathtune.data.topics import detect_language, detect_topic, normalize, record_topic
 from mathtune.errors import DataError
-from mathtune.verify import reference_answer
+from mathtune.eval.verify import reference_answer
 
 if TYPE_CHECKING:
     from mathtune.config import DataConfig
@@ -347,7 +347,7 @@ def run_stats(paths: list[Path], model: str | None = None, config: Path | None =
     tokenizer = None
     if model or (config is not None and cfg.model.path):
         from mathtune.data.dataset import ensure_chat_template
-        from mathtune.model import load_tokenizer
+        from mathtune.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
         # A base model without a template: the configured one, else the plain Question/Answer one.

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mathtune.errors import MathtuneError, ModelError
-from mathtune.lmstudio import ENV_DIR, export_folder
 from mathtune.locks import lock_output, released_at_exit
+from mathtune.model.lmstudio import ENV_DIR, export_folder
 
 TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
 
@@ -40,7 +40,7 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
                overwrite: bool = False) -> ExportResult:
     from mathtune.config import load_run_config
     from mathtune.export.gguf import QUANTS
-    from mathtune.model import resolve_source
+    from mathtune.model.load import resolve_source
 
     if to not in TARGETS:
         raise MathtuneError(f"--to {to}: expected one of {', '.join(TARGETS)}")
@@ -117,7 +117,7 @@ def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_
 
 def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
     from mathtune.export.gguf import lora_gguf, tensor_names_for
-    from mathtune.model import gguf_field, gguf_heads
+    from mathtune.model.load import gguf_field, gguf_heads
 
     if source.kind == "gguf":
         import gguf

@@ -141,7 +141,7 @@ FACTS_SECONDS = 30.0
 
 
 def machine_facts() -> dict[str, Any]:
-    from mathtune.doctor import gather
+    from mathtune.doctor.doctor import gather
     from mathtune.hardware import PROBES
 
     if not _FACTS or time.monotonic() - _FACTS["at"] > FACTS_SECONDS:
@@ -151,8 +151,8 @@ def machine_facts() -> dict[str, Any]:
 
 def memory_estimate(cfg: Config) -> dict[str, Any]:
     """doctor's estimate for the run: {'fits', 'total_gib', 'capacity_gib', 'where', 'fix'}."""
-    from mathtune.doctor import GIB, diagnose, model_estimate
-    from mathtune.model import embedded_model_path
+    from mathtune.doctor.doctor import GIB, diagnose, model_estimate
+    from mathtune.model.load import embedded_model_path
 
     facts = machine_facts()
     _, device, usable = diagnose(facts, cfg.model.device, need_4bit=cfg.model.load_in_4bit)

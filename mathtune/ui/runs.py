@@ -194,7 +194,7 @@ class Trainer:
             return "interrupted"
         if (code not in (None, 0)) or "mathtune: error" in log:
             return "failed"
-        from mathtune.checkpoints import last_checkpoint  # imports transformers: only for runs started elsewhere
+        from mathtune.train.checkpoints import last_checkpoint  # imports transformers: only for runs started elsewhere
 
         return "interrupted" if last_checkpoint(runs / name / "checkpoints") else "incomplete"
 

@@ -222,7 +222,7 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
     @app.get("/runs/{name}/export", response_class=HTMLResponse)
     def export_page(request: Request, name: str):
         current = view(name)
-        from mathtune.lmstudio import model_dirs
+        from mathtune.model.lmstudio import model_dirs
 
         choices = [c for c in EXPORTS if model_dirs() or EXPORTS[c][0] != "lmstudio"]
         return page(request, "export.html", run=current, choices=choices, files=exported_files(current.path),
@@ -291,7 +291,7 @@ def _stats(paths: list[Path], model: str) -> dict:
     from mathtune.config import ModelConfig
     from mathtune.data.dataset import ensure_chat_template
     from mathtune.data.stats import dataset_stats
-    from mathtune.model import load_tokenizer
+    from mathtune.model.load import load_tokenizer
 
     if model not in _TOKENIZERS:
         try:
@@ -335,7 +335,7 @@ def _default_name(runs: Path) -> str:
 
 def _lmstudio_models() -> list:
     """The GGUF files in LM Studio's models folders, as `mathtune models` lists them."""
-    from mathtune.lmstudio import list_models
+    from mathtune.model.lmstudio import list_models
 
     return list_models()
 

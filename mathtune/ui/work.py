@@ -89,8 +89,8 @@ class Jobs:
 
 def evaluate_and_report(run_dir: Path) -> list[str]:
     """`mathtune eval RUN --base` then `mathtune report RUN`."""
-    from mathtune.evaluate import comparison_table, evaluate_run
-    from mathtune.report import write_report
+    from mathtune.eval.evaluate import comparison_table, evaluate_run
+    from mathtune.eval.report import write_report
 
     summary = evaluate_run(run_dir, base=True)
     return [*comparison_table(summary).splitlines(), f"Written {write_report(run_dir)}"]
@@ -138,7 +138,7 @@ class ChatModels:
     def _load(self, run_dir: Path):
         if self.loaded is None or self.loaded[0] != run_dir:
             from mathtune.config import load_run_config
-            from mathtune.model import load_trained
+            from mathtune.model.load import load_trained
 
             self.loaded = None  # free the previous run's model first
             cfg = load_run_config(run_dir)

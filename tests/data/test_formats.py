@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mathtune.bench import BENCHES
 from mathtune.config import DataConfig
 from mathtune.data.dataset import DataReport, iter_conversations, load_conversations
 from mathtune.data.formats import PAIR_KEYS, Conversation, RecordError, detect_format, parse_record
 from mathtune.data.readers import read_json_records, read_records
 from mathtune.errors import DataError
+from mathtune.eval.evaluate import BENCHES
 from tests.conftest import write_jsonl
 
 GSM8K_SAMPLE = BENCHES["gsm8k"].file  # 300 real GSM8K test lines shipped in the package

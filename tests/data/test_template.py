@@ -46,7 +46,7 @@ def test_renders_exactly_like_transformers(tokenizer, template, add_generation_p
 
 def test_the_real_smollm2_template_renders_like_transformers(smollm_gguf, model_cache):
     from mathtune.config import ModelConfig
-    from mathtune.model import load_model
+    from mathtune.model.load import load_model
 
     _, tok, _ = load_model(ModelConfig(path=str(smollm_gguf), cache_dir=model_cache))
     assert render_chat(tok, MESSAGES[1:], True) == tok.apply_chat_template(MESSAGES[1:], tokenize=False,

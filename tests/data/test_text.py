@@ -108,8 +108,8 @@ def test_build_datasets_packs_train_and_eval_documents(tmp_path, chatml_tokenize
 
 
 def test_a_short_training_run_on_text_reports_loss_and_perplexity(tmp_path, tiny_llama_dir, caplog):
-    from mathtune.evaluate import evaluate_run
-    from mathtune.train import train
+    from mathtune.eval.evaluate import evaluate_run
+    from mathtune.train.recipe import train
 
     path = tmp_path / "apuntes.md"
     path.write_text("\n\n".join(f"Una fracción {i}/{i + 1} representa partes de un todo. The derivative of x^{i} "

@@ -90,7 +90,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     string that is not an absolute, ./ or ~ path: a unique piece of the name of a GGUF file in LM
     Studio's folders (`mathtune models` lists them; `mathstral`, `mathstral q8`), logged with the
     file it chose. See mathtune/lmstudio.py."""
-    from mathtune import lmstudio
+    from mathtune.model import lmstudio
 
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
     reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
@@ -171,7 +171,7 @@ def load_trained(run_dir: Path, cfg) -> tuple[Any, PreTrainedTokenizerBase]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from mathtune.rundir import ADAPTER
+    from mathtune.run import ADAPTER
 
     base, _, _ = load_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
@@ -192,7 +192,7 @@ def convert_gguf(gguf_path: Path, cache: Path, plan=None) -> tuple[str, bool]:
     entry, released by the kernel if the process dies); a damaged entry is converted again."""
     from filelock import FileLock, Timeout
 
-    from mathtune.convert import convert, damage, plan_conversion
+    from mathtune.model.convert import convert, damage, plan_conversion
 
     folder = _cache_folder(gguf_path, cache)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ class ConversionPlan:
     disk_bytes: int
     ram_bytes: int
     header: object = field(default=None, repr=False)
-    """mathtune.model.GgufHeader: the tensor table and where the data starts"""
+    """mathtune.model.load.GgufHeader: the tensor table and where the data starts"""
 
     def describe(self) -> str:
         how = "tensor by tensor" if self.streaming else "with transformers' loader (whole model in memory)"
@@ -73,7 +73,7 @@ class ConversionPlan:
 
 def plan_conversion(gguf_path: Path) -> ConversionPlan:
     """The conversion's dtype, disk and RAM, from the header alone (no tensor data is read)."""
-    from mathtune.model import check_gguf_architecture, gguf_header
+    from mathtune.model.load import check_gguf_architecture, gguf_header
 
     arch, params = check_gguf_architecture(gguf_path)
     header = gguf_header(gguf_path)
@@ -329,7 +329,7 @@ def damage(folder: Path) -> str | None:
 def convert_command(gguf_path: Path, output: Path | None = None, overwrite: bool = False) -> Path:
     """`mathtune convert`: print what it will take, convert (into the cache unless --output), say where."""
     from mathtune.config import ModelConfig
-    from mathtune.model import cache_root, convert_gguf, resolve_source
+    from mathtune.model.load import cache_root, convert_gguf, resolve_source
 
     source = resolve_source(ModelConfig(path=str(gguf_path)))
     if source.kind != "gguf":
@@ -346,7 +346,7 @@ def convert_command(gguf_path: Path, output: Path | None = None, overwrite: bool
         staged = output.with_name(output.name + ".new")
         shutil.rmtree(staged, ignore_errors=True)
         convert(plan, staged)
-        from mathtune.checkpoints import publish
+        from mathtune.train.checkpoints import publish
 
         publish(staged, output)  # the older folder stays whole until the new one is
     else:

@@ -19,8 +19,8 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from mathtune.confidence import SIGNIFICANCE, compare, interval
 from mathtune.display import percent
+from mathtune.eval.confidence import SIGNIFICANCE, compare, interval
 
 MIN_COMPARE = 10
 """Examples a topic needs before its base vs fine-tuned change is shown."""

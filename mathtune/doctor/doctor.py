@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from mathtune.config import TrainConfig
+from mathtune.doctor.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
 from mathtune.hardware import PROBES, Probes, auto_dtype, cuda_tag, min_driver_for, torch_index_url
-from mathtune.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
 
 GIB = 1 << 30  # sizes are shown in GiB: a "12 GB" card has 12 GiB
 
@@ -246,7 +246,7 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
     if model:
         model_path = Path(model).expanduser()
         if not model_path.exists():  # a piece of an LM Studio model's name (--model mathstral), or a mistake
-            from mathtune.model import resolve_source
+            from mathtune.model.load import resolve_source
 
             model_path = Path(resolve_source(cfg.model).path)
         report["model"], report["estimate"] = model_estimate(cfg, str(model_path), facts, resolved)
@@ -265,8 +265,8 @@ def conversion_needs(path: Path, cache_dir: Path | None, facts: dict[str, Any]) 
     (nothing to convert when the cache already holds it). None for a Transformers folder."""
     import shutil
 
-    from mathtune.convert import damage, plan_conversion
-    from mathtune.model import GGUF_MAGIC, _cache_folder, cache_root
+    from mathtune.model.convert import damage, plan_conversion
+    from mathtune.model.load import GGUF_MAGIC, _cache_folder, cache_root
 
     if not path.is_file():
         return None
@@ -311,7 +311,7 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
         return
     probes = probes or PROBES
     if source.kind == "gguf":
-        from mathtune.model import check_gguf_architecture
+        from mathtune.model.load import check_gguf_architecture
 
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
     # The torch facts a run needs: a GPU's free memory, or whether the CPU's bf16 units halve the

@@ -147,7 +147,7 @@ def _safetensors_params(folder: Path) -> int | None:
 def _gguf_shape(path: Path) -> ModelShape:
     import struct
 
-    from mathtune.model import gguf_header
+    from mathtune.model.load import gguf_header
 
     try:
         header = gguf_header(path)

@@ -120,7 +120,7 @@ def gguf_files(dirs: list[Path] | None = None) -> list[tuple[str, Path]]:
 def list_models(dirs: list[Path] | None = None) -> list[LocalModel]:
     """Every model in LM Studio's folders (or `dirs`), described from its header; never raises for a
     bad file: an unreadable one is listed as not trainable, with the reason."""
-    from mathtune.model import cache_root
+    from mathtune.model.load import cache_root
 
     cache = cache_root(None)
     return [_describe(path, name, cache) for name, path in gguf_files(dirs)]
@@ -141,7 +141,7 @@ def _describe(path: Path, name: str, cache: Path) -> LocalModel:
 
 
 def _why_not_trainable(header: GGUFHeader, arch: str | None, parts: list[Path]) -> str | None:
-    from mathtune.model import gguf_architecture_supported
+    from mathtune.model.load import gguf_architecture_supported
 
     if header.missing_bytes:
         return (f"truncated: {header.missing_bytes:,} bytes of tensor data missing (an unfinished download?); "
@@ -168,7 +168,7 @@ def _split_parts(path: Path) -> list[Path]:
 
 
 def _cached_copy(path: Path, cache: Path) -> Path | None:
-    from mathtune.model import _cache_folder
+    from mathtune.model.load import _cache_folder
 
     if not cache.is_dir():  # nothing converted yet: no need to fingerprint every file
         return None
@@ -241,7 +241,7 @@ class CachedModel:
 
 def cached_models(cache: Path | None = None) -> list[CachedModel]:
     """Every converted copy in mathtune's cache (MATHTUNE_CACHE or ~/.cache/mathtune unless `cache`)."""
-    from mathtune.model import _cache_folder, cache_root
+    from mathtune.model.load import _cache_folder, cache_root
 
     root = cache_root(cache)
     found = []
@@ -279,7 +279,7 @@ class GGUFHeader:
 
     @property
     def parameters(self) -> int:
-        # The same count as mathtune.memory and model.check_gguf_architecture: every tensor's elements.
+        # The same count as mathtune.doctor.memory and model.check_gguf_architecture: every tensor's elements.
         return sum(math.prod(shape) for _, shape, _ in self.tensors)
 
     @property
@@ -303,7 +303,7 @@ class GGUFHeader:
 def read_header(path: Path) -> GGUFHeader:
     """Metadata and tensor table of a GGUF file (model.gguf_header: arrays are not decoded); ValueError
     when it is not one or its header is cut short."""
-    from mathtune.model import gguf_header
+    from mathtune.model.load import gguf_header
 
     size = path.stat().st_size
     if size < 24:
@@ -376,7 +376,7 @@ def _models_table(dirs: list[Path], models: list[LocalModel]) -> list[str]:
 
 def _cache_table(entries: list[CachedModel]) -> list[str]:
     from mathtune.data.stats import table
-    from mathtune.model import cache_root
+    from mathtune.model.load import cache_root
 
     if not entries:
         return [f"No converted models in {cache_root(None)}."]

@@ -17,11 +17,11 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mathtune.accuracy import MIN_COMPARE, accuracy_text, p_text, protocol_text, significant_drop, topic_row
 from mathtune.display import png, pyplot
 from mathtune.errors import MathtuneError
+from mathtune.eval.accuracy import MIN_COMPARE, accuracy_text, p_text, protocol_text, significant_drop, topic_row
 from mathtune.files import write_bytes, write_text
-from mathtune.rundir import CONFIG, require_run_dir
+from mathtune.run import CONFIG, require_run_dir
 
 SAMPLES = 4
 """Fine-tuned answers shown of each kind (correct, wrong): the first ones in predictions.jsonl."""

@@ -27,20 +27,20 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from mathtune.checkpoints import (
+from mathtune.config import Config, check_resume, dump_config, resolve_optimizer, summarize
+from mathtune.data.dataset import IGNORE_INDEX
+from mathtune.errors import ConfigError, MathtuneError
+from mathtune.files import write_json, write_text
+from mathtune.locks import released_at_exit
+from mathtune.run import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, choose_run_dir, create_run_dir
+from mathtune.train.checkpoints import (
     GracefulInterrupt,
     SafeTrainingMixin,
     is_disk_full,
     publish,
     resume_hint,
 )
-from mathtune.checkpoints import last_checkpoint as newest_complete_checkpoint
-from mathtune.config import Config, check_resume, dump_config, resolve_optimizer, summarize
-from mathtune.data.dataset import IGNORE_INDEX
-from mathtune.errors import ConfigError, MathtuneError
-from mathtune.files import write_json, write_text
-from mathtune.locks import released_at_exit
-from mathtune.rundir import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, choose_run_dir, create_run_dir
+from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkpoint
 
 log = logging.getLogger("mathtune")
 
@@ -65,7 +65,7 @@ class Job:
     """accelerate's PartialState: this process's rank among the run's processes."""
     device: str
     source: Any
-    """mathtune.model.ModelSource"""
+    """mathtune.model.load.ModelSource"""
     model: Any
     tokenizer: Any
     trainer: Trainer
@@ -102,10 +102,10 @@ def setup(cfg: Config, resume: bool) -> Job:
     """Check everything, load the model, tokenize the data, apply LoRA, build the Trainer."""
     from mathtune import distributed
     from mathtune.data.dataset import DataReport, split_conversations, tokenize_splits
-    from mathtune.doctor import preflight, unused_gpu_warning
+    from mathtune.doctor.doctor import preflight, unused_gpu_warning
     from mathtune.hardware import resolve_device
-    from mathtune.lora import apply_lora
-    from mathtune.model import resolve_source
+    from mathtune.model.load import resolve_source
+    from mathtune.train.lora import apply_lora
 
     # Every record, the model path and the run folder are checked before anything is written or
     # loaded: a typo costs neither a run folder nor a model conversion.
@@ -165,7 +165,7 @@ def _load_base(cfg: Config, source, device: str, state, chat: bool):
     """The base model and tokenizer, ready to train: a chat template unless the data is plain text
     (`chat`), no KV cache (training needs none, and packed rows are kept apart only without one)."""
     from mathtune.data.dataset import ensure_chat_template
-    from mathtune.model import load_model
+    from mathtune.model.load import load_model
 
     started = time.perf_counter()
     with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
@@ -225,7 +225,7 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
             evaluate_held_out(cfg, job.model, job.tokenizer, run_dir, job.eval_conv)
-        from mathtune.report import write_report
+        from mathtune.eval.report import write_report
 
         log.info("Report: %s", write_report(run_dir))
     return TrainResult(run_dir, summary, job.model, job.tokenizer)
@@ -234,8 +234,8 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
 def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
     """train_summary.json: what was trained, on what, how fast, and the losses before and after."""
     from mathtune import distributed
-    from mathtune.evaluate import perplexity
-    from mathtune.lora import count_parameters, lora_modules
+    from mathtune.eval.evaluate import perplexity
+    from mathtune.train.lora import count_parameters, lora_modules
 
     state, data, source = job.trainer.state, job.data, job.source
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
@@ -277,7 +277,7 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
 
 
 def _log_lora(model) -> None:
-    from mathtune.lora import count_parameters, lora_modules
+    from mathtune.train.lora import count_parameters, lora_modules
 
     trainable, total = count_parameters(model)
     log.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", ", ".join(lora_modules(model)), f"{trainable:,}",
@@ -287,7 +287,7 @@ def _log_lora(model) -> None:
 def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
     """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split,
     then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
-    from mathtune.evaluate import comparison_table, eval_examples, evaluate_model, run_benches, warn_about_drops
+    from mathtune.eval.evaluate import comparison_table, eval_examples, evaluate_model, run_benches, warn_about_drops
 
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
     log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
@@ -308,7 +308,7 @@ def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run (see mathtune.checkpoints)."""
+    """The newest complete checkpoint of a run (see mathtune.train.checkpoints)."""
     return newest_complete_checkpoint(run_dir / CHECKPOINTS)
 
 
@@ -350,8 +350,8 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
     from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import ProgressCallback
 
-    from mathtune.model import supports_padding_free
-    from mathtune.packing import label_only_loss, packed_collator, use_packed_attention
+    from mathtune.model.load import supports_padding_free
+    from mathtune.train.packing import label_only_loss, packed_collator, use_packed_attention
 
     packed = cfg.train.padding_free and supports_padding_free(model)
     if packed:

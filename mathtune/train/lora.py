@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mathtune.model import find_linear_layers
+from mathtune.model.load import find_linear_layers
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -1,0 +1,1 @@
+"""mathtune.doctor.doctor"""
