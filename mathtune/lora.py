@@ -66,7 +66,10 @@ def redraw_in_float32(model: PeftModel, rng: torch.Tensor, adapter: str = "defau
     float32 base get the same matrices as PEFT gives the float32 one."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(adapter in m.lora_embedding_A for m in layers):
+        return  # embedding adapters draw otherwise: PEFT's own values stand
+    layers = [m for m in layers if adapter in m.lora_A]
     if all(m.get_base_layer().weight.dtype == torch.float32 for m in layers):
         return  # nothing was rounded: PEFT's own draws stand
     state = torch.random.get_rng_state()
