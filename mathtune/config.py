@@ -273,10 +273,20 @@ def load_config(
 
 def load_run_config(run_dir: Path) -> Config:
     """The configuration a finished run was trained with (RUN_DIR/config.yaml beside RUN_DIR/adapter/).
-    The environment is not read: the run's settings are what they were."""
-    from mathtune.run import CONFIG, require_run_dir
+    The environment is not read: the run's settings are what they were. `model.dtype: auto` becomes
+    the dtype the run trained in (train_summary.json), so that eval, chat and the exports reload the
+    model the run measured, on this machine or another (hardware.reload_dtype says when it cannot)."""
+    from mathtune.hardware import reload_dtype
+    from mathtune.run import CONFIG, require_run_dir, trained_dtype
 
-    return load_config(require_run_dir(run_dir, finished=True) / CONFIG, environ={})
+    cfg = load_config(require_run_dir(run_dir, finished=True) / CONFIG, environ={})
+    trained = trained_dtype(run_dir) if cfg.model.dtype == "auto" else None
+    if trained is None:
+        return cfg
+    dtype, why = reload_dtype(trained, cfg.model.device)
+    if why:
+        logging.getLogger("mathtune").warning("%s: %s", run_dir, why)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
 
 
 # Settings that may differ between a run and its --resume, and why; every other difference is refused,

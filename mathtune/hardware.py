@@ -85,6 +85,21 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
     return getattr(torch, auto_dtype(device, cpu_bf16_units() if device == "cpu" else None, cuda_bf16))
 
 
+def reload_dtype(trained: str, device: str) -> tuple[str, str | None]:
+    """The dtype to reload a run's base in on this machine, from the dtype it trained in, and why it
+    differs where it does. The trained dtype, unless this device would emulate it: a CPU without bf16
+    units (or any CPU, for float16) reloads in float32, which holds the bf16 weights exactly but
+    rounds the products less, so answers may differ a little from the run's own evaluation."""
+    device = resolve_device(device)
+    if device == "cuda" or trained == "float32":
+        return trained, None
+    if device == "cpu" and trained == "bfloat16" and cpu_bf16_units():
+        return trained, None
+    where = "this CPU has no bf16 units" if device == "cpu" and trained == "bfloat16" else f"{trained} on {device} is emulated"
+    return "float32", (f"trained in {trained}; {where}, so the base is loaded in float32 (the same weights; answers may "
+                       "differ slightly from the run's own evaluation). --set model.dtype=... chooses another")
+
+
 def auto_dtype(device: str, cpu_bf16: str | None, cuda_bf16: bool = True) -> str:
     """`model.dtype: auto` on `device`, from what is known of it (this machine's probes, or the
     doctor's facts of the machine it plans for): bfloat16 on a GPU that has it (else float16) and

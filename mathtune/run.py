@@ -24,6 +24,24 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 
 
+def trained_dtype(run_dir: Path) -> str | None:
+    """The dtype the run's matrix products ran in ("bfloat16", "float32"...), from its train_summary.json
+    (runs older than its "dtype" field: read from "precision"); None where the file says nothing."""
+    import json
+    import re
+
+    try:
+        summary = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    if isinstance(summary.get("dtype"), str):
+        return summary["dtype"]
+    found = re.search(r"\b(bfloat16|float16|float32)\b", str(summary.get("precision", "")))
+    return found.group(1) if found else None
+
+
 def require_run_dir(path: Path, *, finished: bool = False, why: str = "") -> Path:
     """`path` if it is a run folder (and, with `finished`, one whose training saved an adapter);
     else a MathtuneError saying what is missing. `why` ends the message ("nothing to resume")."""

@@ -29,6 +29,23 @@ CORPUS = [
 TINY_ARCHS = ("llama", "mistral", "qwen2", "falcon", "opt", "gpt2")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cpu-bf16", choices=("machine", "none"), default="machine",
+        help="'none': the tests see a CPU without bf16 units (torch's AMX and AVX512-BF16 checks answer False), "
+             "so a machine with them also checks the float32 path of model.dtype auto. Tests that start "
+             "processes of their own (the CLI, torchrun) still see the machine's units.")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_bf16_units(request, monkeypatch):
+    if request.config.getoption("--cpu-bf16") == "none":
+        import torch
+
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_and_quiet():
     os.environ["HF_HUB_OFFLINE"] = "1"

@@ -24,6 +24,8 @@ from tests.test_train import adapter_weights
 # 20 records, 4 held out: 16 training examples, 4 global batches of 4 per epoch, so no batch is
 # short (a short last batch is filled up differently by one and by two processes).
 SETTINGS = {
+    # float32 on every CPU: the ranks' sums are compared to 1e-5, finer than bf16 rounding (~4e-3).
+    "model.dtype": "float32",
     "data.eval_fraction": 0.2,
     "lora.r": 4,
     "lora.alpha": 8,

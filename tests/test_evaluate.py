@@ -6,6 +6,7 @@ import json
 import logging
 import re
 
+import pytest
 import torch
 
 from mathtune.cli import main
@@ -65,7 +66,8 @@ def _always_says(model, token_id: int):
 
 
 def test_an_answer_that_hits_the_token_limit_is_truncated_not_wrong(tiny_llama_dir, chatml_tokenizer):
-    model, tokenizer, _ = load_model(ModelConfig(path=str(tiny_llama_dir)))
+    # float32 on every CPU: the test's own head (_always_says) is a float32 layer.
+    model, tokenizer, _ = load_model(ModelConfig(path=str(tiny_llama_dir), dtype="float32"))
     prompt = [[{"role": "user", "content": "What is 12 * 7?"}]]
     digit = chatml_tokenizer.convert_tokens_to_ids("7")
     talker = _always_says(model, digit).eval()
@@ -218,3 +220,58 @@ def test_reference_loss_is_lower_for_the_model_that_learned_the_reference(tiny_l
         optimizer.step()
         optimizer.zero_grad()
     assert reference_loss(model, tokenizer, example, 256) < before - 0.5
+
+
+def _eval_files(run) -> tuple[list[dict], dict]:
+    predictions = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    return predictions, {"models": summary["models"], "change": summary["change"]}
+
+
+@pytest.mark.parametrize(("units", "dtype"), [("AMX", "bfloat16"), (None, "float32")])
+def test_eval_of_a_run_reloads_it_in_its_precision_and_reproduces_the_end_of_training_table(
+        tmp_path, tiny_llama_dir, monkeypatch, units, dtype):
+    """`mathtune eval RUN --base` on the machine a run trained on gives the table training ended with,
+    answer for answer, for a bf16 run (a CPU with bf16 units) and a float32 run (one without)."""
+    from mathtune.config import load_run_config
+    from mathtune.train.recipe import train
+
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: units)
+    train(tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2, save_steps=2))
+    run = tmp_path / "run"
+    assert json.loads((run / "train_summary.json").read_text())["dtype"] == dtype
+    assert load_run_config(run).model.dtype == dtype
+    at_end = _eval_files(run)
+    assert main(["eval", str(run), "--base", "--limit", str(len(at_end[0]))]) == 0
+    assert _eval_files(run) == at_end
+
+
+def test_a_run_moved_to_another_cpu_is_reloaded_in_its_own_precision_or_says_why_not(
+        tmp_path, tiny_llama_dir, monkeypatch, caplog):
+    from mathtune.config import load_run_config
+    from mathtune.train.recipe import train
+
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=1, save_steps=1)
+    train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"at_end": False})}))
+    run = tmp_path / "run"
+    # A float32 run stays float32 on a CPU with bf16 units, where auto alone would pick bf16.
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AVX512-BF16")
+    assert load_run_config(run).model.dtype == "float32"
+
+    # A bf16 run on a CPU without bf16 units: float32, and the log says so.
+    summary = json.loads((run / "train_summary.json").read_text())
+    del summary["dtype"]  # as a run from before the field: read from "precision"
+    summary["precision"] = "bf16 autocast, bfloat16 weights"
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
+    assert load_run_config(run).model.dtype == "bfloat16"
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
+    caplog.set_level(logging.WARNING, logger="mathtune")
+    assert load_run_config(run).model.dtype == "float32"
+    assert "trained in bfloat16; this CPU has no bf16 units, so the base is loaded in float32" in caplog.text
+    # A setting of the run's own is kept as it was.
+    config = (run / "config.yaml").read_text().replace("dtype: auto", "dtype: float32")
+    (run / "config.yaml").write_text(config)
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
+    assert load_run_config(run).model.dtype == "float32"

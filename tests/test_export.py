@@ -37,6 +37,9 @@ def train_run(tmp_path: Path, model_path: Path, cache: Path | None = None, steps
         "model.path": str(model_path), "data.files": [str(data)], "lora.r": 4, "lora.alpha": 8,
         "train.max_steps": steps, "train.batch_size": 4, "train.learning_rate": 2e-2, "train.save_steps": 100,
         "eval.at_end": False, "output.dir": str(tmp_path / "run"),
+        # float32 on every CPU: exports are compared with PyTorch to float32 tolerances, and the memory
+        # refusals name the run's dtype (the precision of a bf16 run is tested on its own).
+        "model.dtype": "float32",
     }
     if cache is not None:
         overrides["model.cache_dir"] = str(cache)

@@ -73,3 +73,31 @@ def test_rslora_and_dora_options_reach_peft():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
+def test_the_seed_draws_the_same_float32_lora_weights_on_a_half_precision_base(arch, base_dtype):
+    """The adapter PEFT gives a float32 base is the adapter apply_lora gives a bf16 or fp16 one, bit for
+    bit: the A matrices are not the seed's draws rounded to the base's precision."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    full, half = tiny_model(arch), tiny_model(arch).to(base_dtype)
+    torch.manual_seed(1)
+    reference = get_peft_model(full, PeftLoraConfig(r=4, lora_alpha=8, target_modules=EXPECTED_TARGETS[arch],
+                                                    lora_dropout=0.0, task_type="CAUSAL_LM"))
+    after_reference = torch.rand(3)
+    torch.manual_seed(1)
+    model = apply_lora(half, LoraConfig(r=4, alpha=8, dropout=0.0))
+    # The global RNG goes on as after PEFT's own draws: what the run draws next is unchanged.
+    assert torch.equal(torch.rand(3), after_reference)
+    expected = {n: p for n, p in reference.named_parameters() if "lora_" in n}
+    got = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert expected.keys() == got.keys()
+    for name, value in got.items():
+        assert value.dtype == torch.float32, name
+        assert torch.equal(value, expected[name]), name
+    # Not bf16-rounded draws: those would equal their own round trip through bf16.
+    a = next(v for n, v in got.items() if "lora_A" in n)
+    assert not torch.equal(a, a.to(torch.bfloat16).float())

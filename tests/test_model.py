@@ -13,10 +13,13 @@ from mathtune.hardware import resolve_device, resolve_dtype
 from mathtune.model.load import check_gguf_architecture, load_model, resolve_source
 
 
-def test_transformers_folder_loads_on_cpu_in_float32_with_a_pad_token(tiny_llama_dir):
+@pytest.mark.parametrize(("units", "dtype"), [(None, torch.float32), ("AMX", torch.bfloat16)])
+def test_transformers_folder_loads_on_cpu_in_the_auto_dtype_with_a_pad_token(tiny_llama_dir, monkeypatch, units, dtype):
+    """model.dtype auto: float32 on a CPU without bf16 units, bf16 weights on one with them (either CPU, on any machine)."""
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: units)
     model, tokenizer, source = load_model(ModelConfig(path=str(tiny_llama_dir)))
     assert source.kind == "folder" and source.load_from == str(tiny_llama_dir)
-    assert next(model.parameters()).dtype == torch.float32 and next(model.parameters()).device.type == "cpu"
+    assert next(model.parameters()).dtype == dtype and next(model.parameters()).device.type == "cpu"
     assert tokenizer.pad_token is not None and tokenizer.chat_template
 
 
@@ -79,10 +82,13 @@ def test_cpu_bf16_units_are_read_from_torchs_own_dispatch_checks(monkeypatch, am
     assert cpu_bf16_units() == units
 
 
-def test_this_cpus_bf16_units_agree_with_its_flags():
+def test_this_cpus_bf16_units_agree_with_its_flags(request):
     """On Linux, torch's checks never claim units the kernel's CPU flags lack, and never miss
     avx512_bf16 where the flags have it (AMX also needs the kernel's permission, which torch asks)."""
     from mathtune.hardware import cpu_bf16_units
+
+    if request.config.getoption("--cpu-bf16") != "machine":
+        pytest.skip("--cpu-bf16 replaces torch's checks of this CPU")
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():

@@ -184,6 +184,25 @@ def test_auto_precision_on_a_cpu_with_bf16_units_trains_bf16_products_with_float
     assert {w.dtype for w in adapter_weights(tmp_path / "run").values()} == {torch.float32}
 
 
+def test_a_bf16_run_returns_and_scores_the_model_that_eval_chat_and_export_reload(tmp_path, tiny_llama_dir,
+                                                                                   monkeypatch):
+    """Trainer runs a bf16 model under accelerate's autocast wrapper; the model a run returns (and
+    scores at its end) is the saved one, reloaded in bf16 with its float32 adapter: the same logits."""
+    from mathtune.config import load_run_config
+    from mathtune.model.load import load_trained
+
+    monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
+    cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2)
+    cfg.eval.at_end = False
+    result = train(cfg)
+    reloaded, tokenizer = load_trained(tmp_path / "run", load_run_config(tmp_path / "run"))
+    probe = tokenizer("What is 12 * 7?", return_tensors="pt")
+    with torch.no_grad():
+        expected = result.model.eval()(**probe).logits
+        assert expected.dtype == torch.bfloat16  # no float32 outputs of an autocast wrapper
+        assert torch.equal(reloaded.eval()(**probe).logits, expected)
+
+
 def test_a_cpu_without_bf16_units_trains_in_float32(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from mathtune.model.load import find_linear_layers
 
 if TYPE_CHECKING:
@@ -47,7 +49,38 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
         use_dora=cfg.use_dora,
         bias="none",
     )
-    return get_peft_model(model, peft_config)
+    rng = torch.random.get_rng_state()
+    peft_model = get_peft_model(model, peft_config)
+    redraw_in_float32(peft_model, rng)
+    return peft_model
+
+
+def redraw_in_float32(model: PeftModel, rng: torch.Tensor, adapter: str = "default") -> None:
+    """Give the LoRA matrices the float32 values the seed draws, whatever the base's dtype.
+
+    PEFT draws each LoRA matrix in float32, moves it to the base layer's dtype and casts it back to
+    float32 (`autocast_adapter_dtype`): under a bf16 base the same seed leaves bf16-rounded A
+    matrices, unlike the same run on a float32 base. This replays PEFT's draws from the RNG state it
+    started with, layer by layer in the order it created them (the two nn.Linear constructions, then
+    `reset_lora_parameters`), into the float32 weights. tests/test_lora.py checks that a bf16 and a
+    float32 base get the same matrices as PEFT gives the float32 one."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if any(adapter in m.lora_embedding_A for m in layers):
+        return  # embedding adapters draw otherwise: PEFT's own values stand
+    layers = [m for m in layers if adapter in m.lora_A]
+    if all(m.get_base_layer().weight.dtype == torch.float32 for m in layers):
+        return  # nothing was rounded: PEFT's own draws stand
+    state = torch.random.get_rng_state()
+    torch.random.set_rng_state(rng)
+    with torch.no_grad():
+        for layer in layers:
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            torch.nn.Linear(a.in_features, a.out_features, bias=False)  # the draws of PEFT's constructions
+            torch.nn.Linear(b.in_features, b.out_features, bias=b.bias is not None)
+            layer.reset_lora_parameters(adapter, True)  # init_lora_weights=True, as apply_lora asks
+    torch.random.set_rng_state(state)
 
 
 def lora_modules(model: PeftModel) -> list[str]:

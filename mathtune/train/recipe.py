@@ -210,9 +210,10 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
         # Each process holds a slice of the weights: all of them gather, rank 0 writes.
         save_adapter(job.model, job.tokenizer, run_dir / ADAPTER, trainer=job.trainer, write=main_process)
     distributed.finish(job.state)
+    model = job.model if sharded else without_autocast(job.model)
     if main_process:
         if not sharded:
-            save_adapter(job.model, job.tokenizer, run_dir / ADAPTER)
+            save_adapter(model, job.tokenizer, run_dir / ADAPTER)
         write_json(run_dir / SUMMARY, summary)
         log.info(summary_text(summary, run_dir))
         if cfg.eval.at_end and sharded:
@@ -224,11 +225,21 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
                      summary["eval_perplexity_after"])
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
-            evaluate_held_out(cfg, job.model, job.tokenizer, run_dir, job.eval_conv)
+            evaluate_held_out(cfg, model, job.tokenizer, run_dir, job.eval_conv)
         from mathtune.eval.report import write_report
 
         log.info("Report: %s", write_report(run_dir))
-    return TrainResult(run_dir, summary, job.model, job.tokenizer)
+    return TrainResult(run_dir, summary, model, job.tokenizer)
+
+
+def without_autocast(model):
+    """The trained model as `mathtune eval`, `chat` and the exports reload it: Trainer runs a bf16 or
+    fp16 model under accelerate's autocast wrapper (LoRA products in bf16, outputs cast to float32),
+    which is removed here, so the end-of-training scores are those of the weights as saved (bf16
+    base, float32 LoRA) and `mathtune eval RUN` reproduces them."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
@@ -260,6 +271,7 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
         "train_seconds": round(fitted.seconds, 2),
         "tokens_per_second": round(session_tokens / fitted.seconds, 2) if fitted.seconds else None,
         "precision": precision(job.model, job.trainer.args),
+        "dtype": str(_compute_dtype(job.model)).removeprefix("torch."),  # what eval, chat and export reload in
         "first_train_loss": round(losses[0], 6) if losses else None,
         "last_train_loss": round(losses[-1], 6) if losses else None,
         "train_loss_mean": round(fitted.train_loss_mean, 6),
