@@ -4,8 +4,9 @@
     mathtune data check big.jsonl --json > problems.json
     mathtune data check pares.csv notas.md --config run.yaml   # data.format, data.fields, data.preference ...
 
-The records go through the same reader and parsers as training (`dataset.iter_conversations`,
-`formats.parse_record`), so a file that passes here loads in `mathtune train`. Unlike training,
+The records go through the same validation pass as training (`dataset.validate_files`), so files
+that pass here load in `mathtune train`, and files training refuses together (plain text beside
+conversations) are refused here. Unlike training,
 checking does not stop at the first unreadable JSONL line: it reports it and goes on. JSONL is
 streamed, so memory stays flat on files of millions of records (a JSON array file is read whole);
 problems are printed as they are found, or collected for --json. A progress bar (stderr) shows on
@@ -17,12 +18,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mathtune.data.dataset import Skipped, iter_conversations
+from mathtune.data.dataset import Parsed, Skipped, validate_files
 from mathtune.data.formats import RecordError
 from mathtune.errors import DataError
 
@@ -87,24 +88,40 @@ def check_files(paths: list[Path], on_problem: Callable[[str, str], None], cfg: 
     on_problem(place, message) for each problem found. A record over `max_chars` characters is a
     problem, as training would find it."""
     report = CheckReport()
-    for path in paths:
-        result = FileCheck(str(path))
-        report.files.append(result)
-        with progress_bar(path, "Checking") as progress:
-            try:
-                notes = result.notes.append
-                for place, conv, fmt in iter_conversations(path, cfg, max_chars, keep_going=True, progress=progress,
-                                                           on_note=notes):
-                    result.format = fmt
-                    result.records += 1
-                    result.skipped += isinstance(conv, Skipped)
-                    if isinstance(conv, RecordError):
-                        result.invalid += 1
-                        on_problem(place, str(conv))
-            except DataError as exc:
-                # Whole-file problems: the message already names the file (and line where there is one).
-                result.error = str(exc)
-                on_problem(str(path), str(exc).removeprefix(f"{path}: "))
+    checks: dict[Path, FileCheck] = {}
+
+    def check(path: Path) -> FileCheck:
+        if path not in checks:
+            checks[path] = FileCheck(str(path))
+            report.files.append(checks[path])
+        return checks[path]
+
+    def on_record(path: Path, place: str, conv: Parsed, fmt: str) -> None:
+        result = check(path)
+        result.format = fmt
+        result.records += 1
+        result.skipped += isinstance(conv, Skipped)
+        if isinstance(conv, RecordError):
+            result.invalid += 1
+            on_problem(place, str(conv))
+
+    def on_file_error(path: Path, exc: DataError) -> None:
+        # Whole-file problems: the message already names the file (and line where there is one).
+        check(path).error = str(exc)
+        on_problem(str(path), str(exc).removeprefix(f"{path}: "))
+
+    def opened(path: Path) -> AbstractContextManager:
+        current[:] = [check(path)]  # listed in the order given, records or not; notes go to it
+        return progress_bar(path, "Checking")
+
+    current: list[FileCheck] = []
+
+    try:
+        validate_files(paths, cfg, on_record, max_chars, keep_going=True, on_note=lambda note: current[0].notes.append(note),
+                       on_file_error=on_file_error, progress=opened)
+    except DataError as exc:  # files that training refuses together (plain text beside conversations)
+        report.problems.append(str(exc))
+        on_problem(", ".join(map(str, paths)), str(exc))
     return report
 
 

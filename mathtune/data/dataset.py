@@ -21,6 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,61 +209,114 @@ def _generate_rows(files: list[str], cfg: dict, file_ids: list, max_chars: int |
                 yield conv.to_row()
 
 
-def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -> datasets.Dataset:
-    """Validate every record of `files`, then load the valid ones as a Dataset of conversations
-    (messages, topic) or, for plain text, of documents (text, topic)."""
-    import datasets
+FileHandler = Callable[[Path, str | None], None]
 
-    fields = cfg.fields.model_dump() if cfg.fields else None
-    max_chars = MAX_CHARS_PER_TOKEN * cfg.max_seq_length
-    mapped = {fields["prompt"]: "data.fields.prompt", fields["response"]: "data.fields.response"} if fields else {}
-    problems: list[str] = []
-    bad = skipped = 0
-    seen: dict[str, str] = {}  # conversation -> place of its first occurrence
+
+def validate_files(
+    paths: list[Path], cfg: DataConfig | None, on_record: Callable[[Path, str, Parsed, str], None],
+    max_chars: int | None = None, keep_going: bool = False, on_note: Callable[[str], None] | None = None,
+    on_file: FileHandler | None = None, on_file_error: Callable[[Path, DataError], None] | None = None,
+    progress: Callable[[Path], AbstractContextManager] | None = None,
+) -> None:
+    """The one validation pass of `mathtune data check`, `data stats` and training.
+
+    Reads every record of `paths` with `iter_conversations` and calls on_record(path, place, parsed,
+    format) for each, then on_file(path, format) after each file (format None when it held no
+    record). A whole-file problem goes to `on_file_error` when given (checking reports it and goes
+    on), else it is raised. `progress(path)` opens a context giving the reader's progress callback.
+    Raises DataError when plain-text and conversation files are mixed: they train differently."""
     text_files, conversation_files = [], []
-    for path in files:
+    for path in paths:
         fmt = None
-        in_file, missing_mapped = 0, []
-        for place, conv, fmt in iter_conversations(path, cfg, max_chars, on_note=report.notes.append):
-            report.records += 1
-            in_file += 1
-            if isinstance(conv, Skipped):
-                skipped += 1
-                continue
-            if isinstance(conv, RecordError):
-                bad += 1
-                if conv.field in mapped and str(conv).startswith(f"{conv.field}: missing"):
-                    missing_mapped.append(conv)
-                if len(problems) < cfg.max_errors:
-                    problems.append(f"{place}: {conv}")
-                continue
-            key = conv.text if isinstance(conv, Document) else json.dumps(conv.messages, ensure_ascii=False)
-            if key in seen:
-                report.duplicates.append(f"{place} repeats {seen[key]}")
-            else:
-                seen[key] = place
-        report.files[str(path)] = fmt or "empty"
+        try:
+            with (progress(path) if progress else nullcontext()) as bar:
+                for place, conv, fmt in iter_conversations(path, cfg, max_chars, keep_going, bar, on_note):
+                    on_record(path, place, conv, fmt)
+        except DataError as exc:
+            if on_file_error is None:
+                raise
+            on_file_error(path, exc)
+            continue
+        if on_file is not None:
+            on_file(path, fmt)
         (text_files if fmt == "text" else conversation_files).append(str(path))
-        if missing_mapped and len(missing_mapped) == in_file:
-            first = missing_mapped[0]
-            present = str(first).split("keys present: ", 1)[-1].rstrip(")")
-            raise DataError([f"{path}: no record has the field '{first.field}' that {mapped[first.field]} names "
-                             f"(the first record's keys: {present}); set {mapped[first.field]} to the name this file uses"])
     if text_files and conversation_files:
         raise DataError([f"plain text ({', '.join(text_files)}) and conversations ({', '.join(conversation_files)}) "
                          "in one run: text is trained on every token, conversations on the answers; train on one kind"])
-    report.text = bool(text_files)
-    _warn(report, skipped)
-    valid = report.records - bad - skipped
-    if bad and cfg.on_invalid == "error":
-        raise DataError(problems, bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
+
+
+@dataclass
+class _Tally:
+    """What training's loader counts while validate_files reads: bad records, duplicates, and the
+    records that lack a field data.fields names (all of a file's records: the mapping is wrong)."""
+
+    cfg: DataConfig
+    report: DataReport
+    mapped: dict[str, str]
+    problems: list[str] = field(default_factory=list)
+    bad: int = 0
+    skipped: int = 0
+    in_file: int = 0
+    missing_mapped: list[RecordError] = field(default_factory=list)
+    seen: dict[str, str] = field(default_factory=dict)  # conversation -> place of its first occurrence
+
+    def record(self, path: Path, place: str, conv: Parsed, fmt: str) -> None:
+        self.report.records += 1
+        self.in_file += 1
+        if isinstance(conv, Skipped):
+            self.skipped += 1
+            return
+        if isinstance(conv, RecordError):
+            self.bad += 1
+            if conv.field in self.mapped and str(conv).startswith(f"{conv.field}: missing"):
+                self.missing_mapped.append(conv)
+            if len(self.problems) < self.cfg.max_errors:
+                self.problems.append(f"{place}: {conv}")
+            return
+        key = conv.text if isinstance(conv, Document) else json.dumps(conv.messages, ensure_ascii=False)
+        if key in self.seen:
+            self.report.duplicates.append(f"{place} repeats {self.seen[key]}")
+        else:
+            self.seen[key] = place
+
+    def file_done(self, path: Path, fmt: str | None) -> None:
+        self.report.files[str(path)] = fmt or "empty"
+        self.report.text = self.report.text or fmt == "text"
+        missing, self.missing_mapped, in_file, self.in_file = self.missing_mapped, [], self.in_file, 0
+        if missing and len(missing) == in_file:
+            first = missing[0]
+            present = str(first).split("keys present: ", 1)[-1].rstrip(")")
+            raise DataError([f"{path}: no record has the field '{first.field}' that {self.mapped[first.field]} names "
+                             f"(the first record's keys: {present}); set {self.mapped[first.field]} to the name this file uses"])
+
+
+def load_conversations(files: list[Path], cfg: DataConfig, report: DataReport) -> datasets.Dataset:
+    """Validate every record of `files`, then load the valid ones as a Dataset of conversations
+    (messages, topic) or, for plain text, of documents (text, topic)."""
+    fields = cfg.fields.model_dump() if cfg.fields else None
+    max_chars = MAX_CHARS_PER_TOKEN * cfg.max_seq_length
+    mapped = {fields["prompt"]: "data.fields.prompt", fields["response"]: "data.fields.response"} if fields else {}
+    tally = _Tally(cfg, report, mapped)
+    report.text = False
+    validate_files(files, cfg, tally.record, max_chars, on_note=report.notes.append, on_file=tally.file_done)
+    _warn(report, tally.skipped)
+    valid = report.records - tally.bad - tally.skipped
+    if tally.bad and cfg.on_invalid == "error":
+        raise DataError(tally.problems, tally.bad, hint="Fix these records, or set data.on_invalid: skip to leave them out.")
     if not valid:
-        raise DataError(problems, bad) if bad else DataError([f"{', '.join(map(str, files))}: no records to train on"])
-    report.skipped_invalid += bad
-    report.skipped_undesirable += skipped
+        if tally.bad:
+            raise DataError(tally.problems, tally.bad)
+        raise DataError([f"{', '.join(map(str, files))}: no records to train on"])
+    report.skipped_invalid += tally.bad
+    report.skipped_undesirable += tally.skipped
+    return _dataset(files, cfg, report.text, max_chars)
+
+
+def _dataset(files: list[Path], cfg: DataConfig, text: bool, max_chars: int) -> datasets.Dataset:
+    import datasets
 
     string = datasets.Value("string")
-    body = {"text": string} if report.text else {"messages": [{"role": string, "content": string}]}
+    body = {"text": string} if text else {"messages": [{"role": string, "content": string}]}
     file_ids = [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     return datasets.Dataset.from_generator(
         _generate_rows,

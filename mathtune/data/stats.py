@@ -4,7 +4,7 @@
     mathtune data stats my_math.jsonl --model ~/models/x.gguf --plot plots/   # token lengths, PNGs
     mathtune data stats my_math.jsonl --json
 
-Streams the records once (`dataset.iter_conversations`, invalid records counted and skipped) and
+Streams the records once (`dataset.validate_files`, invalid records counted and skipped) and
 keeps fixed-size histograms (exact counts per length value) instead of lists, so memory does not
 grow with the number of records, except for two 8-byte hashes per record used to count duplicates
 (16 MB per million records).
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathtune.data.check import progress_bar
-from mathtune.data.dataset import Skipped, iter_conversations
+from mathtune.data.dataset import Parsed, Skipped, validate_files
 from mathtune.data.formats import Conversation, Document
 from mathtune.data.topics import detect_language, detect_topic, normalize, record_topic
 from mathtune.errors import DataError
@@ -156,27 +156,27 @@ def dataset_stats(paths: list[Path], tokenizer=None, cfg: DataConfig | None = No
     stats = DataStats(max_seq_length=cfg.max_seq_length, tokens=Histogram() if tokenizer is not None else None)
     exact, near, questions = array("Q"), array("Q"), array("Q")
     pending: list[tuple[str, bool]] = []  # (text, is a document) awaiting tokenization
-    for path in paths:
-        with progress_bar(path, "Reading") as progress:
-            for _, conv, shape in iter_conversations(path, cfg, progress=progress, on_note=stats.notes.append):
-                stats.records += 1
-                stats.files[str(path)] = shape
-                if not isinstance(conv, (Conversation, Document)):
-                    stats.skipped += isinstance(conv, Skipped)
-                    stats.invalid += not isinstance(conv, Skipped)
-                    continue
-                if isinstance(conv, Document):
-                    _count_document(stats, conv, exact, near)
-                else:
-                    _count(stats, conv, shape, exact, near, questions)
-                if tokenizer is not None:
-                    document = isinstance(conv, Document)
-                    pending.append((conv.text if document else tokenizer.apply_chat_template(conv.messages, tokenize=False),
-                                    document))
-                    if len(pending) >= TOKEN_BATCH:
-                        _count_tokens(stats.tokens, tokenizer, pending)
-        if str(path) not in stats.files:
-            stats.files[str(path)] = "empty"
+    def on_record(path: Path, place: str, conv: Parsed, shape: str) -> None:
+        stats.records += 1
+        stats.files[str(path)] = shape
+        if not isinstance(conv, (Conversation, Document)):
+            stats.skipped += isinstance(conv, Skipped)
+            stats.invalid += not isinstance(conv, Skipped)
+            return
+        if isinstance(conv, Document):
+            _count_document(stats, conv, exact, near)
+        else:
+            _count(stats, conv, shape, exact, near, questions)
+        if tokenizer is not None:
+            document = isinstance(conv, Document)
+            pending.append((conv.text if document else tokenizer.apply_chat_template(conv.messages, tokenize=False),
+                            document))
+            if len(pending) >= TOKEN_BATCH:
+                _count_tokens(stats.tokens, tokenizer, pending)
+
+    validate_files(paths, cfg, on_record, on_note=stats.notes.append,
+                   on_file=lambda path, _: stats.files.setdefault(str(path), "empty"),
+                   progress=lambda path: progress_bar(path, "Reading"))
     if pending:
         _count_tokens(stats.tokens, tokenizer, pending)
     if stats.records and stats.records == stats.invalid:

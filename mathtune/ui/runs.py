@@ -81,7 +81,7 @@ def _config_file(runs: Path, name: str) -> Path:
     return written if written.is_file() else runs / UI_DIR / f"{name}.yaml"
 
 
-def list_runs(runs: Path, trainer: Trainer) -> list[RunView]:
+def list_runs(runs: Path, trainer: RunLauncher) -> list[RunView]:
     if not runs.is_dir():
         return []
     names = {p.name for p in runs.iterdir() if p.is_dir() and (p / "config.yaml").is_file()}
@@ -90,7 +90,7 @@ def list_runs(runs: Path, trainer: Trainer) -> list[RunView]:
     return [read_run(runs, p.parent.name if p.name == "config.yaml" else p.stem, trainer) for p in configs]
 
 
-def read_run(runs: Path, name: str, trainer: Trainer) -> RunView:
+def read_run(runs: Path, name: str, trainer: RunLauncher) -> RunView:
     path = run_dir(runs, name)
     config = _read(_config_file(runs, name), yaml.safe_load) or {}
     summary = _read(path / "train_summary.json", json.loads)
@@ -143,7 +143,7 @@ def _read(path: Path, parse):
 
 
 @dataclass
-class Trainer:
+class RunLauncher:
     """The `mathtune train` processes this server started, by run name."""
 
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)

@@ -44,7 +44,7 @@ def create_app(runs: Path, token: str, port: int = 8765, host: str = "127.0.0.1"
     runs = Path(runs).resolve()
     app = FastAPI(title="mathtune", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runs, app.state.csrf, app.state.upload_limit = runs, secrets.token_urlsafe(24), upload_limit
-    app.state.trainer, app.state.jobs, app.state.chat = run_files.Trainer(), Jobs(), ChatModels()
+    app.state.trainer, app.state.jobs, app.state.chat = run_files.RunLauncher(), Jobs(), ChatModels()
     app.add_middleware(security.Guard, token=token, csrf=app.state.csrf, port=port, bind_host=host)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")

@@ -25,7 +25,7 @@ models folder exists)."""
 
 
 @dataclass
-class Job:
+class UiJob:
     kind: str
     """'eval' or 'export'"""
     started: float = field(default_factory=time.time)
@@ -43,7 +43,7 @@ class Job:
 class _ThreadLog(logging.Handler):
     """mathtune's log records emitted by one thread, appended to that thread's job."""
 
-    def __init__(self, job: Job, thread_id: int):
+    def __init__(self, job: UiJob, thread_id: int):
         super().__init__(logging.INFO)
         self.job, self.thread_id = job, thread_id
 
@@ -56,23 +56,23 @@ class Jobs:
     """One job at a time per run; the last one of each run is kept to be shown."""
 
     def __init__(self) -> None:
-        self.by_run: dict[str, Job] = {}
+        self.by_run: dict[str, UiJob] = {}
         self.lock = threading.Lock()
 
-    def start(self, run: str, kind: str, work: Callable[[], list[str]]) -> Job:
+    def start(self, run: str, kind: str, work: Callable[[], list[str]]) -> UiJob:
         with self.lock:
             current = self.by_run.get(run)
             if current is not None and current.finished is None:
                 raise MathtuneError(f"{run}: a {current.kind} job is running; wait for it to finish")
-            job = self.by_run[run] = Job(kind)
+            job = self.by_run[run] = UiJob(kind)
         threading.Thread(target=self._run, args=(job, work), daemon=True).start()
         return job
 
-    def get(self, run: str) -> Job | None:
+    def get(self, run: str) -> UiJob | None:
         return self.by_run.get(run)
 
     @staticmethod
-    def _run(job: Job, work: Callable[[], list[str]]) -> None:
+    def _run(job: UiJob, work: Callable[[], list[str]]) -> None:
         handler = _ThreadLog(job, threading.get_ident())
         log.addHandler(handler)
         try:
