@@ -309,7 +309,8 @@ def prepare(args, work: Path) -> dict:
     from mathtune.data.builtin import builtin_files
     from mathtune.data.dataset import DataReport, load_conversations
     from mathtune.hardware import cpu_bf16_units
-    from mathtune.model.load import convert_gguf, embedded_model_path, resolve_source
+    from mathtune.model.cache import convert_gguf
+    from mathtune.model.load import embedded_model_path, resolve_source
 
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.model in ("smollm2", "tiny"):
@@ -363,7 +364,7 @@ def _data_name(data: str, files: list[Path]) -> str:
 
 
 def _cache_root(cache: Path | None) -> Path:
-    from mathtune.model.load import cache_root
+    from mathtune.files import cache_root
 
     return cache_root(cache)
 

@@ -14,16 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from mathtune.data.template import render_chat
 from mathtune.errors import ModelError
+from mathtune.eval.evaluate import stop_token_ids
 from mathtune.files import unreadable_reason
+from mathtune.run import load_run_config, load_trained
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
 
 
 def chat_run(run_dir: Path, max_new_tokens: int = 512, system: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    from mathtune.config import load_run_config
-    from mathtune.model.load import load_trained
 
     cfg = load_run_config(run_dir)
     model, tokenizer = load_trained(run_dir, cfg)
@@ -96,8 +97,6 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) ->
     import torch
     from transformers import TextIteratorStreamer
 
-    from mathtune.data.template import render_chat
-    from mathtune.eval.evaluate import stop_token_ids
 
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)

@@ -20,8 +20,10 @@ Heavy libraries are imported inside the commands so that `mathtune --help` answe
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from mathtune import __version__
@@ -297,18 +299,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mathtune.model.convert import convert_command
+    from mathtune.config import ModelConfig
+    from mathtune.files import cache_root
+    from mathtune.model.cache import convert_gguf
+    from mathtune.model.convert import convert_to_folder, plan_conversion
+    from mathtune.model.load import resolve_source
 
-    convert_command(args.gguf, args.output, args.overwrite)
+    source = resolve_source(ModelConfig(path=str(args.gguf)))
+    if source.kind != "gguf":
+        raise MathtuneError(f"{args.gguf}: mathtune convert takes a .gguf file")
+    plan = plan_conversion(Path(source.path))
+    print(plan.describe())
+    if args.output is None:
+        folder, cached = convert_gguf(Path(source.path), cache_root(None), plan=plan)
+        print(f"{'Already converted' if cached else 'Converted'}: {folder}")
+    else:
+        convert_to_folder(plan, args.output, args.overwrite)
+        print(f"Converted: {args.output}\n  Transformers: AutoModelForCausalLM.from_pretrained('{args.output}')")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mathtune.model.lmstudio import run_models
+    from mathtune.model import lmstudio
 
     if args.cache and args.remove:
         raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
-    return run_models(cache_list=args.cache, remove=args.remove, as_json=args.json)
+    if args.remove is not None:
+        entry = lmstudio.remove_cached(args.remove)
+        freed = {"removed": str(entry.path), "source": entry.source, "freed_bytes": entry.size_bytes}
+        print(json.dumps(freed, indent=2) if args.json else f"Removed {entry.path} (converted from "
+              f"{entry.source or 'an unknown file'}); freed {lmstudio.size_text(entry.size_bytes)}")
+    elif args.cache:
+        entries = lmstudio.cached_models()
+        print(json.dumps([_jsonable(asdict(e)) for e in entries], indent=2) if args.json else
+              "\n".join(lmstudio.cache_table(entries)))
+    else:
+        dirs = lmstudio.model_dirs()
+        models = lmstudio.list_models(dirs)
+        print(json.dumps({"folders": [str(d) for d in dirs], "looked_at": [str(d) for d in lmstudio.candidate_dirs()],
+                          "models": [_jsonable(asdict(m)) for m in models]}, indent=2) if args.json else
+              "\n".join(lmstudio.models_table(dirs, models)))
+    return 0
+
+
+def _jsonable(record: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -326,12 +361,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_stats(args: argparse.Namespace) -> int:
-    from mathtune.config import parse_override
+    """Settings from --config (format, fields, max_seq_length, chat template); token lengths with the
+    tokenizer of --model (or of the config's model.path) when one is named."""
+    from mathtune.config import load_config, parse_override
+    from mathtune.data.dataset import ensure_chat_template
     from mathtune.data.stats import run_stats
+    from mathtune.model.load import load_tokenizer
 
     overrides = dict(parse_override(text) for text in args.set)
-    run_stats(args.files, model=args.model, config=args.config, as_json=args.json, plot_dir=args.plot,
-              overrides=overrides)
+    cfg = load_config(args.config, {**overrides, **({"model.path": args.model} if args.model else {})})
+    tokenizer = None
+    if args.model or (args.config is not None and cfg.model.path):
+        tokenizer = load_tokenizer(cfg.model)
+        # A base model without a template: the configured one, else the plain Question/Answer one.
+        ensure_chat_template(tokenizer, cfg.model.chat_template or "plain")
+    run_stats(args.files, tokenizer, cfg.data, as_json=args.json, plot_dir=args.plot)
     return 0
 
 

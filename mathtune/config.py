@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -25,8 +24,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from mathtune.errors import ConfigError, MathtuneError
+from mathtune.errors import ConfigError
 from mathtune.files import unreadable_reason
+from mathtune.hardware import BF16_EMULATED, bitsandbytes_available, cpu_bf16_units, cuda_available
 
 ENV_PREFIX = "MATHTUNE_"
 
@@ -198,7 +198,6 @@ class Config(_Section):
         problems = []
         if self.data.format == "fields" and self.data.fields is None:
             problems.append("data.fields: required when data.format is 'fields' (e.g. {prompt: pregunta, response: respuesta})")
-        from mathtune.hardware import BF16_EMULATED, bitsandbytes_available, cpu_bf16_units, cuda_available
 
         machine = (info.context or {}).get("check_machine", True)  # `mathtune doctor` plans for other machines
         needs_bnb = []
@@ -271,78 +270,11 @@ def load_config(
         raise ConfigError(problems) from None
 
 
-def load_run_config(run_dir: Path) -> Config:
-    """The configuration a finished run was trained with (RUN_DIR/config.yaml beside RUN_DIR/adapter/).
-    The environment is not read: the run's settings are what they were. `model.dtype: auto` becomes
-    the dtype the run trained in (train_summary.json), so that eval, chat and the exports reload the
-    model the run measured, on this machine or another (hardware.reload_dtype says when it cannot)."""
-    from mathtune.hardware import reload_dtype
-    from mathtune.run import CONFIG, require_run_dir, trained_dtype
-
-    cfg = load_config(require_run_dir(run_dir, finished=True) / CONFIG, environ={})
-    trained = trained_dtype(run_dir) if cfg.model.dtype == "auto" else None
-    if trained is None:
-        return cfg
-    dtype, why = reload_dtype(trained, cfg.model.device)
-    if why:
-        logging.getLogger("mathtune").warning("%s: %s", run_dir, why)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
-
-
-# Settings that may differ between a run and its --resume, and why; every other difference is refused,
-# since it would mix two different trainings in one run folder (or fail deep inside PEFT).
-RESUMABLE = {
-    "train.max_steps": "train longer (or stop sooner) than first planned; the schedule follows the new total",
-    "train.epochs": "the same, for runs that train by epochs",
-    "train.save_steps": "when checkpoints are written, not what is learned",
-    "train.save_total_limit": "how many checkpoints are kept",
-    "train.logging_steps": "how often the loss is logged",
-    "train.eval_steps": "evaluation during training reads the weights, it does not change them",
-    "train.eval_batch_size": "the same",
-    "eval.*": "the evaluation after training reads the weights, it does not change them",
-    "data.num_proc": "tokenization processes give the same tokens",
-    "data.max_errors": "how many bad records are listed",
-    "model.device": "the training goes on where it is run (a fixed CUDA install: the GPU)",
-    "model.cache_dir": "where a GGUF conversion is cached, not which model",
-    "output.dir": "the run folder may be named by another path, or moved",
-    "output.overwrite": "unused when resuming",
-}
-
-
-def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
-    """The settings that differ between a run's saved config and the one it is resumed with, as
-    'key: saved -> new' lines: (those RESUMABLE allows, the others)."""
-    before, after = _flat(saved.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
-    allowed, refused = [], []
-    for key in sorted(before.keys() | after.keys()):
-        if before.get(key) != after.get(key):
-            line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-            resumable = key in RESUMABLE or f"{key.split('.')[0]}.*" in RESUMABLE
-            (allowed if resumable else refused).append(line)
-    return allowed, refused
-
-
-def check_resume(run_dir: Path, cfg: Config) -> list[str]:
-    """Refuse to resume `run_dir` with settings other than its own (RESUMABLE aside); returns the
-    allowed changes."""
-    saved = load_config(run_dir / "config.yaml", environ={}, check_machine=False)
-    allowed, refused = resume_changes(saved, cfg)
-    if refused:
-        lines = "\n".join(f"  - {line}" for line in refused)
-        raise MathtuneError(
-            f"{run_dir}: --resume with settings that differ from the run's ({run_dir / 'config.yaml'} -> now):\n{lines}\n"
-            "Resuming would mix two different trainings. Drop these --set/MATHTUNE_* changes, or start a new run "
-            f"with them (--output another folder). Settings that may change on resume: {', '.join(RESUMABLE)}.")
-    if allowed:
-        logging.getLogger("mathtune").info("Resuming with changed settings: %s", "; ".join(allowed))
-    return allowed
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and key != "fields":  # data.fields is one setting
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

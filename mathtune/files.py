@@ -11,6 +11,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from mathtune.errors import MathtuneError
+
 _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
@@ -73,7 +75,6 @@ def _size(n: int) -> str:
 
 def require_space(out: Path, needed: int) -> None:
     """Refuse, before writing anything, an output of `needed` bytes that the disk cannot hold."""
-    from mathtune.errors import MathtuneError
 
     free = free_bytes(out.parent)
     if free is not None and free < needed:
@@ -96,3 +97,40 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def cache_root(cfg_cache_dir: Path | None) -> Path:
+    if cfg_cache_dir is not None:
+        return Path(cfg_cache_dir).expanduser()
+    return Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune")).expanduser()
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Flush every file of `staged` to disk, then rename it to `target` (replacing an older one)."""
+    for path in sorted(staged.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(staged)
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staged.rename(target)
+        shutil.rmtree(old)
+    else:
+        staged.rename(target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename is still atomic
+    finally:
+        os.close(fd)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mathtune.files import free_bytes
+
 if TYPE_CHECKING:
     import torch
 
@@ -329,7 +331,6 @@ def probe_memory() -> dict:
 
 def probe_disk_free(path: Path) -> int | None:
     """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    from mathtune.files import free_bytes
 
     return free_bytes(Path(path).expanduser())
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mathtune.errors import MathtuneError
+from mathtune.files import cache_root
 
 log = logging.getLogger("mathtune")
 
@@ -77,7 +78,6 @@ def lock_run_dir(run_dir: Path) -> Lock:
 def lock_output(out: Path) -> Lock:
     import hashlib
 
-    from mathtune.model.load import cache_root
 
     folder = cache_root(None) / "locks"
     folder.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,26 @@ holds the folder's lock (mathtune/locks.py) from the first look at it to the end
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import shutil
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mathtune.config import Config, flatten, load_config
 from mathtune.errors import MathtuneError
 from mathtune.files import write_text
+from mathtune.hardware import reload_dtype
 from mathtune.locks import RUN_LOCK_FILES, lock_run_dir
+from mathtune.model.load import ensure_pad_token, load_model
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("mathtune")
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -27,9 +40,6 @@ SUMMARY = "train_summary.json"
 def trained_dtype(run_dir: Path) -> str | None:
     """The dtype the run's matrix products ran in ("bfloat16", "float32"...), from its train_summary.json
     (runs older than its "dtype" field: read from "precision"); None where the file says nothing."""
-    import json
-    import re
-
     try:
         summary = json.loads((Path(run_dir) / SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -91,3 +101,79 @@ def _run_files(run_dir: Path) -> list[Path]:
 
 def _tail(why: str) -> str:
     return f"; {why}" if why else ""
+
+
+def load_trained(run_dir: Path, cfg) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """A run's base model with its adapter on top, and the tokenizer saved beside the adapter
+    (`mathtune eval`, `chat` and `export --to hf`)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base, _, _ = load_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    ensure_pad_token(tokenizer)
+    return PeftModel.from_pretrained(base, run_dir / ADAPTER), tokenizer
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The configuration a finished run was trained with (RUN_DIR/config.yaml beside RUN_DIR/adapter/).
+    The environment is not read: the run's settings are what they were. `model.dtype: auto` becomes
+    the dtype the run trained in (train_summary.json), so that eval, chat and the exports reload the
+    model the run measured, on this machine or another (hardware.reload_dtype says when it cannot)."""
+    cfg = load_config(require_run_dir(run_dir, finished=True) / CONFIG, environ={})
+    trained = trained_dtype(run_dir) if cfg.model.dtype == "auto" else None
+    if trained is None:
+        return cfg
+    dtype, why = reload_dtype(trained, cfg.model.device)
+    if why:
+        log.warning("%s: %s", run_dir, why)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
+
+
+# Settings that may differ between a run and its --resume, and why; every other difference is refused,
+# since it would mix two different trainings in one run folder (or fail deep inside PEFT).
+RESUMABLE = {
+    "train.max_steps": "train longer (or stop sooner) than first planned; the schedule follows the new total",
+    "train.epochs": "the same, for runs that train by epochs",
+    "train.save_steps": "when checkpoints are written, not what is learned",
+    "train.save_total_limit": "how many checkpoints are kept",
+    "train.logging_steps": "how often the loss is logged",
+    "train.eval_steps": "evaluation during training reads the weights, it does not change them",
+    "train.eval_batch_size": "the same",
+    "eval.*": "the evaluation after training reads the weights, it does not change them",
+    "data.num_proc": "tokenization processes give the same tokens",
+    "data.max_errors": "how many bad records are listed",
+    "model.device": "the training goes on where it is run (a fixed CUDA install: the GPU)",
+    "model.cache_dir": "where a GGUF conversion is cached, not which model",
+    "output.dir": "the run folder may be named by another path, or moved",
+    "output.overwrite": "unused when resuming",
+}
+
+
+def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """The settings that differ between a run's saved config and the one it is resumed with, as
+    'key: saved -> new' lines: (those RESUMABLE allows, the others)."""
+    before, after = flatten(saved.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
+    allowed, refused = [], []
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key) != after.get(key):
+            line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+            resumable = key in RESUMABLE or f"{key.split('.')[0]}.*" in RESUMABLE
+            (allowed if resumable else refused).append(line)
+    return allowed, refused
+
+
+def check_resume(run_dir: Path, cfg: Config) -> list[str]:
+    """Refuse to resume `run_dir` with settings other than its own (RESUMABLE aside); returns the
+    allowed changes."""
+    saved = load_config(run_dir / "config.yaml", environ={}, check_machine=False)
+    allowed, refused = resume_changes(saved, cfg)
+    if refused:
+        lines = "\n".join(f"  - {line}" for line in refused)
+        raise MathtuneError(
+            f"{run_dir}: --resume with settings that differ from the run's ({run_dir / 'config.yaml'} -> now):\n{lines}\n"
+            "Resuming would mix two different trainings. Drop these --set/MATHTUNE_* changes, or start a new run "
+            f"with them (--output another folder). Settings that may change on resume: {', '.join(RESUMABLE)}.")
+    if allowed:
+        log.info("Resuming with changed settings: %s", "; ".join(allowed))
+    return allowed

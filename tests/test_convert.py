@@ -19,8 +19,8 @@ import torch
 
 from mathtune.cli import main
 from mathtune.errors import ModelError
+from mathtune.model.cache import cache_folder, convert_gguf
 from mathtune.model.convert import INDEX, convert, damage, plan_conversion
-from mathtune.model.load import _cache_folder, convert_gguf
 from tests.gguf_files import gemma3_gguf, kquant_gguf, peak_rss_anon, scaled_llama_gguf, tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_two_processes_converting_one_file_convert_it_once(tiny_files, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-c", CONVERT_IN_CHILD, str(tiny_files["qwen2-q8_0"]), str(tmp_path)]
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lock = Path(str(_cache_folder(tiny_files["qwen2-q8_0"], tmp_path)) + ".lock")
+    lock = Path(str(cache_folder(tiny_files["qwen2-q8_0"], tmp_path)) + ".lock")
     while not lock.exists() and first.poll() is None:
         time.sleep(0.05)
     time.sleep(0.5)
@@ -182,7 +182,7 @@ def test_convert_command_prints_what_it_needs_and_writes_a_folder(tiny_files, tm
 def test_convert_command_fills_the_cache_once(tiny_files, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MATHTUNE_CACHE", str(tmp_path))
     assert main(["convert", str(tiny_files["llama-f16"])]) == 0
-    folder = _cache_folder(tiny_files["llama-f16"], tmp_path)
+    folder = cache_folder(tiny_files["llama-f16"], tmp_path)
     assert f"Converted: {folder}" in capsys.readouterr().out
     assert main(["convert", str(tiny_files["llama-f16"])]) == 0
     assert f"Already converted: {folder}" in capsys.readouterr().out
@@ -254,4 +254,4 @@ def test_doctor_reports_the_conversion_and_whether_it_is_cached(tiny_files, tmp_
     assert conversion["disk"] == plan_conversion(source).disk_bytes and conversion["ram"] < 2e9
     convert_gguf(source, tmp_path)
     main(["doctor", "--model", str(source), "--device", "cpu"])
-    assert f"conversion    done: {_cache_folder(source, tmp_path)}" in capsys.readouterr().out
+    assert f"conversion    done: {cache_folder(source, tmp_path)}" in capsys.readouterr().out

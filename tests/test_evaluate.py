@@ -233,7 +233,7 @@ def test_eval_of_a_run_reloads_it_in_its_precision_and_reproduces_the_end_of_tra
         tmp_path, tiny_llama_dir, monkeypatch, units, dtype):
     """`mathtune eval RUN --base` on the machine a run trained on gives the table training ended with,
     answer for answer, for a bf16 run (a CPU with bf16 units) and a float32 run (one without)."""
-    from mathtune.config import load_run_config
+    from mathtune.run import load_run_config
     from mathtune.train.recipe import train
 
     monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: units)
@@ -248,7 +248,7 @@ def test_eval_of_a_run_reloads_it_in_its_precision_and_reproduces_the_end_of_tra
 
 def test_a_run_moved_to_another_cpu_is_reloaded_in_its_own_precision_or_says_why_not(
         tmp_path, tiny_llama_dir, monkeypatch, caplog):
-    from mathtune.config import load_run_config
+    from mathtune.run import load_run_config
     from mathtune.train.recipe import train
 
     monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: None)

@@ -50,7 +50,7 @@ def train_run(tmp_path: Path, model_path: Path, cache: Path | None = None, steps
 
 def merged_reference(run_dir: Path):
     """PEFT's merge of the run: the model every export must reproduce."""
-    from mathtune.model.load import load_trained
+    from mathtune.run import load_trained
 
     model, tokenizer = load_trained(run_dir, load_config(run_dir / "config.yaml", environ={}))
     return model.merge_and_unload().float().eval(), tokenizer

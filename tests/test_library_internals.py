@@ -60,7 +60,7 @@ def test_public_trainer_arguments_mathtune_passes_are_there(name):
 def test_the_gguf_loader_pieces_the_streaming_conversion_reuses_are_there():
     why = ("mathtune.model.convert streams a GGUF into safetensors with the pieces of transformers' own legacy GGUF loader "
            "(modeling_gguf_pytorch_utils.load_gguf_checkpoint): get_gguf_hf_weights_map for the names and "
-           "TENSOR_PROCESSORS for llama's Q/K permutation and gemma's norms; and mathtune.model.load.gguf_header reads "
+           "TENSOR_PROCESSORS for llama's Q/K permutation and gemma's norms; and mathtune.model.gguf.read_header reads "
            "headers with integrations.gguf.reader's _read_metadata/_read_tensor_table (gguf.GGUFReader decodes "
            "every token: tens of seconds on a 152k vocabulary). One of them moved; tests/test_convert.py compares "
            "the result with the loader itself.")

@@ -17,15 +17,8 @@ import pytest
 from mathtune.cli import main
 from mathtune.config import ModelConfig
 from mathtune.errors import ModelError
-from mathtune.model.lmstudio import (
-    NoModelFound,
-    cached_models,
-    find_model,
-    list_models,
-    model_dirs,
-    read_header,
-    remove_cached,
-)
+from mathtune.model.gguf import read_header
+from mathtune.model.lmstudio import NoModelFound, cached_models, find_model, list_models, model_dirs, remove_cached
 from mathtune.model.load import resolve_source
 from tests.test_doctor import doctor, machine
 
@@ -230,7 +223,8 @@ def tiny_gguf(path: Path, work: Path) -> Path:
 @pytest.fixture
 def converted(lm_studio, tmp_path) -> Path:
     """A tiny llama GGUF in LM Studio's folder, converted into mathtune's cache (MATHTUNE_CACHE)."""
-    from mathtune.model.load import cache_root, convert_gguf
+    from mathtune.files import cache_root
+    from mathtune.model.cache import convert_gguf
 
     gguf_path = tiny_gguf(lm_studio / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf", tmp_path)
     convert_gguf(gguf_path, cache_root(None))
@@ -238,10 +232,11 @@ def converted(lm_studio, tmp_path) -> Path:
 
 
 def test_a_converted_model_shows_its_cached_copy_and_size(converted):
-    from mathtune.model.load import _cache_folder, cache_root
+    from mathtune.files import cache_root
+    from mathtune.model.cache import cache_folder
 
     model = next(m for m in list_models() if m.path == converted)
-    assert model.trainable and model.cached == _cache_folder(converted, cache_root(None))
+    assert model.trainable and model.cached == cache_folder(converted, cache_root(None))
     assert model.cached_bytes == sum(p.stat().st_size for p in model.cached.rglob("*") if p.is_file()) > 0
     assert all(m.cached is None for m in list_models() if m.path != converted)
 
@@ -375,7 +370,7 @@ def lm_run(tmp_path_factory) -> Path:
 
 
 def test_the_run_records_the_file_a_name_chose(lm_run):
-    from mathtune.config import load_run_config
+    from mathtune.run import load_run_config
 
     chosen = lm_run.parent / "home" / ".lmstudio" / "models" / "me" / "Tiny-GGUF" / "tiny-llama-F16.gguf"
     assert load_run_config(lm_run).model.path == str(chosen)  # export and resume find the same base later

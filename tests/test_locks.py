@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from mathtune.cli import main
-from mathtune.config import RESUMABLE, Config, load_config, resume_changes
+from mathtune.config import Config, load_config
 from mathtune.locks import InUseError, lock_output, lock_run_dir
-from mathtune.run import create_run_dir
+from mathtune.run import RESUMABLE, create_run_dir, resume_changes
 from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
 from tests.test_checkpoints import cli_args, start, wait_for

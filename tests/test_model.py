@@ -10,7 +10,8 @@ import torch
 from mathtune.config import ModelConfig
 from mathtune.errors import ModelError
 from mathtune.hardware import resolve_device, resolve_dtype
-from mathtune.model.load import check_gguf_architecture, load_model, resolve_source
+from mathtune.model.gguf import check_gguf_architecture
+from mathtune.model.load import load_model, resolve_source
 
 
 @pytest.mark.parametrize(("units", "dtype"), [(None, torch.float32), ("AMX", torch.bfloat16)])

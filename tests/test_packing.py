@@ -9,9 +9,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 
 from mathtune.config import LoraConfig
 from mathtune.data.dataset import IGNORE_INDEX
-from mathtune.model.load import PADDING_FREE_ARCHS, supports_padding_free
 from mathtune.train.lora import apply_lora
-from mathtune.train.packing import PACKED_SDPA, label_only_loss, packed_collator, use_packed_attention
+from mathtune.train.packing import (
+    PACKED_SDPA,
+    PADDING_FREE_ARCHS,
+    label_only_loss,
+    packed_collator,
+    supports_padding_free,
+    use_packed_attention,
+)
 from mathtune.train.recipe import RunTrainer
 from tests.conftest import TINY_ARCHS, tiny_config
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from mathtune.config import ModelConfig, load_config, load_run_config
-from mathtune.model.load import load_model, load_trained
+from mathtune.config import ModelConfig, load_config
+from mathtune.model.load import load_model
+from mathtune.run import load_run_config, load_trained
 from mathtune.train.recipe import train
 from tests.conftest import math_records, write_jsonl
 

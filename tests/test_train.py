@@ -188,8 +188,7 @@ def test_a_bf16_run_returns_and_scores_the_model_that_eval_chat_and_export_reloa
                                                                                    monkeypatch):
     """Trainer runs a bf16 model under accelerate's autocast wrapper; the model a run returns (and
     scores at its end) is the saved one, reloaded in bf16 with its float32 adapter: the same logits."""
-    from mathtune.config import load_run_config
-    from mathtune.model.load import load_trained
+    from mathtune.run import load_run_config, load_trained
 
     monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
     cfg = tiny_run_config(tmp_path, tiny_llama_dir, max_steps=2)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import mathtune.eval.verify as verify_module
-from mathtune.eval.verify import Verdict, reference_answer, stated_answer, validate_math_response
+import mathtune.verify as verify_module
+from mathtune.verify import Verdict, reference_answer, stated_answer, validate_math_response
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K_TEST = ROOT / "mathtune" / "bench" / "gsm8k" / "test.jsonl"  # the sample shipped in the package
+GSM8K_TEST = ROOT / "mathtune" / "eval" / "bench" / "gsm8k" / "test.jsonl"  # the sample shipped in the package
 PAIRS = ROOT / "mathtune" / "data" / "builtin" / "pairs.jsonl"
 
 # Real GSM8K test answers (lines 1, 147, 490, 612 and 1114 of test.jsonl).

@@ -17,20 +17,20 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mathtune.data.dataset import Parsed, Skipped, validate_files
+from mathtune.config import load_config
+from mathtune.data.dataset import MAX_CHARS_PER_TOKEN, Parsed, Skipped, too_few_records, validate_files
 from mathtune.data.formats import RecordError
+from mathtune.display import progress_bar
 from mathtune.errors import DataError
 
 if TYPE_CHECKING:
     from mathtune.config import DataConfig
-
-PROGRESS_MIN_BYTES = 32 << 20
 
 
 @dataclass
@@ -63,23 +63,6 @@ class CheckReport:
         if problems is not None:
             out["problems"] = problems
         return out
-
-
-@contextmanager
-def progress_bar(path: Path, desc: str) -> Iterator[Callable[[int], None] | None]:
-    """A byte-count progress bar on stderr for large files; None (no bar) for small ones."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        size = 0
-    if size < PROGRESS_MIN_BYTES:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=size, unit="B", unit_scale=True, desc=f"{desc} {path.name}", file=sys.stderr,
-              dynamic_ncols=True, leave=False, mininterval=0.5) as bar:
-        yield bar.update
 
 
 def check_files(paths: list[Path], on_problem: Callable[[str, str], None], cfg: DataConfig | None = None,
@@ -136,8 +119,6 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
     """`mathtune data check`: print the problems (or one JSON document); 0 if all valid, 1 otherwise.
     `config` and `overrides` give the data settings (data.format and data.fields for records with
     field names of their own, data.documents, data.preference, ...)."""
-    from mathtune.config import load_config
-    from mathtune.data.dataset import MAX_CHARS_PER_TOKEN, too_few_records
 
     data = load_config(config, overrides, check_machine=False).data
     problems: list[dict] = []

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathtune.config import DataConfig  # the reading settings every record goes through
+from mathtune.data.builtin import builtin_files
 from mathtune.data.formats import Conversation, Document, RecordError, detect_format, parse_record
 from mathtune.data.readers import file_kind, read_records
 from mathtune.data.template import render_chat
@@ -458,7 +459,6 @@ def split_conversations(cfg: DataConfig, seed: int,
 
     Deterministic for a given seed, so evaluation after training sees the same held-out records.
     """
-    from mathtune.data.builtin import builtin_files
 
     report = report if report is not None else DataReport()
     conversations = load_conversations(cfg.files or builtin_files(), cfg, report)

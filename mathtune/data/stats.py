@@ -34,17 +34,16 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mathtune.data.check import progress_bar
+from mathtune.config import DataConfig
 from mathtune.data.dataset import Parsed, Skipped, validate_files
 from mathtune.data.formats import Conversation, Document
 from mathtune.data.topics import detect_language, detect_topic, normalize, record_topic
+from mathtune.display import png, progress_bar, pyplot, table
 from mathtune.errors import DataError
-from mathtune.eval.verify import reference_answer
-
-if TYPE_CHECKING:
-    from mathtune.config import DataConfig
+from mathtune.files import write_bytes
+from mathtune.verify import reference_answer
 
 TOKEN_BATCH = 256
 
@@ -150,7 +149,6 @@ def _hash(text: str) -> int:
 def dataset_stats(paths: list[Path], tokenizer=None, cfg: DataConfig | None = None) -> DataStats:
     """Stream every record of `paths` once, read with the settings of `cfg` (format, fields,
     max_seq_length, ...), and gather the statistics (tokens only with a tokenizer)."""
-    from mathtune.config import DataConfig
 
     cfg = cfg or DataConfig()
     stats = DataStats(max_seq_length=cfg.max_seq_length, tokens=Histogram() if tokenizer is not None else None)
@@ -284,22 +282,12 @@ def format_stats(stats: DataStats) -> str:
     return "\n".join(out)
 
 
-def table(rows: list[tuple[str, ...]]) -> list[str]:
-    """Columns aligned, the first to the left, the others to the right, a rule under the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
 def _pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
 def write_plots(stats: DataStats, folder: Path) -> list[Path]:
     """lengths.png (token lengths, or words per question/answer without a tokenizer) and topics.png."""
-    from mathtune.display import png, pyplot
-    from mathtune.files import write_bytes
 
     plt = pyplot()
     folder.mkdir(parents=True, exist_ok=True)
@@ -337,22 +325,10 @@ def _hist(ax, histogram: Histogram, label: str, alpha: float = 0.9) -> None:
     ax.set_xlabel(label if alpha == 0.9 else "length")
 
 
-def run_stats(paths: list[Path], model: str | None = None, config: Path | None = None, as_json: bool = False,
-              plot_dir: Path | None = None, overrides: dict | None = None) -> DataStats:
-    """`mathtune data stats`: settings from --config (format, fields, max_seq_length, chat template),
-    the tokenizer of --model (or of the config's model.path) when one is named; print; plot."""
-    from mathtune.config import load_config
-
-    cfg = load_config(config, {**(overrides or {}), **({"model.path": model} if model else {})})
-    tokenizer = None
-    if model or (config is not None and cfg.model.path):
-        from mathtune.data.dataset import ensure_chat_template
-        from mathtune.model.load import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model)
-        # A base model without a template: the configured one, else the plain Question/Answer one.
-        ensure_chat_template(tokenizer, cfg.model.chat_template or "plain")
-    stats = dataset_stats(paths, tokenizer, cfg.data)
+def run_stats(paths: list[Path], tokenizer, cfg: DataConfig, as_json: bool = False,
+              plot_dir: Path | None = None) -> DataStats:
+    """`mathtune data stats`: print the statistics (or one JSON document); plot them into `plot_dir`."""
+    stats = dataset_stats(paths, tokenizer, cfg)
     print(json.dumps(stats.to_dict(), indent=2, ensure_ascii=False) if as_json else format_stats(stats))
     if plot_dir is not None:
         written = write_plots(stats, plot_dir)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from mathtune.data.sandbox import MAX_CHARS, BoundedSandbox, OverBudget
 from mathtune.errors import MathtuneError
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     """`tokenizer.apply_chat_template(messages, tokenize=False, ...)`, rendered within the budget."""
     import jinja2
 
-    from mathtune.data.sandbox import MAX_CHARS, OverBudget
 
     template = _compile(tokenizer.get_chat_template())
     env = template.environment
@@ -71,7 +71,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
 def _compile(source: str):
     import jinja2
 
-    from mathtune.data.sandbox import BoundedSandbox
 
     try:
         return BoundedSandbox.like_transformers().from_string(source)

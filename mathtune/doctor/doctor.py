@@ -265,16 +265,17 @@ def conversion_needs(path: Path, cache_dir: Path | None, facts: dict[str, Any]) 
     (nothing to convert when the cache already holds it). None for a Transformers folder."""
     import shutil
 
+    from mathtune.files import cache_root
+    from mathtune.model.cache import cache_folder
     from mathtune.model.convert import damage, plan_conversion
-    from mathtune.model.load import GGUF_MAGIC, _cache_folder, cache_root
+    from mathtune.model.gguf import GGUF_MAGIC, read_magic
 
     if not path.is_file():
         return None
-    with path.open("rb") as fh:
-        if fh.read(4) != GGUF_MAGIC:
-            return None
+    if read_magic(path) != GGUF_MAGIC:
+        return None
     plan = plan_conversion(path)
-    folder = _cache_folder(path, cache_root(cache_dir))
+    folder = cache_folder(path, cache_root(cache_dir))
     cached = (folder / "config.json").is_file() and damage(folder) is None
     root = next((p for p in (folder, *folder.parents) if p.exists()), Path.cwd())
     free = shutil.disk_usage(root).free
@@ -311,7 +312,7 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
         return
     probes = probes or PROBES
     if source.kind == "gguf":
-        from mathtune.model.load import check_gguf_architecture
+        from mathtune.model.gguf import check_gguf_architecture
 
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
     # The torch facts a run needs: a GPU's free memory, or whether the CPU's bf16 units halve the

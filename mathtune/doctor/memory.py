@@ -147,11 +147,11 @@ def _safetensors_params(folder: Path) -> int | None:
 def _gguf_shape(path: Path) -> ModelShape:
     import struct
 
-    from mathtune.model.load import gguf_header
+    from mathtune.model.gguf import read_header
 
     try:
-        header = gguf_header(path)
-        metadata, tensors = header.metadata, header.tensors
+        header = read_header(path)
+        metadata, tensors = header.fields, header.tensors
         arch = metadata["general.architecture"]
 
         def scalar(key: str, *default: int) -> int:

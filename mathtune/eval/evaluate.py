@@ -33,11 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from mathtune.config import DataConfig
+from mathtune.data.dataset import (
+    IGNORE_INDEX,
+    DataReport,
+    is_text,
+    load_conversations,
+    pack_documents,
+    split_conversations,
+    tokenize_conversation,
+)
 from mathtune.data.template import render_chat
 from mathtune.data.topics import record_topic
 from mathtune.eval.accuracy import comparison_table, paired_change, significant_drop, summarize
-from mathtune.eval.verify import reference_answer, stated_answer, validate_math_response
 from mathtune.files import write_json, write_text
+from mathtune.run import load_run_config, load_trained
+from mathtune.verify import reference_answer, stated_answer, validate_math_response
 
 log = logging.getLogger("mathtune")
 
@@ -129,7 +140,6 @@ def reference_loss(model, tokenizer, example: EvalExample, max_seq_length: int) 
     """Mean per-token loss of the reference answer given its prompt (for examples without a final answer)."""
     import torch
 
-    from mathtune.data.dataset import IGNORE_INDEX, tokenize_conversation
 
     messages = [*example.prompt, {"role": "assistant", "content": example.reference}]
     row = tokenize_conversation(messages, tokenizer, max_seq_length)
@@ -225,9 +235,6 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
                  base: bool = False, bench: str | None = None) -> dict[str, Any]:
     """`mathtune eval`: load the run's base model and adapter, score the chosen examples, write eval/
     (with `bench`: base and fine-tuned on a shipped benchmark, written to bench/NAME/)."""
-    from mathtune.config import load_run_config
-    from mathtune.data.dataset import DataReport, is_text, load_conversations, split_conversations
-    from mathtune.model.load import load_trained
 
     cfg = load_run_config(run_dir)
     if bench:
@@ -320,8 +327,6 @@ BENCHES = {
 
 def bench_examples(name: str, limit: int | None = None, system_prompt: str | None = None):
     """The benchmark's problems as evaluation examples (the first `limit` of them)."""
-    from mathtune.config import DataConfig
-    from mathtune.data.dataset import DataReport, load_conversations
 
     bench = BENCHES[name]
     cfg = DataConfig(files=[bench.file], format="question_answer", system_prompt=system_prompt)
@@ -372,7 +377,6 @@ def write_eval(out_dir: Path, examples: list[EvalExample], runs: dict[str, list[
 def evaluate_text(model, tokenizer, documents, out_dir: Path, base: bool, max_seq_length: int, meta: dict) -> dict:
     """Mean loss per token and perplexity of held-out documents, packed as in training
     (`dataset.pack_documents`), fine-tuned and, with `base`, the base model (adapter disabled)."""
-    from mathtune.data.dataset import pack_documents
 
     chunks = pack_documents(documents, tokenizer, max_seq_length)
     models = {"finetuned": text_loss(model, chunks)}

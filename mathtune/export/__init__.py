@@ -19,8 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mathtune.errors import MathtuneError, ModelError
+from mathtune.export.adapter import read_adapter
+from mathtune.export.gguf import QUANTS, lora_gguf, mergeable_arch, merged_from_gguf, tensor_names_for
+from mathtune.export.gguf_hf import gguf_arch, heads, lora_names, merged_from_folder, read_config
+from mathtune.export.hf import merged_folder
 from mathtune.locks import lock_output, released_at_exit
+from mathtune.model.gguf import gguf_field, gguf_heads
 from mathtune.model.lmstudio import ENV_DIR, export_folder
+from mathtune.model.load import resolve_source
+from mathtune.run import load_run_config
 
 TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
 
@@ -38,9 +45,6 @@ class ExportResult:
 
 def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = False, output: Path | None = None,
                overwrite: bool = False) -> ExportResult:
-    from mathtune.config import load_run_config
-    from mathtune.export.gguf import QUANTS
-    from mathtune.model.load import resolve_source
 
     if to not in TARGETS:
         raise MathtuneError(f"--to {to}: expected one of {', '.join(TARGETS)}")
@@ -73,10 +77,8 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
 
 
 def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str, requant_all: bool) -> list[str]:
-    from mathtune.export.adapter import read_adapter
 
     if to == "hf":
-        from mathtune.export.hf import merged_folder
 
         return merged_folder(run_dir, cfg, out)
     _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
@@ -91,11 +93,9 @@ def _check_architecture(source, to: str) -> None:
         if to in ("gguf", "lmstudio"):
             import gguf
 
-            from mathtune.export.gguf import mergeable_arch
 
             mergeable_arch(gguf.GGUFReader(source.path), Path(source.path))
         return
-    from mathtune.export.gguf_hf import gguf_arch, read_config
 
     folder = _base_folder(source)
     gguf_arch(read_config(folder), folder)
@@ -107,17 +107,13 @@ def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_
     # The tokenizer saved with the adapter carries the chat template the run trained with.
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     if source.kind == "gguf":
-        from mathtune.export.gguf import merged_from_gguf
 
         return merged_from_gguf(Path(source.path), adapter, out, quant, requant_all, tokenizer.chat_template)
-    from mathtune.export.gguf_hf import merged_from_folder
 
     return merged_from_folder(_base_folder(source), tokenizer, adapter, out, quant)
 
 
 def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
-    from mathtune.export.gguf import lora_gguf, tensor_names_for
-    from mathtune.model.load import gguf_field, gguf_heads
 
     if source.kind == "gguf":
         import gguf
@@ -127,7 +123,6 @@ def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
         names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")),
                                  {t.name for t in reader.tensors})
     else:
-        from mathtune.export.gguf_hf import heads, lora_names, read_config
 
         folder = _base_folder(source)
         arch, names = lora_names(folder, adapter)

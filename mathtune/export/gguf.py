@@ -28,7 +28,7 @@ import numpy as np
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.export.adapter import Adapter
 from mathtune.files import is_disk_full, no_space, require_space
-from mathtune.model.load import gguf_field, gguf_heads
+from mathtune.model.gguf import gguf_field, gguf_heads
 
 # Architectures whose GGUF tensors map one to one onto the Transformers modules LoRA adapts, each
 # round-tripped by a test. Others (gpt2's transposed Conv1D, bloom's fused QKV...) need more.

@@ -14,17 +14,19 @@ import logging
 import shutil
 from pathlib import Path
 
+from mathtune.doctor.memory import read_model_shape
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.export.gguf import HEADER_ALLOWANCE
-from mathtune.files import is_disk_full, no_space, require_space
-from mathtune.train.checkpoints import publish
+from mathtune.files import is_disk_full, no_space, publish, require_space
+from mathtune.hardware import probe_memory, resolve_device, resolve_dtype
+from mathtune.model.load import resolve_source
+from mathtune.run import load_trained
 
 log = logging.getLogger(__name__)
 GIB = 1 << 30
 
 
 def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
-    from mathtune.model.load import load_trained
 
     check_memory(cfg)
     model, tokenizer = load_trained(run_dir, cfg)
@@ -53,9 +55,6 @@ def check_memory(cfg, memory=None) -> None:
     """Say how much RAM the merge needs, and refuse before loading anything when it is not there: the
     whole base is loaded in its dtype and merged in place (a 7B model in float32 is ~28 GiB).
     On a GPU the base goes to GPU memory; this checks the CPU case."""
-    from mathtune.doctor.memory import read_model_shape
-    from mathtune.hardware import probe_memory, resolve_device, resolve_dtype
-    from mathtune.model.load import resolve_source
 
     source = resolve_source(cfg.model)
     device = resolve_device(cfg.model.device)

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from mathtune.errors import MathtuneError, ModelError
+from mathtune.files import is_disk_full, publish
+from mathtune.model.gguf import GgufHeader, GgufTensor, check_gguf_architecture, read_header
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ class ConversionPlan:
     streaming: bool
     disk_bytes: int
     ram_bytes: int
-    header: object = field(default=None, repr=False)
-    """mathtune.model.load.GgufHeader: the tensor table and where the data starts"""
+    header: GgufHeader | None = field(default=None, repr=False)
+    """the tensor table and where each tensor's data starts"""
 
     def describe(self) -> str:
         how = "tensor by tensor" if self.streaming else "with transformers' loader (whole model in memory)"
@@ -73,11 +75,10 @@ class ConversionPlan:
 
 def plan_conversion(gguf_path: Path) -> ConversionPlan:
     """The conversion's dtype, disk and RAM, from the header alone (no tensor data is read)."""
-    from mathtune.model.load import check_gguf_architecture, gguf_header
 
     arch, params = check_gguf_architecture(gguf_path)
-    header = gguf_header(gguf_path)
-    metadata = header.metadata
+    header = read_header(gguf_path)
+    metadata = header.fields
     dtype = "float32" if params < 1e9 else "bfloat16"
     itemsize = 4 if dtype == "float32" else 2
     vocab = int(metadata.get("tokenizer.ggml.tokens") or metadata.get(f"{arch}.vocab_size") or 0)
@@ -109,7 +110,6 @@ def convert(plan: ConversionPlan, out: Path, progress: bool = True) -> None:
         raise ModelError(f"{out.parent}: converting {plan.gguf.name} needs about {plan.disk_bytes / 1e9:.1f} GB of "
                          f"disk and {free / 1e9:.1f} GB are free. Free some space, or convert elsewhere with "
                          f"`mathtune convert {plan.gguf} --output DIR` (or set MATHTUNE_CACHE to another disk).")
-    from mathtune.files import is_disk_full
 
     started = time.perf_counter()
     try:
@@ -156,11 +156,11 @@ def _write_streaming(plan: ConversionPlan, folder: Path, progress: bool) -> None
               desc=f"Converting {plan.gguf.name}", dynamic_ncols=True, disable=not progress) as bar:
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            header = {name: (t.shape, _st_dtype(dtype)) for name, t in shard}
+            header = {name: (t.torch_shape, _st_dtype(dtype)) for name, t in shard}
             with (folder / file).open("wb") as fh:
                 total += write_safetensors_header(fh, header)
                 for name, tensor in shard:
-                    for piece in _pieces(blob, plan.header.data_start, tensor, processor):
+                    for piece in _pieces(blob, plan.header.offsets[tensor.name], tensor, processor):
                         fh.write(_encode(piece, dtype))
                         bar.update(piece.size)
             weight_map.update({name: file for name, _ in shard})
@@ -235,16 +235,15 @@ def _sliceable(tensor) -> bool:
     return len(tensor.shape) == 2 and not any(k in tensor.name for k in (".attn_q.", ".attn_k."))
 
 
-def _pieces(blob: np.ndarray, data_start: int, tensor, processor) -> Iterator[np.ndarray]:
+def _pieces(blob: np.ndarray, start: int, tensor: GgufTensor, processor) -> Iterator[np.ndarray]:
     """A tensor's values (float32, Transformers layout) in slices of rows of about PIECE_BYTES."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    shape = tensor.shape  # torch order
+    shape = tensor.torch_shape
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     row_bytes = tensor.nbytes // rows
     step = max(1, PIECE_BYTES // (4 * shape[-1])) if _sliceable(tensor) else rows
-    start = data_start + tensor.offset
     for first in range(0, rows, step):
         n = min(step, rows - first)
         blocks = blob[start + first * row_bytes:start + (first + n) * row_bytes].reshape(n, row_bytes)
@@ -326,30 +325,15 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def convert_command(gguf_path: Path, output: Path | None = None, overwrite: bool = False) -> Path:
-    """`mathtune convert`: print what it will take, convert (into the cache unless --output), say where."""
-    from mathtune.config import ModelConfig
-    from mathtune.model.load import cache_root, convert_gguf, resolve_source
-
-    source = resolve_source(ModelConfig(path=str(gguf_path)))
-    if source.kind != "gguf":
-        raise MathtuneError(f"{gguf_path}: mathtune convert takes a .gguf file")
-    plan = plan_conversion(Path(source.path))
-    print(plan.describe())
-    if output is None:
-        folder, cached = convert_gguf(Path(source.path), cache_root(None), plan=plan)
-        print(f"{'Already converted' if cached else 'Converted'}: {folder}")
-        return Path(folder)
-    if output.exists():
-        if not overwrite:
-            raise MathtuneError(f"{output}: already exists; pass --overwrite to replace it, or choose another --output")
-        staged = output.with_name(output.name + ".new")
-        shutil.rmtree(staged, ignore_errors=True)
-        convert(plan, staged)
-        from mathtune.train.checkpoints import publish
-
-        publish(staged, output)  # the older folder stays whole until the new one is
-    else:
+def convert_to_folder(plan: ConversionPlan, output: Path, overwrite: bool = False) -> None:
+    """Write the Transformers folder `output` (`mathtune convert --output`). An existing one is replaced
+    only with `overwrite`, and stays whole until the new one is."""
+    if not output.exists():
         convert(plan, output)
-    print(f"Converted: {output}\n  Transformers: AutoModelForCausalLM.from_pretrained('{output}')")
-    return output
+        return
+    if not overwrite:
+        raise MathtuneError(f"{output}: already exists; pass --overwrite to replace it, or choose another --output")
+    staged = output.with_name(output.name + ".new")
+    shutil.rmtree(staged, ignore_errors=True)
+    convert(plan, staged)
+    publish(staged, output)

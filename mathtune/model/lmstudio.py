@@ -11,26 +11,26 @@ folder is `~/.lmstudio/models` (older versions: `~/.cache/lm-studio/models`) on 
 `%USERPROFILE%\\.lmstudio\\models` on Windows; one moved elsewhere in LM Studio's settings is named
 with `MATHTUNE_LMSTUDIO_DIR`.
 
-Listing reads each file's header only, with `read_header` below (model.gguf_header) rather than
-`gguf.GGUFReader`: GGUFReader turns every vocabulary entry into numpy views, which took 10 s for SmolLM2's 49k tokens
-on a 2-core machine (3x that for a 152k-token 7B), while skipping the arrays takes milliseconds.
+Listing reads each file's header only (mathtune/model/gguf.py: milliseconds a file). mathtune's own
+converted copies (`--cache`, `--remove`) are kept by mathtune/model/cache.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
-import struct
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
+from mathtune.display import table
 from mathtune.errors import ModelError
+from mathtune.files import cache_root
+from mathtune.model.cache import cache_folder
+from mathtune.model.gguf import GgufHeader, gguf_architecture_supported, read_header
 
 ENV_DIR = "MATHTUNE_LMSTUDIO_DIR"
 # Relative to the home folder: the current default first, then the one older versions used.
@@ -120,8 +120,6 @@ def gguf_files(dirs: list[Path] | None = None) -> list[tuple[str, Path]]:
 def list_models(dirs: list[Path] | None = None) -> list[LocalModel]:
     """Every model in LM Studio's folders (or `dirs`), described from its header; never raises for a
     bad file: an unreadable one is listed as not trainable, with the reason."""
-    from mathtune.model.load import cache_root
-
     cache = cache_root(None)
     return [_describe(path, name, cache) for name, path in gguf_files(dirs)]
 
@@ -140,9 +138,7 @@ def _describe(path: Path, name: str, cache: Path) -> LocalModel:
                       cached, _folder_bytes(cached) if cached else None)
 
 
-def _why_not_trainable(header: GGUFHeader, arch: str | None, parts: list[Path]) -> str | None:
-    from mathtune.model.load import gguf_architecture_supported
-
+def _why_not_trainable(header: GgufHeader, arch: str | None, parts: list[Path]) -> str | None:
     if header.missing_bytes:
         return (f"truncated: {header.missing_bytes:,} bytes of tensor data missing (an unfinished download?); "
                 "download it again")
@@ -168,19 +164,13 @@ def _split_parts(path: Path) -> list[Path]:
 
 
 def _cached_copy(path: Path, cache: Path) -> Path | None:
-    from mathtune.model.load import _cache_folder
-
     if not cache.is_dir():  # nothing converted yet: no need to fingerprint every file
         return None
     try:
-        folder = _cache_folder(path, cache)
+        folder = cache_folder(path, cache)
     except OSError:  # unreadable now: then it cannot be loaded either
         return None
     return folder if (folder / "config.json").is_file() else None
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def find_model(fragment: str, dirs: list[Path] | None = None) -> Path:
@@ -224,7 +214,60 @@ def claims_hub_id(text: str, dirs: list[Path] | None = None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# mathtune's converted copies
+# mathtune models: the tables (the command prints them)
+
+
+def models_table(dirs: list[Path], models: list[LocalModel]) -> list[str]:
+    if not dirs:
+        return [f"No LM Studio models folder found ({looked_at()})."]
+    lines = [f"LM Studio models in {', '.join(str(d) for d in dirs)}:"]
+    if not models:
+        return [*lines, "  no .gguf files"]
+    rows = [("name", "architecture", "parameters", "quantization", "size", "trainable", "cached")]
+    rows += [(m.name, m.architecture or "?", _count(m.parameters), m.quantization or "?", size_text(m.size_bytes),
+              "yes" if m.trainable else "no", size_text(m.cached_bytes) if m.cached else "-") for m in models]
+    lines += table(rows)
+    refused = [m for m in models if not m.trainable]
+    if refused:
+        lines += ["", "Not trainable:", *(f"  {m.name}: {m.why_not}" for m in refused)]
+    lines += ["", "Train one with mathtune train --model NAME, NAME being a unique part of its name (e.g. the "
+                  "model's name without publisher or quantization). Converted copies: mathtune models --cache"]
+    return lines
+
+
+def cache_table(entries: list[CachedModel]) -> list[str]:
+    if not entries:
+        return [f"No converted models in {cache_root(None)}."]
+    rows = [("folder", "source file", "size", "in use")]
+    rows += [(e.path.name, e.source or "?", size_text(e.size_bytes), "yes" if e.current else "no") for e in entries]
+    total = sum(e.size_bytes for e in entries)
+    return [f"Converted models in {cache_root(None)} ({size_text(total)}):", *table(rows),
+            "", "'in use: no': the source file is gone or changed since, or a conversion was interrupted. "
+                "Remove one with: mathtune models --remove NAME"]
+
+
+
+def size_text(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}"
+
+
+# ---------------------------------------------------------------------------------------------
+# mathtune's converted copies (mathtune models --cache, --remove)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 @dataclass
@@ -241,8 +284,6 @@ class CachedModel:
 
 def cached_models(cache: Path | None = None) -> list[CachedModel]:
     """Every converted copy in mathtune's cache (MATHTUNE_CACHE or ~/.cache/mathtune unless `cache`)."""
-    from mathtune.model.load import _cache_folder, cache_root
-
     root = cache_root(cache)
     found = []
     for record in sorted(root.glob("**/mathtune_source.json")):
@@ -251,7 +292,7 @@ def cached_models(cache: Path | None = None) -> list[CachedModel]:
             source = json.loads(record.read_text(encoding="utf-8")).get("gguf")
         except (OSError, ValueError, AttributeError):
             source = None
-        current = bool(source) and Path(source).is_file() and _cache_folder(Path(source), root) == folder
+        current = bool(source) and Path(source).is_file() and cache_folder(Path(source), root) == folder
         found.append(CachedModel(folder, source, _folder_bytes(folder), current))
     return found
 
@@ -262,146 +303,3 @@ def remove_cached(fragment: str, cache: Path | None = None) -> CachedModel:
     entry = _pick(fragment, entries, lambda e: f"{e.path.name} {e.source or ''}", "converted copies in the cache")
     shutil.rmtree(entry.path)
     return entry
-
-
-# ---------------------------------------------------------------------------------------------
-# The GGUF header, arrays skipped
-
-
-@dataclass
-class GGUFHeader:
-    fields: dict[str, Any]
-    """The metadata; an array of strings (vocabulary, merges) as its length (model.gguf_header)."""
-    tensors: list[tuple[str, tuple[int, ...], int]]
-    """name, shape as GGUF lists it (innermost first), ggml type id"""
-    missing_bytes: int
-    """Tensor data the file is too short to hold (0 for a complete file)."""
-
-    @property
-    def parameters(self) -> int:
-        # The same count as mathtune.doctor.memory and model.check_gguf_architecture: every tensor's elements.
-        return sum(math.prod(shape) for _, shape, _ in self.tensors)
-
-    @property
-    def quantization(self) -> str | None:
-        """general.file_type's name (Q4_K_M, F16...), else the type holding most matrix elements."""
-        from gguf import GGMLQuantizationType, LlamaFileType
-
-        file_type = self.fields.get("general.file_type")
-        if file_type in {t.value for t in LlamaFileType} and file_type != LlamaFileType.GUESSED:
-            return LlamaFileType(file_type).name.split("_", 1)[1]
-        weights: Counter = Counter()
-        for _, shape, qtype in self.tensors:
-            if len(shape) >= 2:
-                weights[qtype] += math.prod(shape)
-        if not weights:
-            return None
-        qtype = weights.most_common(1)[0][0]
-        return GGMLQuantizationType(qtype).name if qtype in {t.value for t in GGMLQuantizationType} else str(qtype)
-
-
-def read_header(path: Path) -> GGUFHeader:
-    """Metadata and tensor table of a GGUF file (model.gguf_header: arrays are not decoded); ValueError
-    when it is not one or its header is cut short."""
-    from mathtune.model.load import gguf_header
-
-    size = path.stat().st_size
-    if size < 24:
-        raise ValueError(f"{size} bytes: too short for a GGUF header")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"starts with {magic!r}, not b'GGUF'")
-    try:
-        header = gguf_header(path)
-    except (struct.error, IndexError) as exc:
-        raise ValueError(f"the header ends early ({exc}): a truncated file?") from None
-    except KeyError as exc:
-        raise ValueError(f"tensor of a type unknown to the installed gguf package ({exc})") from None
-    end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
-    tensors = [(t.name, tuple(reversed(t.shape)), t.ggml_type) for t in header.tensors]  # GGUF order
-    return GGUFHeader(header.metadata, tensors, max(0, end - size))
-
-
-# ---------------------------------------------------------------------------------------------
-# mathtune models
-
-
-def run_models(cache_list: bool = False, remove: str | None = None, as_json: bool = False,
-               out: Callable[[str], None] = print) -> int:
-    """`mathtune models`: print LM Studio's models, mathtune's cache, or remove one cached copy."""
-    if remove is not None:
-        entry = remove_cached(remove)
-        freed = {"removed": str(entry.path), "source": entry.source, "freed_bytes": entry.size_bytes}
-        source = entry.source or "an unknown file"
-        out(json.dumps(freed, indent=2) if as_json else
-            f"Removed {entry.path} (converted from {source}); freed {_size(entry.size_bytes)}")
-        return 0
-    if cache_list:
-        entries = cached_models()
-        if as_json:
-            out(json.dumps([_jsonable(asdict(e)) for e in entries], indent=2))
-        else:
-            out("\n".join(_cache_table(entries)))
-        return 0
-    dirs = model_dirs()
-    models = list_models(dirs)
-    if as_json:
-        out(json.dumps({"folders": [str(d) for d in dirs], "looked_at": [str(d) for d in candidate_dirs()],
-                        "models": [_jsonable(asdict(m)) for m in models]}, indent=2))
-    else:
-        out("\n".join(_models_table(dirs, models)))
-    return 0
-
-
-def _models_table(dirs: list[Path], models: list[LocalModel]) -> list[str]:
-    from mathtune.data.stats import table
-
-    if not dirs:
-        return [f"No LM Studio models folder found ({looked_at()})."]
-    lines = [f"LM Studio models in {', '.join(str(d) for d in dirs)}:"]
-    if not models:
-        return [*lines, "  no .gguf files"]
-    rows = [("name", "architecture", "parameters", "quantization", "size", "trainable", "cached")]
-    rows += [(m.name, m.architecture or "?", _count(m.parameters), m.quantization or "?", _size(m.size_bytes),
-              "yes" if m.trainable else "no", _size(m.cached_bytes) if m.cached else "-") for m in models]
-    lines += table(rows)
-    refused = [m for m in models if not m.trainable]
-    if refused:
-        lines += ["", "Not trainable:", *(f"  {m.name}: {m.why_not}" for m in refused)]
-    lines += ["", "Train one with mathtune train --model NAME, NAME being a unique part of its name (e.g. the "
-                  "model's name without publisher or quantization). Converted copies: mathtune models --cache"]
-    return lines
-
-
-def _cache_table(entries: list[CachedModel]) -> list[str]:
-    from mathtune.data.stats import table
-    from mathtune.model.load import cache_root
-
-    if not entries:
-        return [f"No converted models in {cache_root(None)}."]
-    rows = [("folder", "source file", "size", "in use")]
-    rows += [(e.path.name, e.source or "?", _size(e.size_bytes), "yes" if e.current else "no") for e in entries]
-    total = sum(e.size_bytes for e in entries)
-    return [f"Converted models in {cache_root(None)} ({_size(total)}):", *table(rows),
-            "", "'in use: no': the source file is gone or changed since, or a conversion was interrupted. "
-                "Remove one with: mathtune models --remove NAME"]
-
-
-def _jsonable(record: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}"

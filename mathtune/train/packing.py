@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel
 
 PACKED_SDPA = "mathtune_packed_sdpa"
 
@@ -127,3 +128,15 @@ def _register() -> None:
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
     # Masks are built as for SDPA: the fallback needs them, the per-example path ignores them.
     AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
+# Architectures whose attention keeps packed sequences apart when given restarting position_ids and
+# no attention mask (transformers builds a block-diagonal mask from them). Each is checked by
+# tests/test_packing.py; OPT is not here: it derives positions from the attention mask.
+PADDING_FREE_ARCHS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "falcon", "gpt2"}
+)
+
+
+def supports_padding_free(model: PreTrainedModel) -> bool:
+    return getattr(model.config, "model_type", None) in PADDING_FREE_ARCHS

@@ -27,19 +27,13 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from mathtune.config import Config, check_resume, dump_config, resolve_optimizer, summarize
+from mathtune.config import Config, dump_config, resolve_optimizer, summarize
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import ConfigError, MathtuneError
-from mathtune.files import write_json, write_text
+from mathtune.files import publish, write_json, write_text
 from mathtune.locks import released_at_exit
-from mathtune.run import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, choose_run_dir, create_run_dir
-from mathtune.train.checkpoints import (
-    GracefulInterrupt,
-    SafeTrainingMixin,
-    is_disk_full,
-    publish,
-    resume_hint,
-)
+from mathtune.run import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, check_resume, choose_run_dir, create_run_dir
+from mathtune.train.checkpoints import GracefulInterrupt, SafeTrainingMixin, is_disk_full, resume_hint
 from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkpoint
 
 log = logging.getLogger("mathtune")
@@ -362,8 +356,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
     from transformers import DataCollatorForSeq2Seq
     from transformers.trainer_callback import ProgressCallback
 
-    from mathtune.model.load import supports_padding_free
-    from mathtune.train.packing import label_only_loss, packed_collator, use_packed_attention
+    from mathtune.train.packing import label_only_loss, packed_collator, supports_padding_free, use_packed_attention
 
     packed = cfg.train.padding_free and supports_padding_free(model)
     if packed:

@@ -137,8 +137,7 @@ class ChatModels:
 
     def _load(self, run_dir: Path):
         if self.loaded is None or self.loaded[0] != run_dir:
-            from mathtune.config import load_run_config
-            from mathtune.model.load import load_trained
+            from mathtune.run import load_run_config, load_trained
 
             self.loaded = None  # free the previous run's model first
             cfg = load_run_config(run_dir)
