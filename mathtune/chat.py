@@ -97,7 +97,6 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) ->
     import torch
     from transformers import TextIteratorStreamer
 
-
     text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

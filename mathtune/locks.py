@@ -78,7 +78,6 @@ def lock_run_dir(run_dir: Path) -> Lock:
 def lock_output(out: Path) -> Lock:
     import hashlib
 
-
     folder = cache_root(None) / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]

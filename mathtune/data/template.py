@@ -45,7 +45,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     """`tokenizer.apply_chat_template(messages, tokenize=False, ...)`, rendered within the budget."""
     import jinja2
 
-
     template = _compile(tokenizer.get_chat_template())
     env = template.environment
     try:
@@ -70,7 +69,6 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
 @functools.lru_cache(maxsize=16)
 def _compile(source: str):
     import jinja2
-
 
     try:
         return BoundedSandbox.like_transformers().from_string(source)

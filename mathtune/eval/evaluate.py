@@ -140,7 +140,6 @@ def reference_loss(model, tokenizer, example: EvalExample, max_seq_length: int) 
     """Mean per-token loss of the reference answer given its prompt (for examples without a final answer)."""
     import torch
 
-
     messages = [*example.prompt, {"role": "assistant", "content": example.reference}]
     row = tokenize_conversation(messages, tokenizer, max_seq_length)
     if all(label == IGNORE_INDEX for label in row["labels"]):

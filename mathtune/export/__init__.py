@@ -77,9 +77,7 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
 
 
 def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str, requant_all: bool) -> list[str]:
-
     if to == "hf":
-
         return merged_folder(run_dir, cfg, out)
     _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
     adapter = read_adapter(run_dir / "adapter")
@@ -92,7 +90,6 @@ def _check_architecture(source, to: str) -> None:
     if source.kind == "gguf":
         if to in ("gguf", "lmstudio"):
             import gguf
-
 
             mergeable_arch(gguf.GGUFReader(source.path), Path(source.path))
         return
@@ -107,14 +104,12 @@ def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_
     # The tokenizer saved with the adapter carries the chat template the run trained with.
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
     if source.kind == "gguf":
-
         return merged_from_gguf(Path(source.path), adapter, out, quant, requant_all, tokenizer.chat_template)
 
     return merged_from_folder(_base_folder(source), tokenizer, adapter, out, quant)
 
 
 def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
-
     if source.kind == "gguf":
         import gguf
 
@@ -123,7 +118,6 @@ def _lora_gguf(source, adapter, out: Path, name: str) -> list[str]:
         names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")),
                                  {t.name for t in reader.tensors})
     else:
-
         folder = _base_folder(source)
         arch, names = lora_names(folder, adapter)
         n_head, n_head_kv = heads(read_config(folder))

@@ -27,7 +27,6 @@ GIB = 1 << 30
 
 
 def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
-
     check_memory(cfg)
     model, tokenizer = load_trained(run_dir, cfg)
     merged = model.merge_and_unload()

@@ -211,7 +211,6 @@ def _from_pretrained(source: ModelSource, dtype: torch.dtype, cfg: ModelConfig, 
     except OSError as exc:
         raise ModelError(_load_failure(source, exc)) from None
     if not cfg.load_in_4bit and device != "cpu":
-
         # Each process its own GPU (the local rank's); FSDP and DeepSpeed place their shards themselves.
         if not engine_places_model():
             model.to(f"cuda:{_local_cuda_index()}" if device == "cuda" else device)
