@@ -292,7 +292,7 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def summarize(cfg: Config) -> str:
+def settings_summary(cfg: Config) -> str:
     """The few settings a person checks at the start of a run."""
     lora = cfg.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)

@@ -1,6 +1,7 @@
 """The run folder: what is in it, and the one check that a folder is one.
 
-    runs/x/config.yaml  metrics.jsonl  checkpoints/  adapter/  train_summary.json  eval/  report.html
+    runs/x/config.yaml  metrics.jsonl  checkpoints/  adapter/  train_summary.json  eval/  bench/  plots/
+           report.html  export/
 
 `mathtune train` picks and creates it (`choose_run_dir`, then `create_run_dir` once the model and
 data are known to work); every other command starts with `require_run_dir`. A training process
@@ -35,6 +36,14 @@ CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
+EVAL = "eval"
+"""the held-out evaluation: summary.json, predictions.jsonl"""
+BENCH = "bench"
+"""one folder per benchmark scored (`mathtune eval --bench`)"""
+PLOTS = "plots"
+REPORT = "report.html"
+EXPORT = "export"
+"""what `mathtune export` writes, unless told elsewhere"""
 
 
 def trained_dtype(run_dir: Path) -> str | None:
@@ -166,7 +175,7 @@ def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
 def check_resume(run_dir: Path, cfg: Config) -> list[str]:
     """Refuse to resume `run_dir` with settings other than its own (RESUMABLE aside); returns the
     allowed changes."""
-    saved = load_config(run_dir / "config.yaml", environ={}, check_machine=False)
+    saved = load_config(run_dir / CONFIG, environ={}, check_machine=False)
     allowed, refused = resume_changes(saved, cfg)
     if refused:
         lines = "\n".join(f"  - {line}" for line in refused)

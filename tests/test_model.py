@@ -140,7 +140,7 @@ def test_a_pickle_beside_safetensors_is_never_loaded(tmp_path, tiny_llama_dir):
 def test_trust_remote_code_is_off_by_default_and_announced_when_on(tiny_llama_dir, caplog):
     import logging
 
-    from mathtune.config import load_config, summarize
+    from mathtune.config import load_config, settings_summary
 
     assert ModelConfig().trust_remote_code is False
     with caplog.at_level(logging.WARNING):
@@ -150,8 +150,8 @@ def test_trust_remote_code_is_off_by_default_and_announced_when_on(tiny_llama_di
         load_model(ModelConfig(path=str(tiny_llama_dir), trust_remote_code=True))
     assert f"model.trust_remote_code is ON: Python code shipped with {tiny_llama_dir} will run" in caplog.text
     cfg = load_config(overrides={"model.trust_remote_code": True}, environ={})
-    assert "TRUST_REMOTE_CODE=ON" in summarize(cfg)
-    assert "TRUST_REMOTE_CODE" not in summarize(load_config(environ={}))
+    assert "TRUST_REMOTE_CODE=ON" in settings_summary(cfg)
+    assert "TRUST_REMOTE_CODE" not in settings_summary(load_config(environ={}))
 
 
 def test_mathtune_never_unpickles():

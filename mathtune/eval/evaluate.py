@@ -47,7 +47,7 @@ from mathtune.data.template import render_chat
 from mathtune.data.topics import record_topic
 from mathtune.eval.accuracy import comparison_table, paired_change, significant_drop, summarize
 from mathtune.files import write_json, write_text
-from mathtune.run import load_run_config, load_trained
+from mathtune.run import BENCH, EVAL, load_run_config, load_trained
 from mathtune.verify import reference_answer, stated_answer, validate_math_response
 
 log = logging.getLogger("mathtune")
@@ -257,19 +257,19 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
     if is_text(conversations):
         model, tokenizer = load_trained(run_dir, cfg)
         documents = conversations.select(range(min(limit, len(conversations)))) if limit else conversations
-        return evaluate_text(model, tokenizer, documents, run_dir / "eval", base, cfg.data.max_seq_length,
+        return evaluate_text(model, tokenizer, documents, run_dir / EVAL, base, cfg.data.max_seq_length,
                              meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split})
     examples = eval_examples(conversations, limit)
     model, tokenizer = load_trained(run_dir, cfg)
     log.info("Scoring %d examples (%s%s)", len(examples), "fine-tuned and base" if base else "fine-tuned",
              f", {', '.join(map(str, data_files))}" if data_files else f", {split} split")
     summary = evaluate_model(
-        model, tokenizer, examples, run_dir / "eval", base=base,
+        model, tokenizer, examples, run_dir / EVAL, base=base,
         max_new_tokens=max_new_tokens or cfg.eval.max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
         max_seq_length=cfg.data.max_seq_length,
         meta={"data": [str(p) for p in data_files] if data_files else "run", "split": split},
     )
-    log.info("\n%s\n\nWritten to %s", comparison_table(summary), run_dir / "eval")
+    log.info("\n%s\n\nWritten to %s", comparison_table(summary), run_dir / EVAL)
     warn_about_drops({"these examples": summary})
     return summary
 
@@ -280,11 +280,11 @@ def run_benches(cfg, model, tokenizer, run_dir: Path, names: list[str], *, limit
 
     summaries = {}
     for name in names:
-        summary = run_bench(model, tokenizer, name, run_dir / "bench" / name, limit=limit or None,
+        summary = run_bench(model, tokenizer, name, run_dir / BENCH / name, limit=limit or None,
                             max_new_tokens=max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
                             max_seq_length=cfg.data.max_seq_length, system_prompt=cfg.data.system_prompt)
         log.info("\n%s: %s\n%s\n\nWritten to %s", name, summary["data"], comparison_table(summary),
-                 run_dir / "bench" / name)
+                 run_dir / BENCH / name)
         summaries[name] = summary
     return summaries
 

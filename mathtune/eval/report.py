@@ -21,7 +21,7 @@ from mathtune.display import png, pyplot
 from mathtune.errors import MathtuneError
 from mathtune.eval.accuracy import MIN_COMPARE, accuracy_text, p_text, protocol_text, significant_drop, topic_row
 from mathtune.files import write_bytes, write_text
-from mathtune.run import CONFIG, require_run_dir
+from mathtune.run import BENCH, CONFIG, EVAL, METRICS, PLOTS, REPORT, SUMMARY, require_run_dir
 
 SAMPLES = 4
 """Fine-tuned answers shown of each kind (correct, wrong): the first ones in predictions.jsonl."""
@@ -53,12 +53,12 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/plots/*.png and RUN_DIR/report.html from the run folder's files; return the page."""
     run_dir = Path(run_dir)
     config = (require_run_dir(run_dir) / CONFIG).read_text(encoding="utf-8")
-    summary = _read_json(run_dir / "train_summary.json")
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    evaluation = _read_json(run_dir / "eval" / "summary.json")
-    predictions = _read_jsonl(run_dir / "eval" / "predictions.jsonl")
+    summary = _read_json(run_dir / SUMMARY)
+    metrics = _read_jsonl(run_dir / METRICS)
+    evaluation = _read_json(run_dir / EVAL / "summary.json")
+    predictions = _read_jsonl(run_dir / EVAL / "predictions.jsonl")
 
-    plots = run_dir / "plots"
+    plots = run_dir / PLOTS
     plots.mkdir(exist_ok=True)
     name = run_dir.resolve().name
     body = [f"<h1>{escape(name)}</h1>", f'<p class="muted">mathtune run folder <code>{escape(str(run_dir.resolve()))}</code></p>']
@@ -96,7 +96,7 @@ def write_report(run_dir: Path) -> Path:
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
             f"<title>mathtune report: {escape(name)}</title>\n<style>{CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
-    out = run_dir / "report.html"
+    out = run_dir / REPORT
     write_text(out, page)
     return out
 
@@ -183,7 +183,7 @@ def _accuracy_section(evaluation: dict, table_id: str = "accuracy") -> str:
 
 def _bench_sections(run_dir: Path, plots: Path) -> str:
     """General math (RUN_DIR/bench/NAME/summary.json), or how to check it when it was not run."""
-    folders = sorted(p.parent for p in (run_dir / "bench").glob("*/summary.json"))
+    folders = sorted(p.parent for p in (run_dir / BENCH).glob("*/summary.json"))
     if not folders:
         return (f'<h2>General math</h2><p class="muted" id="no-bench">Not checked: <code>mathtune eval '
                 f"{escape(str(run_dir))} --bench gsm8k</code> scores base and fine-tuned on GSM8K problems shipped "

@@ -27,7 +27,7 @@ from mathtune.locks import lock_output, released_at_exit
 from mathtune.model.gguf import gguf_field, gguf_heads
 from mathtune.model.lmstudio import ENV_DIR, export_folder
 from mathtune.model.load import resolve_source
-from mathtune.run import load_run_config
+from mathtune.run import ADAPTER, EXPORT, load_run_config
 
 TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
 
@@ -56,7 +56,7 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
     cfg = load_run_config(run_dir)
     source = resolve_source(cfg.model)
     name = base_name(source)
-    folder = export_folder(run_dir.resolve().name) if to == "lmstudio" else run_dir / "export"
+    folder = export_folder(run_dir.resolve().name) if to == "lmstudio" else run_dir / EXPORT
     out = output or folder / {"gguf": f"{name}-{quant}.gguf", "lmstudio": f"{name}-{quant}.gguf",
                               "gguf-lora": f"{name}-lora.gguf", "hf": f"{name}-merged"}[to]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str
     if to == "hf":
         return merged_folder(run_dir, cfg, out)
     _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
-    adapter = read_adapter(run_dir / "adapter")
+    adapter = read_adapter(run_dir / ADAPTER)
     if to in ("gguf", "lmstudio"):
         return _merged_gguf(run_dir, source, adapter, out, quant, requant_all)
     return _lora_gguf(source, adapter, out, name)
@@ -102,7 +102,7 @@ def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_
     from transformers import AutoTokenizer
 
     # The tokenizer saved with the adapter carries the chat template the run trained with.
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
     if source.kind == "gguf":
         return merged_from_gguf(Path(source.path), adapter, out, quant, requant_all, tokenizer.chat_template)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from mathtune.config import Config, dump_config, resolve_optimizer, summarize
+from mathtune.config import Config, dump_config, resolve_optimizer, settings_summary
 from mathtune.data.dataset import IGNORE_INDEX
 from mathtune.errors import ConfigError, MathtuneError
 from mathtune.files import publish, write_json, write_text
@@ -121,7 +121,7 @@ def setup(cfg: Config, resume: bool) -> Job:
     cfg.output.dir = run_dir
     if resume:
         check_resume(run_dir, cfg)  # other data, model or LoRA settings would mix two trainings
-    log.info("Run folder: %s\n%s", run_dir, summarize(cfg))
+    log.info("Run folder: %s\n%s", run_dir, settings_summary(cfg))
     # Said before anything slow: auto picked the CPU beside an NVIDIA GPU that PyTorch cannot use.
     gpu_warning = unused_gpu_warning(cfg.model.device, device) if state.is_main_process else None
     warnings = [gpu_warning] if gpu_warning else []
