@@ -24,9 +24,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+# Through the module, so that a test can stand in for this machine (mathtune.hardware.cuda_available...).
+from mathtune import hardware
 from mathtune.errors import ConfigError
 from mathtune.files import unreadable_reason
-from mathtune.hardware import BF16_EMULATED, bitsandbytes_available, cpu_bf16_units, cuda_available
 
 ENV_PREFIX = "MATHTUNE_"
 
@@ -204,24 +205,24 @@ class Config(_Section):
         if self.model.load_in_4bit:
             if self.model.device in ("cpu", "mps"):
                 problems.append(f"model.load_in_4bit: needs CUDA, but model.device is '{self.model.device}'")
-            elif machine and not cuda_available():
+            elif machine and not hardware.cuda_available():
                 problems.append(
                     "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
                     "(run `mathtune doctor`); set it to false to train in full precision"
                 )
             else:
                 needs_bnb.append("model.load_in_4bit")
-        if self.model.dtype == "bfloat16" and self.model.device == "cpu" and machine and not cpu_bf16_units():
-            problems.append(f"model.dtype: bfloat16 on this CPU, which has no bf16 units (AMX or AVX512-BF16): {BF16_EMULATED}; "
-                            "use float32 or auto")
+        if self.model.dtype == "bfloat16" and self.model.device == "cpu" and machine and not hardware.cpu_bf16_units():
+            problems.append("model.dtype: bfloat16 on this CPU, which has no bf16 units (AMX or AVX512-BF16): "
+                            f"{hardware.BF16_EMULATED}; use float32 or auto")
         if self.train.optimizer in BNB_OPTIMIZERS:
-            if self.model.device in ("cpu", "mps") or (machine and self.model.device == "auto" and not cuda_available()):
+            if self.model.device in ("cpu", "mps") or (machine and self.model.device == "auto" and not hardware.cuda_available()):
                 where = f"model.device is '{self.model.device}'" if self.model.device != "auto" else "no CUDA GPU is usable here"
                 problems.append(f"train.optimizer: '{self.train.optimizer}' runs on CUDA through bitsandbytes, but {where}; "
                                 "use adamw_torch (or auto)")
             else:
                 needs_bnb.append("train.optimizer")
-        if machine and needs_bnb and not bitsandbytes_available():
+        if machine and needs_bnb and not hardware.bitsandbytes_available():
             problems.append(f"{' and '.join(needs_bnb)}: needs the bitsandbytes package, which is not installed: "
                             "pip install 'mathtune[qlora]' (or bitsandbytes)")
         if problems:

@@ -14,11 +14,12 @@ import logging
 import shutil
 from pathlib import Path
 
+from mathtune import hardware
 from mathtune.doctor.memory import read_model_shape
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.export.gguf import HEADER_ALLOWANCE
 from mathtune.files import is_disk_full, no_space, publish, require_space
-from mathtune.hardware import probe_memory, resolve_device, resolve_dtype
+from mathtune.hardware import resolve_device, resolve_dtype
 from mathtune.model.load import resolve_source
 from mathtune.run import load_trained
 
@@ -62,7 +63,7 @@ def check_memory(cfg, memory=None) -> None:
     shape = read_model_shape(Path(source.path))
     dtype = resolve_dtype(cfg.model.dtype, device)
     need = shape.params * dtype.itemsize * 1.1 + 0.5e9  # the weights, the adapter, the process
-    available = (memory or probe_memory)().get("available")
+    available = (memory or hardware.probe_memory)().get("available")
     log.info("--to hf loads the base whole: %.2fB parameters in %s, about %.1f GiB of RAM", shape.params / 1e9,
              str(dtype).removeprefix("torch."), need / GIB)
     if available is not None and need > available:

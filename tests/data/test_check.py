@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mathtune import display
 from mathtune.cli import main
-from mathtune.data import check as check_module
 from mathtune.data.builtin import builtin_files
 from mathtune.data.check import check_files, run_check
 from tests.conftest import write_jsonl
@@ -102,13 +102,13 @@ def test_large_files_get_a_progress_bar_fed_with_every_byte(tmp_path, monkeypatc
     import tqdm.auto
 
     monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
-    monkeypatch.setattr(check_module, "PROGRESS_MIN_BYTES", 1000)
+    monkeypatch.setattr(display, "PROGRESS_MIN_BYTES", 1000)
     check_files([path], lambda *a: None)
     size = path.stat().st_size
     assert seen[0] == ("total", size)
     assert sum(n for kind, n in seen if kind == "update") == size
     # Small files: no bar at all.
-    monkeypatch.setattr(check_module, "PROGRESS_MIN_BYTES", size + 1)
+    monkeypatch.setattr(display, "PROGRESS_MIN_BYTES", size + 1)
     seen.clear()
     check_files([path], lambda *a: None)
     assert seen == []
