@@ -41,8 +41,6 @@ from mathtune.files import unreadable_reason
 
 GB = 1e9
 NF4_BYTES = 0.516  # 4 bits + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quantization)
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -175,51 +176,14 @@ def merged_from_gguf(source: Path, adapter: Adapter, out: Path, quant: str, requ
 
     reader = gguf.GGUFReader(source)
     arch = mergeable_arch(reader, source)
-    by_name = {t.name: t for t in reader.tensors}
-    names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")), set(by_name))
+    names = tensor_names_for(adapter, arch, int(gguf_field(reader, f"{arch}.block_count")),
+                             {t.name for t in reader.tensors})
     touched = {gguf_name: module for module, gguf_name in names.items()}
     _, n_head, n_head_kv = gguf_heads(reader)
 
     writer = gguf.GGUFWriter(None, arch)
-    writer.data_alignment = reader.alignment
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue  # the writer writes these itself
-        value = field.contents()
-        if field.name == gguf.Keys.General.FILE_TYPE and requant_all:
-            value = file_type(quant)
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
-    added_template = chat_template is not None and reader.get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is None
-    if added_template:
-        writer.add_chat_template(chat_template)
-
-    def merged(tensor, module: str, qtype) -> Callable[[], np.ndarray]:
-        def produce() -> np.ndarray:
-            weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(numpy_shape(tensor))
-            delta = adapter.delta(module)
-            if arch in PERMUTED_ARCHS and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-                delta = permute_rows(delta, n_head if "attn_q" in tensor.name else n_head_kv)
-            return encode(weights + delta, qtype)
-        return produce
-
-    def requantized(tensor, qtype) -> Callable[[], np.ndarray]:
-        return lambda: encode(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(numpy_shape(tensor)), qtype)
-
-    plan, fallbacks, kquants = [], [], set()
-    for tensor in reader.tensors:
-        shape = numpy_shape(tensor)
-        if tensor.name in touched or (requant_all and len(shape) >= 2):
-            qtype = output_type(shape, quant)
-            if qtype != quant_type(quant) and len(shape) >= 2:
-                fallbacks.append(tensor.name)
-            if tensor.tensor_type.name.endswith("_K"):
-                kquants.add(tensor.tensor_type.name)
-            module = touched.get(tensor.name)
-            plan.append(planned(tensor.name, qtype, shape,
-                                 merged(tensor, module, qtype) if module else requantized(tensor, qtype)))
-        else:
-            plan.append(planned(tensor.name, tensor.tensor_type, shape, lambda t=tensor: t.data))
+    added_template = copy_metadata(reader, writer, quant, requant_all, chat_template)
+    plan, fallbacks, kquants = merge_plan(reader, adapter, touched, arch, (n_head, n_head_kv), quant, requant_all)
     write_gguf(writer, out, plan)
 
     notes = [f"{len(touched)} of {len(reader.tensors)} tensors carry the LoRA update and were written as {quant.upper()}"
@@ -233,6 +197,70 @@ def merged_from_gguf(source: Path, adapter: Adapter, out: Path, quant: str, requ
         notes.append(f"{len(fallbacks)} tensors have rows that do not split into {quant.upper()} blocks and were written "
                      "as F16")
     return notes
+
+
+def copy_metadata(reader, writer, quant: str, requant_all: bool, chat_template: str | None) -> bool:
+    """Every metadata field of the source into `writer`, as it was, and its alignment; the file type
+    becomes `quant`'s when every matrix is re-encoded. `chat_template` is added when the source has
+    none; returns whether it was."""
+    import gguf
+
+    writer.data_alignment = reader.alignment
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            continue  # the writer writes these itself
+        value = field.contents()
+        if field.name == gguf.Keys.General.FILE_TYPE and requant_all:
+            value = file_type(quant)
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    added = chat_template is not None and reader.get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE) is None
+    if added:
+        writer.add_chat_template(chat_template)
+    return added
+
+
+def merge_plan(reader, adapter: Adapter, touched: dict[str, str], arch: str, heads: tuple[int, int], quant: str,
+               requant_all: bool) -> tuple[list[PlannedTensor], list[str], set[str]]:
+    """The merged file's tensors, in the source's order: each one LoRA touched (`touched` maps its GGUF
+    name to the adapter's module), and with `requant_all` every other matrix, is re-encoded in
+    `quant`; the rest keep their bytes. Also the tensors written F16 because their rows do not split
+    into `quant` blocks, and the K-quant types that were re-encoded."""
+    plan, fallbacks, kquants = [], [], set()
+    for tensor in reader.tensors:
+        shape = numpy_shape(tensor)
+        if not (tensor.name in touched or (requant_all and len(shape) >= 2)):
+            plan.append(planned(tensor.name, tensor.tensor_type, shape, lambda t=tensor: t.data))
+            continue
+        qtype = output_type(shape, quant)
+        if qtype != quant_type(quant) and len(shape) >= 2:
+            fallbacks.append(tensor.name)
+        if tensor.tensor_type.name.endswith("_K"):
+            kquants.add(tensor.tensor_type.name)
+        module = touched.get(tensor.name)
+        delta = partial(lora_delta, adapter, module, tensor.name, arch, heads) if module else None
+        plan.append(planned(tensor.name, qtype, shape, reencoded(tensor, qtype, delta)))
+    return plan, fallbacks, kquants
+
+
+def lora_delta(adapter: Adapter, module: str, name: str, arch: str, heads: tuple[int, int]) -> np.ndarray:
+    """The adapter's update of `module`, in the row order of its GGUF tensor `name` (the Q and K rows
+    of a permuted architecture are permuted with `heads`, the query and the key-value head counts)."""
+    delta = adapter.delta(module)
+    if arch in PERMUTED_ARCHS and name.endswith(("attn_q.weight", "attn_k.weight")):
+        delta = permute_rows(delta, heads[0] if "attn_q" in name else heads[1])
+    return delta
+
+
+def reencoded(tensor, qtype, delta: Callable[[], np.ndarray] | None) -> Callable[[], np.ndarray]:
+    """What computes `tensor`'s new data when its turn comes: its weights, plus `delta()` when LoRA
+    touched it, encoded as `qtype`."""
+    from gguf import quants
+
+    def produce() -> np.ndarray:
+        weights = quants.dequantize(tensor.data, tensor.tensor_type).reshape(numpy_shape(tensor))
+        return encode(weights if delta is None else weights + delta(), qtype)
+    return produce
 
 
 def numpy_shape(tensor) -> tuple[int, ...]:
