@@ -151,7 +151,8 @@ def machine_facts() -> dict[str, Any]:
 
 def memory_estimate(cfg: Config) -> dict[str, Any]:
     """doctor's estimate for the run: {'fits', 'total_gib', 'capacity_gib', 'where', 'fix'}."""
-    from mathtune.doctor.doctor import GIB, diagnose, model_estimate
+    from mathtune.doctor.diagnosis import diagnose
+    from mathtune.doctor.doctor import GIB, model_estimate
     from mathtune.model.load import embedded_model_path
 
     facts = machine_facts()
