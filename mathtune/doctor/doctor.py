@@ -19,9 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mathtune import hardware  # through the module: tests stand in for the CPU at mathtune.hardware.cpu_bf16_units
+from mathtune.config import load_config
 from mathtune.doctor.diagnosis import diagnose
 from mathtune.doctor.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
+from mathtune.errors import ModelError
+from mathtune.files import cache_root
 from mathtune.hardware import PROBES, Probes, auto_dtype
+from mathtune.model.cache import cache_folder
+from mathtune.model.convert import damage, plan_conversion
+from mathtune.model.gguf import GGUF_MAGIC, check_gguf_architecture, read_magic
+from mathtune.model.load import resolve_source
 
 GIB = 1 << 30  # sizes are shown in GiB: a "12 GB" card has 12 GiB
 
@@ -122,7 +130,6 @@ def model_estimate(cfg, model: str, facts: dict[str, Any], device: str) -> tuple
 def run_doctor(model: str | None = None, config: Path | None = None, device: str | None = None,
                as_json: bool = False, probes: Probes = PROBES, out: Callable[[str], None] = print) -> int:
     """`mathtune doctor`: gather, diagnose, estimate, print; returns the exit status."""
-    from mathtune.config import load_config
 
     cfg = load_config(config, {"model.path": model} if model else None, check_machine=False)
     facts = gather(probes, Path(cfg.output.dir or "runs"))
@@ -133,7 +140,6 @@ def run_doctor(model: str | None = None, config: Path | None = None, device: str
     if model:
         model_path = Path(model).expanduser()
         if not model_path.exists():  # a piece of an LM Studio model's name (--model mathstral), or a mistake
-            from mathtune.model.load import resolve_source
 
             model_path = Path(resolve_source(cfg.model).path)
         report["model"], report["estimate"] = model_estimate(cfg, str(model_path), facts, resolved)
@@ -152,10 +158,6 @@ def conversion_needs(path: Path, cache_dir: Path | None, facts: dict[str, Any]) 
     (nothing to convert when the cache already holds it). None for a Transformers folder."""
     import shutil
 
-    from mathtune.files import cache_root
-    from mathtune.model.cache import cache_folder
-    from mathtune.model.convert import damage, plan_conversion
-    from mathtune.model.gguf import GGUF_MAGIC, read_magic
 
     if not path.is_file():
         return None
@@ -192,19 +194,15 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
     (no local shape) and under a multi-process launch (the estimate is for one process)."""
     import os
 
-    from mathtune.errors import ModelError
-    from mathtune.hardware import cpu_bf16_units
 
     if source.kind == "hub" or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     probes = probes or PROBES
     if source.kind == "gguf":
-        from mathtune.model.gguf import check_gguf_architecture
-
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
     # The torch facts a run needs: a GPU's free memory, or whether the CPU's bf16 units halve the
     # weights (read alone: the whole torch probe would start CUDA on a GPU machine told to use its CPU).
-    torch_facts = probes.torch() if device == "cuda" else {"cpu_bf16": cpu_bf16_units()} if device == "cpu" else {}
+    torch_facts = probes.torch() if device == "cuda" else {"cpu_bf16": hardware.cpu_bf16_units()} if device == "cpu" else {}
     facts = {"torch": torch_facts, "nvidia_smi": None, "memory": probes.memory()}
     model, estimate = model_estimate(cfg, source.path, facts, device)
     check = f"mathtune doctor --model {source.path}"

@@ -38,6 +38,7 @@ from typing import Any
 
 from mathtune.errors import ModelError
 from mathtune.files import unreadable_reason
+from mathtune.model.gguf import read_header
 
 GB = 1e9
 NF4_BYTES = 0.516  # 4 bits + 8-bit absmax per 64 weights + fp32 per 256 absmax (double quantization)
@@ -145,7 +146,6 @@ def _safetensors_params(folder: Path) -> int | None:
 def _gguf_shape(path: Path) -> ModelShape:
     import struct
 
-    from mathtune.model.gguf import read_header
 
     try:
         header = read_header(path)
