@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lint, then run the test suite (sets up .venv first if needed). Extra arguments go to pytest, e.g.
-#   bash scripts/test.sh tests/test_train.py -x      bash scripts/test.sh -m slow
+#   bash scripts/test.sh tests/train/test_recipe.py -x      bash scripts/test.sh -m slow
 # The lint is ruff with pyproject.toml's settings (line length, import order, pyflakes); fix what it
 # reports with `.venv/bin/ruff check --fix .` (import order) or by hand. Then lint-imports checks the
 # layers written in pyproject.toml ([tool.importlinter]): an import circle or an import that runs up

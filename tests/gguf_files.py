@@ -35,7 +35,7 @@ def tiny_gguf(arch: str, quant: str, folder: Path) -> Path:
 
     from mathtune.export.adapter import Adapter
     from mathtune.export.gguf_hf import merged_from_folder
-    from tests.test_export import tiny_folder
+    from tests.export.test_export import tiny_folder
 
     # Mistral-family files are stored as `llama` (as Mathstral's are), with a SentencePiece tokenizer.
     base = tiny_folder(arch, folder / f"tiny-{arch}", intermediate=256)

@@ -8,7 +8,7 @@ import pytest
 
 import mathtune.chat as chat
 from mathtune.cli import main
-from tests.test_train import tiny_run_config
+from tests.train.test_recipe import tiny_run_config
 
 
 @pytest.fixture(scope="module")

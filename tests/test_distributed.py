@@ -19,7 +19,7 @@ from mathtune.config import load_config
 from mathtune.errors import ConfigError
 from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
-from tests.test_train import adapter_weights
+from tests.train.test_recipe import adapter_weights
 
 # 20 records, 4 held out: 16 training examples, 4 global batches of 4 per epoch, so no batch is
 # short (a short last batch is filled up differently by one and by two processes).

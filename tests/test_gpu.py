@@ -19,7 +19,7 @@ from mathtune.config import load_config
 from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
 from tests.test_distributed import SETTINGS, set_args, torchrun
-from tests.test_train import adapter_weights, tiny_run_config
+from tests.train.test_recipe import adapter_weights, tiny_run_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")

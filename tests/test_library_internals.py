@@ -31,7 +31,7 @@ def test_checkpoints_are_staged_through_get_output_dir():
 
 def test_the_epoch_loop_is_still_run_epoch():
     why = ("SafeTrainingMixin._run_epoch stops a run resumed from its final checkpoint before transformers runs one "
-           "step past max_steps (tests/test_checkpoints.py::test_killed_after_the_final_checkpoint_a_resume_trains_"
+           "step past max_steps (tests/train/test_checkpoints.py::test_killed_after_the_final_checkpoint_a_resume_trains_"
            "no_extra_step); the method it overrides is gone or renamed: check whether the bug is fixed, and drop "
            "or move the override.")
     assert callable(getattr(Trainer, "_run_epoch", None)), why
@@ -62,7 +62,7 @@ def test_the_gguf_loader_pieces_the_streaming_conversion_reuses_are_there():
            "(modeling_gguf_pytorch_utils.load_gguf_checkpoint): get_gguf_hf_weights_map for the names and "
            "TENSOR_PROCESSORS for llama's Q/K permutation and gemma's norms; and mathtune.model.gguf.read_header reads "
            "headers with integrations.gguf.reader's _read_metadata/_read_tensor_table (gguf.GGUFReader decodes "
-           "every token: tens of seconds on a 152k vocabulary). One of them moved; tests/test_convert.py compares "
+           "every token: tens of seconds on a 152k vocabulary). One of them moved; tests/model/test_convert.py compares "
            "the result with the loader itself.")
     from transformers.integrations.gguf import reader
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map

@@ -17,8 +17,8 @@ from mathtune.locks import InUseError, lock_output, lock_run_dir
 from mathtune.run import RESUMABLE, create_run_dir, resume_changes
 from mathtune.train.recipe import train
 from tests.conftest import ROOT, math_records, write_jsonl
-from tests.test_checkpoints import cli_args, start, wait_for
-from tests.test_train import tiny_run_config
+from tests.train.test_checkpoints import cli_args, start, wait_for
+from tests.train.test_recipe import tiny_run_config
 
 HOLD = """
 import sys, time

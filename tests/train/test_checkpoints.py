@@ -28,7 +28,7 @@ from mathtune.train.checkpoints import (
 )
 from mathtune.train.recipe import RunTrainer, save_adapter, train
 from tests.conftest import math_records, write_jsonl
-from tests.test_train import adapter_weights, tiny_run_config
+from tests.train.test_recipe import adapter_weights, tiny_run_config
 
 CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
                     "rng_state.pth", "trainer_state.json"}
@@ -136,7 +136,7 @@ def cli_args(data: Path, model: Path, out: Path, steps: int) -> list[str]:
 def start(args: list[str], log: Path) -> subprocess.Popen:
     with log.open("ab") as fh:
         return subprocess.Popen([sys.executable, "-m", "mathtune", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), cwd=Path(__file__).resolve().parents[1])
+                                env=os.environ.copy(), cwd=Path(__file__).resolve().parents[2])
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240) -> bool:

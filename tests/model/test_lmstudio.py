@@ -20,7 +20,7 @@ from mathtune.errors import ModelError
 from mathtune.model.gguf import read_header
 from mathtune.model.lmstudio import NoModelFound, cached_models, find_model, list_models, model_dirs, remove_cached
 from mathtune.model.load import resolve_source
-from tests.test_doctor import doctor, machine
+from tests.doctor.test_doctor import doctor, machine
 
 MATHSTRAL = "lmstudio-community/Mathstral-7B-v0.1-GGUF/Mathstral-7B-v0.1-Q4_K_M.gguf"
 MATHSTRAL_Q8 = "lmstudio-community/Mathstral-7B-v0.1-GGUF/Mathstral-7B-v0.1-Q8_0.gguf"
@@ -212,7 +212,7 @@ def tiny_gguf(path: Path, work: Path) -> Path:
 
     from mathtune.export.adapter import Adapter
     from mathtune.export.gguf_hf import merged_from_folder
-    from tests.test_export import tiny_folder
+    from tests.export.test_export import tiny_folder
 
     folder = tiny_folder("llama", work / "tiny-llama")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,7 +359,7 @@ def test_doctor_estimates_a_model_named_by_a_piece_of_its_name(lm_studio):
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory) -> Path:
     """A tiny llama GGUF in a fake LM Studio folder, trained for 3 steps with --model and a piece of its name."""
-    from tests.test_export import train_run
+    from tests.export.test_export import train_run
 
     root = tmp_path_factory.mktemp("from-lmstudio")
     with pytest.MonkeyPatch.context() as mp:

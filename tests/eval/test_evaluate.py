@@ -14,7 +14,7 @@ from mathtune.config import LoraConfig, ModelConfig
 from mathtune.eval.evaluate import BENCHES, EvalExample, Generated, eval_examples, generate, score, stop_token_ids
 from mathtune.model.load import load_model
 from mathtune.train.lora import apply_lora
-from tests.test_train import tiny_run_config
+from tests.train.test_recipe import tiny_run_config
 
 
 def test_the_last_assistant_turn_is_the_reference_and_concepts_are_not_checkable():

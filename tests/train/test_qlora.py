@@ -14,7 +14,7 @@ import mathtune.train.recipe
 from mathtune.config import load_config, resolve_optimizer
 from mathtune.errors import ConfigError
 from mathtune.train.recipe import _compute_dtype, train
-from tests.test_train import tiny_run_config
+from tests.train.test_recipe import tiny_run_config
 
 NO_ENV: dict = {}
 

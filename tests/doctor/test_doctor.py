@@ -13,7 +13,7 @@ import pytest
 from mathtune.cli import main
 from mathtune.doctor.doctor import run_doctor
 from mathtune.hardware import PROBES, Probes, cuda_tag, probe_disk_free, probe_memory, probe_nvidia_smi, probe_torch
-from tests.test_memory import MATHSTRAL
+from tests.doctor.test_memory import MATHSTRAL
 
 GIB = 1 << 30
 PY = "/venv/bin/python"
@@ -187,7 +187,7 @@ def test_mathstral_qlora_estimate_on_a_12_gb_gpu(mathstral_dir, tmp_path):
 
 
 def test_a_plan_that_does_not_fit_gets_the_settings_that_would(mathstral_dir):
-    config = Path(__file__).parents[1] / "configs" / "mathstral-7b-qlora.yaml"  # batch 4 x 1024
+    config = Path(__file__).parents[2] / "configs" / "mathstral-7b-qlora.yaml"  # batch 4 x 1024
     small = machine(cuda_torch(8, "NVIDIA GeForce RTX 3070", "8.6", free_gib=7.5), smi(gib=8), BNB_OK)
     code, text = doctor(small, model=str(mathstral_dir), config=config)
     assert code == 1
@@ -360,7 +360,7 @@ def test_training_on_the_cpu_beside_an_unused_nvidia_gpu_warns_first_and_records
     import logging
 
     from mathtune.train.recipe import train
-    from tests.test_train import tiny_run_config
+    from tests.train.test_recipe import tiny_run_config
 
     # This machine's PyTorch is a CPU-only build; an nvidia-smi on PATH plays the GPU it leaves unused.
     fake_nvidia_smi(tmp_path, monkeypatch, 'echo "NVIDIA GeForce RTX 3060, 12288, 11900, 550.54.14"')
