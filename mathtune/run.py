@@ -97,7 +97,7 @@ def create_run_dir(run_dir: Path, config_text: str, resume: bool) -> None:
     lock_run_dir(run_dir)  # two new runs that chose the same name: the second stops here
     if resume:
         if (run_dir / CONFIG).read_text(encoding="utf-8") != config_text:
-            write_text(run_dir / CONFIG, config_text)  # the settings allowed to change on resume (config.RESUMABLE)
+            write_text(run_dir / CONFIG, config_text)  # the settings allowed to change on resume (RESUMABLE)
         return
     for path in _run_files(run_dir):  # choose_run_dir allowed it: output.overwrite. The lock stays.
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -180,7 +180,7 @@ def check_resume(run_dir: Path, cfg: Config) -> list[str]:
     if refused:
         lines = "\n".join(f"  - {line}" for line in refused)
         raise MathtuneError(
-            f"{run_dir}: --resume with settings that differ from the run's ({run_dir / 'config.yaml'} -> now):\n{lines}\n"
+            f"{run_dir}: --resume with settings that differ from the run's ({run_dir / CONFIG} -> now):\n{lines}\n"
             "Resuming would mix two different trainings. Drop these --set/MATHTUNE_* changes, or start a new run "
             f"with them (--output another folder). Settings that may change on resume: {', '.join(RESUMABLE)}.")
     if allowed:
