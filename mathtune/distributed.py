@@ -94,7 +94,7 @@ def agree_on_run_dir(state: PartialState, prepare: Callable[[], Path]) -> Path:
     return Path(text)
 
 
-def finish(state: PartialState) -> None:
+def leave_process_group(state: PartialState) -> None:
     """Every process meets here once training and the adapter are saved, then the process group is
     closed. Rank 0 goes on alone (summary, generation, report) while the others exit: a process that
     exits with its group still open can abort in gloo's teardown (seen as SIGABRT, "terminate called

@@ -229,21 +229,3 @@ def _load_failure(source: ModelSource, exc: Exception) -> str:
     return f"{source.path}: could not load the model ({exc})"
 
 
-def find_linear_layers(model: PreTrainedModel) -> list[str]:
-    """Names (last component) of every linear layer except the output head: LoRA's default targets.
-
-    Covers nn.Linear, GPT-2's Conv1D and bitsandbytes' 4/8-bit linears, so llama, mistral, qwen2,
-    gemma, falcon, opt and gpt2 work without naming modules.
-    """
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    head = model.get_output_embeddings()
-    names = set()
-    for name, module in model.named_modules():
-        if module is head:
-            continue
-        linear = isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-        if linear:
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)

@@ -1,15 +1,22 @@
-"""Apply LoRA (or QLoRA on a 4-bit base) with PEFT, and count what trains.
+"""Apply LoRA (or QLoRA on a 4-bit base) with PEFT, count what trains, and save the adapter.
 
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    save_adapter(model, tokenizer, run_dir / ADAPTER)
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from mathtune.model.load import find_linear_layers
+from mathtune.errors import ConfigError, MathtuneError
+from mathtune.files import is_disk_full, publish
+from mathtune.run import CHECKPOINTS
+from mathtune.train.checkpoints import resume_hint
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -17,13 +24,13 @@ if TYPE_CHECKING:
 
     from mathtune.config import LoraConfig
 
+log = logging.getLogger("mathtune")
+
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
     """Freeze the base and wrap its target layers with trainable LoRA adapters."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from mathtune.errors import ConfigError
 
     targets = find_linear_layers(model) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     present = set(find_linear_layers(model))
@@ -94,3 +101,59 @@ def count_parameters(model) -> tuple[int, int]:
         return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+def log_lora(model) -> None:
+    trainable, total = count_parameters(model)
+    log.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", ", ".join(lora_modules(model)), f"{trainable:,}",
+             f"{total:,}", 100 * trainable / total)
+
+
+def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = True) -> None:
+    """PEFT adapter + tokenizer + chat template, written aside and renamed when complete.
+
+    With `trainer` (FSDP, ZeRO-3) every process calls this: Trainer gathers the sharded weights and
+    only the process with `write` writes.
+    """
+    tmp = target.with_name(target.name + ".tmp")
+    if write:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if trainer is not None:
+            trainer.save_model(str(tmp))
+        else:
+            model.save_pretrained(tmp)
+        if write:
+            tokenizer.save_pretrained(tmp)
+    except Exception as exc:
+        if write:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            kept = "the previous adapter is intact; " if target.exists() else ""
+            raise MathtuneError(f"Could not save the adapter in {target}: the disk is full; {kept}the checkpoints in "
+                                f"{target.parent / CHECKPOINTS} are intact. Free some space, then: "
+                                f"{resume_hint(target.parent)}") from None
+        raise
+    if not write:
+        return
+    publish(tmp, target)
+
+
+def find_linear_layers(model: PreTrainedModel) -> list[str]:
+    """Names (last component) of every linear layer except the output head: LoRA's default targets.
+
+    Covers nn.Linear, GPT-2's Conv1D and bitsandbytes' 4/8-bit linears, so llama, mistral, qwen2,
+    gemma, falcon, opt and gpt2 work without naming modules.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    names = set()
+    for name, module in model.named_modules():
+        if module is head:
+            continue
+        linear = isinstance(module, (torch.nn.Linear, Conv1D)) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if linear:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mathtune.data.dataset import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -30,7 +32,6 @@ def packed_collator(boundaries: bool = True, keep_logits: bool = False):
     layer runs only there (`label_only_loss` then scores exactly those)."""
     from transformers import DataCollatorWithFlattening
 
-    from mathtune.data.dataset import IGNORE_INDEX
 
     flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX,
                                          return_flash_attn_kwargs=boundaries)
@@ -57,7 +58,6 @@ def label_only_loss(outputs, labels, num_items_in_batch=None):
     per position (any other batch), where they are shifted as in transformers' causal-LM loss."""
     import torch
 
-    from mathtune.data.dataset import IGNORE_INDEX
 
     logits = outputs.logits
     targets = labels[:, 1:]

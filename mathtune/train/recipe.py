@@ -5,7 +5,7 @@
     mathtune train --resume runs/20261125-101500    # continue from the last checkpoint
 
 The loop is transformers' Trainer, so `torchrun` and `accelerate launch` run this same code on
-several processes (mathtune/distributed.py); rank 0 alone writes the run folder (mathtune/rundir.py):
+several processes (mathtune/distributed.py); rank 0 alone writes the run folder (mathtune/run.py):
 config.yaml, metrics.jsonl, checkpoints/, adapter/ and train_summary.json.
 
     torchrun --nproc_per_node 2 -m mathtune train --config run.yaml     # CPU, DDP over gloo
@@ -14,27 +14,49 @@ config.yaml, metrics.jsonl, checkpoints/, adapter/ and train_summary.json.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import pickle
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import ProgressCallback
 
+from mathtune import distributed
 from mathtune.config import Config, dump_config, resolve_optimizer, settings_summary
-from mathtune.data.dataset import IGNORE_INDEX
+from mathtune.data.dataset import IGNORE_INDEX, DataReport, ensure_chat_template, split_conversations, tokenize_splits
+from mathtune.doctor.doctor import preflight, unused_gpu_warning
 from mathtune.errors import ConfigError, MathtuneError
-from mathtune.files import publish, write_json, write_text
+from mathtune.eval.evaluate import (
+    comparison_table,
+    eval_examples,
+    evaluate_model,
+    perplexity,
+    run_benches,
+    warn_about_drops,
+)
+from mathtune.eval.report import write_report
+from mathtune.files import write_json
+from mathtune.hardware import resolve_device
 from mathtune.locks import released_at_exit
-from mathtune.run import ADAPTER, CHECKPOINTS, METRICS, SUMMARY, check_resume, choose_run_dir, create_run_dir
-from mathtune.train.checkpoints import GracefulInterrupt, SafeTrainingMixin, is_disk_full, resume_hint
+from mathtune.model.load import ModelSource, load_model, resolve_source
+from mathtune.run import ADAPTER, CHECKPOINTS, EVAL, METRICS, SUMMARY, check_resume, choose_run_dir, create_run_dir
+from mathtune.train.checkpoints import GracefulInterrupt, SafeTrainingMixin
 from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkpoint
+from mathtune.train.lora import apply_lora, count_parameters, log_lora, lora_modules, save_adapter
+from mathtune.train.metrics import RunLogger, first_eval_loss, logged_eval_before, summary_text
+from mathtune.train.packing import label_only_loss, packed_collator, supports_padding_free, use_packed_attention
+
+if TYPE_CHECKING:
+    import datasets
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("mathtune")
 
@@ -44,9 +66,9 @@ class TrainResult:
     run_dir: Path
     summary: dict[str, Any]
     """What train_summary.json holds."""
-    model: Any
+    model: PeftModel
     """The trained PEFT model, still in memory (for evaluation right after training)."""
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
 
 
 @dataclass
@@ -55,18 +77,17 @@ class Job:
 
     cfg: Config
     run_dir: Path
-    state: Any
-    """accelerate's PartialState: this process's rank among the run's processes."""
+    state: PartialState
+    """this process's rank among the run's processes"""
     device: str
-    source: Any
-    """mathtune.model.load.ModelSource"""
-    model: Any
-    tokenizer: Any
+    source: ModelSource
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
     trainer: Trainer
-    data: Any
-    """mathtune.data.dataset.DataReport: examples, truncated, dropped, skipped"""
-    eval_ds: Any
-    eval_conv: Any
+    data: DataReport
+    """examples, truncated, dropped, skipped"""
+    eval_ds: datasets.Dataset
+    eval_conv: datasets.Dataset
     """The held-out conversations, for the verified-accuracy evaluation at the end."""
     checkpoint: Path | None
     """Where a resumed run continues from."""
@@ -94,13 +115,6 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
 
 def setup(cfg: Config, resume: bool) -> Job:
     """Check everything, load the model, tokenize the data, apply LoRA, build the Trainer."""
-    from mathtune import distributed
-    from mathtune.data.dataset import DataReport, split_conversations, tokenize_splits
-    from mathtune.doctor.doctor import preflight, unused_gpu_warning
-    from mathtune.hardware import resolve_device
-    from mathtune.model.load import resolve_source
-    from mathtune.train.lora import apply_lora
-
     # Every record, the model path and the run folder are checked before anything is written or
     # loaded: a typo costs neither a run folder nor a model conversion.
     data = DataReport()
@@ -139,11 +153,11 @@ def setup(cfg: Config, resume: bool) -> Job:
         create_run_dir(run_dir, dump_config(cfg), resume)
 
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    _log_lora(model)
+    log_lora(model)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, state.is_main_process)
     checkpoint = eval_before = None
     if resume:
-        checkpoint, eval_before = last_checkpoint(run_dir), _logged_eval_before(run_dir)
+        checkpoint, eval_before = last_checkpoint(run_dir), logged_eval_before(run_dir)
         if checkpoint is None:
             log.info("No checkpoint in %s yet: starting from step 0", run_dir / CHECKPOINTS)
     if eval_before is None and len(eval_ds):  # a new run, or one killed before its first evaluation was logged
@@ -155,12 +169,9 @@ def setup(cfg: Config, resume: bool) -> Job:
                eval_before, warnings)
 
 
-def _load_base(cfg: Config, source, device: str, state, chat: bool):
+def _load_base(cfg: Config, source: ModelSource, device: str, state: PartialState, chat: bool):
     """The base model and tokenizer, ready to train: a chat template unless the data is plain text
     (`chat`), no KV cache (training needs none, and packed rows are kept apart only without one)."""
-    from mathtune.data.dataset import ensure_chat_template
-    from mathtune.model.load import load_model
-
     started = time.perf_counter()
     with state.main_process_first():  # a GGUF file is converted by rank 0 alone; the others read its cache
         model, tokenizer, source = load_model(cfg.model, source, device)
@@ -189,21 +200,19 @@ def fit(job: Job) -> Fit:
     if interrupt.stopped_at is not None:  # Ctrl-C, SIGTERM, SIGHUP: exit status 128 + the signal
         raise interrupt.error(last_checkpoint(job.run_dir), job.run_dir)
     seconds = time.perf_counter() - started
-    eval_before = job.eval_before if job.eval_before is not None else _first_eval_loss(trainer, start_step)
+    eval_before = job.eval_before if job.eval_before is not None else first_eval_loss(trainer, start_step)
     return Fit(seconds, start_step, result.training_loss, eval_before, _eval_loss(trainer, job.eval_ds))
 
 
 def finish(job: Job, fitted: Fit) -> TrainResult:
     """Save the adapter and train_summary.json, then (rank 0) evaluate and write the report."""
-    from mathtune import distributed
-
     cfg, run_dir, main_process = job.cfg, job.run_dir, job.state.is_main_process
     summary = run_summary(job, fitted)
     sharded = distributed.shards_parameters()
     if sharded:
         # Each process holds a slice of the weights: all of them gather, rank 0 writes.
         save_adapter(job.model, job.tokenizer, run_dir / ADAPTER, trainer=job.trainer, write=main_process)
-    distributed.finish(job.state)
+    distributed.leave_process_group(job.state)
     model = job.model if sharded else without_autocast(job.model)
     if main_process:
         if not sharded:
@@ -220,8 +229,6 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
             evaluate_held_out(cfg, model, job.tokenizer, run_dir, job.eval_conv)
-        from mathtune.eval.report import write_report
-
         log.info("Report: %s", write_report(run_dir))
     return TrainResult(run_dir, summary, model, job.tokenizer)
 
@@ -231,17 +238,11 @@ def without_autocast(model):
     fp16 model under accelerate's autocast wrapper (LoRA products in bf16, outputs cast to float32),
     which is removed here, so the end-of-training scores are those of the weights as saved (bf16
     base, float32 LoRA) and `mathtune eval RUN` reproduces them."""
-    from accelerate.utils import extract_model_from_parallel
-
     return extract_model_from_parallel(model, keep_fp32_wrapper=False)
 
 
 def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
     """train_summary.json: what was trained, on what, how fast, and the losses before and after."""
-    from mathtune import distributed
-    from mathtune.eval.evaluate import perplexity
-    from mathtune.train.lora import count_parameters, lora_modules
-
     state, data, source = job.trainer.state, job.data, job.source
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     trainable, total = count_parameters(job.model)
@@ -282,22 +283,12 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
     }
 
 
-def _log_lora(model) -> None:
-    from mathtune.train.lora import count_parameters, lora_modules
-
-    trainable, total = count_parameters(model)
-    log.info("LoRA on %s: %s trainable of %s parameters (%.2f%%)", ", ".join(lora_modules(model)), f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total)
-
-
 def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
     """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split,
     then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
-    from mathtune.eval.evaluate import comparison_table, eval_examples, evaluate_model, run_benches, warn_about_drops
-
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
     log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
-    result = evaluate_model(model, tokenizer, examples, run_dir / "eval", base=True,
+    result = evaluate_model(model, tokenizer, examples, run_dir / EVAL, base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                             max_seq_length=cfg.data.max_seq_length, meta={"data": "run", "split": "eval"})
     log.info("\n%s", comparison_table(result))
@@ -318,46 +309,11 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return newest_complete_checkpoint(run_dir / CHECKPOINTS)
 
 
-def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = True) -> None:
-    """PEFT adapter + tokenizer + chat template, written aside and renamed when complete.
-
-    With `trainer` (FSDP, ZeRO-3) every process calls this: Trainer gathers the sharded weights and
-    only the process with `write` writes.
-    """
-    tmp = target.with_name(target.name + ".tmp")
-    if write:
-        shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if trainer is not None:
-            trainer.save_model(str(tmp))
-        else:
-            model.save_pretrained(tmp)
-        if write:
-            tokenizer.save_pretrained(tmp)
-    except Exception as exc:
-        if write:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(exc):
-            kept = "the previous adapter is intact; " if target.exists() else ""
-            raise MathtuneError(f"Could not save the adapter in {target}: the disk is full; {kept}the checkpoints in "
-                                f"{target.parent / CHECKPOINTS} are intact. Free some space, then: "
-                                f"{resume_hint(target.parent)}") from None
-        raise
-    if not write:
-        return
-    publish(tmp, target)
-
-
 # ---------------------------------------------------------------------------------------------
 # Trainer
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
-    from transformers import DataCollatorForSeq2Seq
-    from transformers.trainer_callback import ProgressCallback
-
-    from mathtune.train.packing import label_only_loss, packed_collator, supports_padding_free, use_packed_attention
-
     packed = cfg.train.padding_free and supports_padding_free(model)
     if packed:
         # One row per batch, positions restarting at each example: no padding to compute on,
@@ -385,8 +341,6 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
 
 
 def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: bool, has_eval: bool):
-    from transformers import TrainingArguments
-
     t = cfg.train
     return TrainingArguments(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -430,58 +384,6 @@ class RunTrainer(SafeTrainingMixin, Trainer):
     """transformers' Trainer with whole checkpoints and a stop on a non-finite loss (mathtune/checkpoints.py)."""
 
 
-class RunLogger(TrainerCallback):
-    """metrics.jsonl (one line per logging step) and a progress bar with loss, lr and tokens/s."""
-
-    def __init__(self, path: Path, show_progress: bool = True, write: bool = True):
-        self.path, self.show_progress, self.write = path, show_progress, write
-        self.bar = None
-        self._last = (0.0, 0)  # (time, tokens) at the previous log, for tokens/s
-        self.tokens_at_start = 0  # a resumed run's tokens of earlier sessions
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from tqdm.auto import tqdm
-
-        if self.write and self.path.exists():
-            # After a resume, drop lines past the checkpoint: those steps run again.
-            keep = [line for line, record in _metric_lines(self.path) if record.get("step", 0) <= state.global_step]
-            write_text(self.path, "".join(f"{line}\n" for line in keep))
-        if self.show_progress:
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training", dynamic_ncols=True)
-        self._last = (time.perf_counter(), state.num_input_tokens_seen)
-        self.tokens_at_start = state.num_input_tokens_seen
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-        if state.global_step >= state.max_steps:
-            control.should_log = True  # the last step's loss, also when the run is shorter than logging_steps
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        last_time, last_tokens = self._last
-        if "loss" in logs and now > last_time:
-            logs["tokens_per_second"] = round((tokens - last_tokens) / (now - last_time), 1)
-            self._last = (now, tokens)
-        record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
-        if self.write:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-        if self.bar is not None:
-            if "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
-                                     tok_s=f"{logs['tokens_per_second']:.0f}", refresh=False)
-            elif "eval_loss" in logs:
-                self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def precision(model, args) -> str:
     """What the matrix products run in, for the log and train_summary.json: "float32", or
     "bf16 autocast, bfloat16 weights" (the frozen base in bf16; LoRA weights and optimizer in float32)."""
@@ -510,57 +412,3 @@ def _eval_loss(trainer, eval_ds) -> float | None:
     return round(loss, 6)
 
 
-def _first_eval_loss(trainer, start_step: int) -> float | None:
-    """The eval loss train() took before its first step (eval_on_start): the last one logged at
-    `start_step` (a resumed run's history also holds the evaluations of earlier sessions)."""
-    at_start = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == start_step]
-    loss = at_start[-1] if at_start else None
-    if loss is not None and not math.isfinite(loss):
-        raise MathtuneError(f"evaluation loss before training is {loss}: the model or data produce non-finite values")
-    return None if loss is None else round(loss, 6)
-
-
-def _logged_eval_before(run_dir: Path) -> float | None:
-    """The eval loss logged at step 0 of this run (RunLogger writes it), for a resumed run's summary."""
-    records = [record for _, record in _metric_lines(run_dir / METRICS)]
-    return next((r["eval_loss"] for r in records if r.get("step") == 0 and "eval_loss" in r), None)
-
-
-def _metric_lines(path: Path) -> list[tuple[str, dict]]:
-    """(line, record) of metrics.jsonl; a line cut short by a killed process is left out."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append((line, record))
-    return out
-
-
-def summary_text(summary: dict, run_dir: Path) -> str:
-    before, after = summary["eval_loss_before"], summary["eval_loss_after"]
-    change = f"  ({after - before:+.4f})" if before is not None and after is not None else ""
-    return "\n".join(
-        [
-            "",
-            f"Done: {summary['steps']} steps in {summary['train_seconds']:.0f} s, "
-            f"{summary['tokens_per_second'] or 0:.0f} tokens/s ({summary['tokens_seen']:,} tokens"
-            + (f", {summary['precision']})" if summary.get("precision") else ")"),
-            f"  train loss  {_loss(summary['first_train_loss'])} -> {_loss(summary['last_train_loss'])}",
-            f"  eval loss   {_loss(before)} -> {_loss(after)}{change}",
-            f"  adapter     {run_dir / ADAPTER}",
-            f"  next        mathtune export {run_dir} --to gguf   (for LM Studio / llama.cpp)",
-        ]
-    )
-
-
-def _loss(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:.4f}"
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value

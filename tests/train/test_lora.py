@@ -7,8 +7,7 @@ import torch
 
 from mathtune.config import LoraConfig
 from mathtune.errors import ConfigError
-from mathtune.model.load import find_linear_layers
-from mathtune.train.lora import apply_lora, count_parameters
+from mathtune.train.lora import apply_lora, count_parameters, find_linear_layers
 from tests.conftest import TINY_ARCHS, tiny_config
 
 EXPECTED_TARGETS = {
