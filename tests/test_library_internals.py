@@ -2,7 +2,8 @@
 release that moves one fails here with the reason instead of deep inside a run.
 
 pyproject.toml pins the transformers range these were checked on. Every other hook mathtune uses is
-public: `compute_loss_func` (the label-only loss), `training_step`, callbacks.
+public: `compute_loss_func` (the label-only loss), `training_step`, callbacks, `set_attn_implementation`
+with an attention function registered through `AttentionInterface`.
 """
 
 from __future__ import annotations
@@ -81,3 +82,16 @@ def test_torch_still_says_which_bf16_units_the_cpu_has():
 
     assert callable(getattr(torch.cpu, "_is_amx_tile_supported", None)), why
     assert callable(getattr(torch.cpu, "_is_avx512_bf16_supported", None)), why
+
+
+def test_the_attention_switch_packing_reads_is_still_there():
+    why = ("mathtune.train.packing.use_packed_attention switches a model to the per-example SDPA only where transformers "
+           "can switch it (PreTrainedModel._can_set_attn_implementation: the model's attention goes through the "
+           "attention interface) and reads the current one from config._attn_implementation; no public call says "
+           "either without set_attn_implementation logging a warning for models that cannot switch. One moved: "
+           "find its new name, or call set_attn_implementation and read the result.")
+    from transformers import LlamaConfig, PreTrainedModel
+
+    assert callable(getattr(PreTrainedModel, "_can_set_attn_implementation", None)), why
+    assert hasattr(LlamaConfig(), "_attn_implementation"), why
+    assert "_can_set_attn_implementation()" in inspect.getsource(PreTrainedModel.set_attn_implementation), why
