@@ -14,7 +14,8 @@
     mathtune data stats FILE... [--model PATH] [--config FILE] [--set KEY=VALUE ...] [--json] [--plot DIR]
     mathtune ui [--runs DIR] [--host HOST] [--port N] [--no-browser]
 
-Heavy libraries are imported inside the commands so that `mathtune --help` answers at once.
+The training recipe (torch, transformers) and the web UI (optional packages) are imported by
+their commands alone, so that `mathtune --help` and the light commands answer at once.
 """
 
 from __future__ import annotations
@@ -27,8 +28,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mathtune import __version__
+from mathtune.chat import chat_gguf, chat_run
+from mathtune.config import ModelConfig, load_config, parse_override
+from mathtune.data.check import run_check
+from mathtune.data.dataset import ensure_chat_template
+from mathtune.data.stats import run_stats
+from mathtune.doctor.doctor import run_doctor
 from mathtune.errors import MathtuneError
-from mathtune.eval.evaluate import BENCHES
+from mathtune.eval.evaluate import BENCHES, evaluate_run
+from mathtune.eval.report import write_report
+from mathtune.export import export_run, how_to_use
+from mathtune.files import cache_root
+from mathtune.model import lmstudio
+from mathtune.model.cache import convert_gguf
+from mathtune.model.convert import convert_to_folder, plan_conversion
+from mathtune.model.load import load_tokenizer, resolve_source
+from mathtune.run import CONFIG, require_run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +247,6 @@ def _add_ui(commands) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mathtune.config import load_config, parse_override
-
     overrides = dict(parse_override(text) for text in args.set)
     for key, value in (("model.path", args.model), ("data.files", args.data), ("output.dir", args.output)):
         if value is not None:
@@ -244,21 +257,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None:
             raise MathtuneError("--resume uses RUN_DIR/config.yaml; don't pass --config with it")
-        from mathtune.run import CONFIG, require_run_dir
 
         config_file = require_run_dir(args.resume, why="nothing to resume") / CONFIG
         overrides["output.dir"] = str(args.resume)
     cfg = load_config(config_file, overrides)
 
-    from mathtune.train.recipe import train
+    from mathtune.train.recipe import train  # deferred: torch, transformers and accelerate take seconds to import
 
     train(cfg, resume=args.resume is not None)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mathtune.eval.evaluate import evaluate_run
-
     for name in ("limit", "max_new_tokens", "batch_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -271,15 +281,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mathtune.eval.report import write_report
-
     print(f"Written {write_report(args.run_dir)}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mathtune.export import export_run, how_to_use
-
     result = export_run(args.run_dir, args.to, quant=args.quant, requant_all=args.requant_all, output=args.output,
                         overwrite=args.overwrite)
     print("\n".join(how_to_use(result)))
@@ -287,8 +293,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from mathtune.chat import chat_gguf, chat_run
-
     if (args.run_dir is None) == (args.gguf is None):
         raise MathtuneError("chat: name a run folder (mathtune chat RUN_DIR) or a GGUF file (mathtune chat --gguf FILE)")
     if args.gguf is not None:
@@ -299,12 +303,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mathtune.config import ModelConfig
-    from mathtune.files import cache_root
-    from mathtune.model.cache import convert_gguf
-    from mathtune.model.convert import convert_to_folder, plan_conversion
-    from mathtune.model.load import resolve_source
-
     source = resolve_source(ModelConfig(path=str(args.gguf)))
     if source.kind != "gguf":
         raise MathtuneError(f"{args.gguf}: mathtune convert takes a .gguf file")
@@ -320,8 +318,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from mathtune.model import lmstudio
-
     if args.cache and args.remove:
         raise MathtuneError("models: --cache lists the cached copies, --remove deletes one; pass one of them")
     if args.remove is not None:
@@ -347,15 +343,10 @@ def _jsonable(record: dict) -> dict:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from mathtune.doctor.doctor import run_doctor
-
     return run_doctor(model=args.model, config=args.config, device=args.device, as_json=args.json)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from mathtune.config import parse_override
-    from mathtune.data.check import run_check
-
     overrides = dict(parse_override(text) for text in args.set)
     return run_check(args.files, as_json=args.json, config=args.config, overrides=overrides)
 
@@ -363,10 +354,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_data_stats(args: argparse.Namespace) -> int:
     """Settings from --config (format, fields, max_seq_length, chat template); token lengths with the
     tokenizer of --model (or of the config's model.path) when one is named."""
-    from mathtune.config import load_config, parse_override
-    from mathtune.data.dataset import ensure_chat_template
-    from mathtune.data.stats import run_stats
-    from mathtune.model.load import load_tokenizer
 
     overrides = dict(parse_override(text) for text in args.set)
     cfg = load_config(args.config, {**overrides, **({"model.path": args.model} if args.model else {})})
@@ -381,7 +368,7 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     try:
-        from mathtune.ui.server import serve
+        from mathtune.ui.server import serve  # deferred: FastAPI and uvicorn are optional (mathtune[ui])
     except ImportError as exc:
         raise MathtuneError(f"mathtune ui needs its optional packages ({exc.name} is missing): "
                             "pip install 'mathtune[ui]'") from None

@@ -18,7 +18,11 @@ from typing import Any, Literal
 import yaml
 
 from mathtune.config import Config, load_config, parse_override
+from mathtune.doctor.diagnosis import diagnose
+from mathtune.doctor.doctor import GIB, gather, model_estimate
 from mathtune.errors import ConfigError, MathtuneError
+from mathtune.hardware import PROBES
+from mathtune.model.load import embedded_model_path
 
 SECTIONS = ("lora", "train", "data", "eval", "model")
 SKIPPED = {
@@ -141,9 +145,6 @@ FACTS_SECONDS = 30.0
 
 
 def machine_facts() -> dict[str, Any]:
-    from mathtune.doctor.doctor import gather
-    from mathtune.hardware import PROBES
-
     if not _FACTS or time.monotonic() - _FACTS["at"] > FACTS_SECONDS:
         _FACTS.update(facts=gather(PROBES, Path(".")), at=time.monotonic())
     return _FACTS["facts"]
@@ -151,9 +152,6 @@ def machine_facts() -> dict[str, Any]:
 
 def memory_estimate(cfg: Config) -> dict[str, Any]:
     """doctor's estimate for the run: {'fits', 'total_gib', 'capacity_gib', 'where', 'fix'}."""
-    from mathtune.doctor.diagnosis import diagnose
-    from mathtune.doctor.doctor import GIB, model_estimate
-    from mathtune.model.load import embedded_model_path
 
     facts = machine_facts()
     _, device, usable = diagnose(facts, cfg.model.device, need_4bit=cfg.model.load_in_4bit)

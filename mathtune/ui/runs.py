@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from mathtune.errors import MathtuneError
+from mathtune.run import CHECKPOINTS, CONFIG, EVAL, METRICS, SUMMARY
 
 UI_DIR = ".ui"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -77,24 +78,24 @@ def name_taken(runs: Path, name: str) -> bool:
 
 
 def _config_file(runs: Path, name: str) -> Path:
-    written = runs / name / "config.yaml"
+    written = runs / name / CONFIG
     return written if written.is_file() else runs / UI_DIR / f"{name}.yaml"
 
 
 def list_runs(runs: Path, trainer: RunLauncher) -> list[RunView]:
     if not runs.is_dir():
         return []
-    names = {p.name for p in runs.iterdir() if p.is_dir() and (p / "config.yaml").is_file()}
+    names = {p.name for p in runs.iterdir() if p.is_dir() and (p / CONFIG).is_file()}
     names |= {p.stem for p in (runs / UI_DIR).glob("*.yaml")}
     configs = sorted((_config_file(runs, n) for n in names if run_name_ok(n)), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [read_run(runs, p.parent.name if p.name == "config.yaml" else p.stem, trainer) for p in configs]
+    return [read_run(runs, p.parent.name if p.name == CONFIG else p.stem, trainer) for p in configs]
 
 
 def read_run(runs: Path, name: str, trainer: RunLauncher) -> RunView:
     path = run_dir(runs, name)
     config = _read(_config_file(runs, name), yaml.safe_load) or {}
-    summary = _read(path / "train_summary.json", json.loads)
-    evaluation = _read(path / "eval" / "summary.json", json.loads)
+    summary = _read(path / SUMMARY, json.loads)
+    evaluation = _read(path / EVAL / "summary.json", json.loads)
     metrics = read_metrics(path)
     steps = summary["steps"] if summary else max((m.get("step", 0) for m in metrics), default=0)
     max_steps = (config.get("train") or {}).get("max_steps")
@@ -105,7 +106,7 @@ def read_run(runs: Path, name: str, trainer: RunLauncher) -> RunView:
 
 def read_metrics(path: Path, skip: int = 0) -> list[dict]:
     """metrics.jsonl records from line `skip` on; a line cut short by a running writer is left for later."""
-    file = path / "metrics.jsonl"
+    file = path / METRICS
     if not file.is_file():
         return []
     out = []
@@ -164,7 +165,7 @@ class RunLauncher:
         path = run_dir(runs, name)
         if self.alive(name):
             raise MathtuneError(f"{name}: already running")
-        if (path / "train_summary.json").is_file():
+        if (path / SUMMARY).is_file():
             raise MathtuneError(f"{name}: finished; nothing to resume")
         self._launch(runs, name, ["train", "--resume", str(path)])
 
@@ -196,7 +197,7 @@ class RunLauncher:
             return "failed"
         from mathtune.train.checkpoints import last_checkpoint  # imports transformers: only for runs started elsewhere
 
-        return "interrupted" if last_checkpoint(runs / name / "checkpoints") else "incomplete"
+        return "interrupted" if last_checkpoint(runs / name / CHECKPOINTS) else "incomplete"
 
     def _launch(self, runs: Path, name: str, args: list[str]) -> None:
         log_path = runs / UI_DIR / f"{name}.log"

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mathtune.chat import stream_reply
 from mathtune.errors import MathtuneError
+from mathtune.eval.evaluate import comparison_table, evaluate_run
+from mathtune.eval.report import write_report
+from mathtune.export import export_run, how_to_use
+from mathtune.run import load_run_config, load_trained
 
 log = logging.getLogger("mathtune")
 
@@ -89,8 +94,6 @@ class Jobs:
 
 def evaluate_and_report(run_dir: Path) -> list[str]:
     """`mathtune eval RUN --base` then `mathtune report RUN`."""
-    from mathtune.eval.evaluate import comparison_table, evaluate_run
-    from mathtune.eval.report import write_report
 
     summary = evaluate_run(run_dir, base=True)
     return [*comparison_table(summary).splitlines(), f"Written {write_report(run_dir)}"]
@@ -98,7 +101,6 @@ def evaluate_and_report(run_dir: Path) -> list[str]:
 
 def export(run_dir: Path, choice: str) -> list[str]:
     """`mathtune export RUN --to ... --quant ...` into RUN/export/."""
-    from mathtune.export import export_run, how_to_use
 
     if choice not in EXPORTS:
         raise MathtuneError(f"{choice!r}: expected one of {', '.join(EXPORTS)}")
@@ -124,7 +126,6 @@ class ChatModels:
 
     def stream(self, run_dir: Path, question: str, max_new_tokens: int = 256) -> Iterator[tuple[str, str]]:
         """(side, text) pieces: the fine-tuned answer, then the base model's ('tuned', 'base')."""
-        from mathtune.chat import stream_reply
 
         with self.lock:
             model, tokenizer, system = self._load(run_dir)
@@ -137,8 +138,6 @@ class ChatModels:
 
     def _load(self, run_dir: Path):
         if self.loaded is None or self.loaded[0] != run_dir:
-            from mathtune.run import load_run_config, load_trained
-
             self.loaded = None  # free the previous run's model first
             cfg = load_run_config(run_dir)
             model, tokenizer = load_trained(run_dir, cfg)
