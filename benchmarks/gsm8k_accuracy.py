@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mathtune.config import ModelConfig
-from mathtune.data.dataset import ensure_chat_template
+from mathtune.data.tokenize import ensure_chat_template
 from mathtune.eval.accuracy import comparison_table
 from mathtune.eval.evaluate import BENCHES, run_bench
 

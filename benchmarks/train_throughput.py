@@ -79,7 +79,7 @@ def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_seq_len
     precision of this evaluation."""
     import torch
 
-    from mathtune.data.dataset import IGNORE_INDEX, tokenize_conversation
+    from mathtune.data.tokenize import IGNORE_INDEX, tokenize_conversation
 
     device = next(model.parameters()).device
     model.float().eval()
@@ -200,7 +200,8 @@ def run_mathtune(spec: dict) -> dict:
     from transformers import set_seed
 
     from mathtune.config import load_config
-    from mathtune.data.dataset import DataReport, ensure_chat_template, load_conversations, tokenize_dataset
+    from mathtune.data.dataset import DataReport, load_conversations
+    from mathtune.data.tokenize import ensure_chat_template, tokenize_dataset
     from mathtune.model.load import load_model
     from mathtune.train.lora import apply_lora
     from mathtune.train.recipe import build_trainer

@@ -31,8 +31,8 @@ from mathtune import __version__
 from mathtune.chat import chat_gguf, chat_run
 from mathtune.config import ModelConfig, load_config, parse_override
 from mathtune.data.check import run_check
-from mathtune.data.dataset import ensure_chat_template
 from mathtune.data.stats import run_stats
+from mathtune.data.tokenize import ensure_chat_template
 from mathtune.doctor.doctor import run_doctor
 from mathtune.errors import MathtuneError
 from mathtune.eval.evaluate import BENCHES, evaluate_run

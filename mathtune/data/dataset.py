@@ -1,18 +1,14 @@
-"""Load, validate, template and tokenize a dataset; split it into train and eval.
+"""Load and validate a dataset, and split it into train and eval (data/tokenize.py tokenizes it).
 
     report = DataReport()
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, report)   # checked, not tokenized
-    train, eval = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, report)
+    train, eval = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, report)   # data/tokenize.py
 
 Files are read by `readers.read_records` (JSONL, JSON, CSV/TSV, Parquet, .txt/.md) and every record
 is parsed with `formats.parse_record`; a bad record is reported with its file, line (row, or array
-index) and field. The conversations go through `datasets` (memory-mapped Arrow on disk), are rendered
-with the model's own chat template and tokenized with labels on the assistant's turns only: each
-turn's content and its end-of-turn token, never padding.
-
-Plain text (data.format: text) takes another road: no chat template; each document is tokenized,
-followed by the end-of-text token, the documents are concatenated and cut into data.max_seq_length
-chunks, and every token is trained (continued pre-training on your own material).
+index) and field. `validate_files` is the one validation pass: `mathtune data check`, `data stats` and
+training read through it, so they accept and refuse the same files. The conversations go through
+`datasets` (memory-mapped Arrow on disk); plain-text files (data.format: text) load as documents.
 """
 
 from __future__ import annotations
@@ -30,31 +26,12 @@ from mathtune.config import DataConfig  # the reading settings every record goes
 from mathtune.data.builtin import builtin_files
 from mathtune.data.formats import Conversation, Document, RecordError, detect_format, parse_record
 from mathtune.data.readers import file_kind, read_records
-from mathtune.data.template import render_chat
-from mathtune.errors import DataError, MathtuneError
+from mathtune.errors import DataError
 
 if TYPE_CHECKING:
     import datasets
-    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("mathtune")
-
-IGNORE_INDEX = -100
-
-# Used only when the tokenizer has no chat template and the user names one (model.chat_template).
-# "plain" ends each assistant turn with the EOS token so that a base model learns to stop.
-BUILTIN_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-    "plain": (
-        "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-        "{% elif message['role'] == 'user' %}### Question:\n{{ message['content'] }}\n\n"
-        "{% else %}### Answer:\n{{ message['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}### Answer:\n{% endif %}"
-    ),
-}
 
 
 @dataclass
@@ -338,110 +315,7 @@ def _warn(report: DataReport, skipped: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversations -> token ids and labels
-
-
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, fallback: str | None) -> None:
-    """Keep the tokenizer's own template; otherwise install the configured fallback or explain."""
-    if tokenizer.chat_template:
-        return
-    if fallback is None:
-        raise MathtuneError(
-            "The tokenizer has no chat template (a base model?). Set model.chat_template to 'plain' "
-            "(### Question / ### Answer, ends answers with EOS), 'chatml', or a Jinja template of your own."
-        )
-    tokenizer.chat_template = BUILTIN_TEMPLATES.get(fallback, fallback)
-
-
-def tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_seq_length: int, train_on_inputs: bool = False
-) -> dict[str, Any]:
-    """Render with the chat template and tokenize; labels are IGNORE_INDEX outside assistant turns.
-
-    Returns input_ids, labels and `truncated`. Labels are decided by character spans of the
-    rendered text, not by token ids, so pad == eos (SmolLM2) cannot mask a real end of turn.
-    """
-    text = render_chat(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if train_on_inputs:
-        labels = list(ids)
-    else:
-        spans = assistant_spans(messages, tokenizer, text)
-        labels = [tok if _inside(start, spans) else IGNORE_INDEX for tok, (start, _) in zip(ids, enc["offset_mapping"])]
-    truncated = len(ids) > max_seq_length
-    return {"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
-
-
-def assistant_spans(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, text: str) -> list[tuple[int, int]]:
-    """Character spans of `text` that the assistant wrote, each with its end-of-turn marker.
-
-    The usual way: render the conversation up to each assistant turn with the generation prompt;
-    what the next render adds is that turn. Templates that rewrite earlier turns (Mistral's puts the
-    system prompt into the last user turn) break that prefix property; then each reply is found by
-    its content, extended over the EOS token that follows it.
-    """
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render_chat(tokenizer, messages[: i + 1])
-        if not (text.startswith(through) and through.startswith(before)):
-            return _spans_by_content(messages, tokenizer, text)
-        spans.append(_trim(text, len(before), len(through)))
-    return spans
-
-
-def _spans_by_content(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, text: str) -> list[tuple[int, int]]:
-    spans, cursor = [], 0
-    eos = tokenizer.eos_token or ""
-    for message in messages:
-        if message["role"] == "system":
-            continue  # templates move the system prompt (Mistral: into the last user turn)
-        content = message["content"].strip()
-        at = text.find(content, cursor)
-        if at < 0 and message["role"] == "user":
-            continue  # a template may rewrite user text; only the replies must be found
-        if at < 0:
-            raise MathtuneError("The chat template changes the messages' text; cannot tell which tokens the assistant wrote. "
-                                "Set data.train_on_inputs: true or model.chat_template to a simpler template.")
-        cursor = at + len(content)
-        if message["role"] == "assistant":
-            rest = text[cursor:]
-            if eos and rest.lstrip().startswith(eos):
-                cursor += len(rest) - len(rest.lstrip()) + len(eos)
-            spans.append((at, cursor))
-    return spans
-
-
-def _trim(text: str, start: int, end: int) -> tuple[int, int]:
-    # The newline a template writes after the end-of-turn token is layout, not the assistant's.
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, end
-
-
-def _inside(position: int, spans: list[tuple[int, int]]) -> bool:
-    return any(start <= position < end for start, end in spans)
-
-
-def tokenize_dataset(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                     report: DataReport) -> datasets.Dataset:
-    """Tokenize every conversation; drop examples left with no trained token and count them."""
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        rows = [tokenize_conversation(m, tokenizer, cfg.max_seq_length, cfg.train_on_inputs) for m in batch["messages"]]
-        return {key: [row[key] for row in rows] for key in ("input_ids", "labels", "truncated")}
-
-    num_proc = cfg.num_proc or (1 if len(ds) < 20_000 else os.cpu_count())
-    tokenized = ds.map(encode, batched=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1 else None,
-                       desc="Tokenizing")
-    report.truncated += sum(tokenized["truncated"])
-    has_labels = [any(label != IGNORE_INDEX for label in labels) for labels in tokenized["labels"]]
-    kept = tokenized.select([i for i, ok in enumerate(has_labels) if ok])
-    report.dropped_no_labels += len(tokenized) - len(kept)
-    return kept.remove_columns(["truncated"])
+# The train/eval split
 
 
 def too_few_records(valid: int, cfg: DataConfig) -> str | None:
@@ -475,57 +349,3 @@ def split_conversations(cfg: DataConfig, seed: int,
         raise DataError([f"{', '.join(map(str, cfg.files or ['the bundled dataset']))}: {problem}"])
     split = conversations.train_test_split(test_size=cfg.eval_fraction, seed=seed)
     return split["train"], split["test"]
-
-
-def tokenize_splits(
-    train_conv: datasets.Dataset, eval_conv: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
-    cfg: DataConfig, report: DataReport,
-) -> tuple[datasets.Dataset, datasets.Dataset]:
-    report.text = is_text(train_conv)
-    if report.text:
-        train, evaluation = (pack_documents(ds, tokenizer, cfg.max_seq_length) for ds in (train_conv, eval_conv))
-    else:
-        train = tokenize_dataset(train_conv, tokenizer, cfg, report)
-        evaluation = tokenize_dataset(eval_conv, tokenizer, cfg, report)
-    if len(train) == 0:
-        raise DataError(["no training example has an assistant token within data.max_seq_length"])
-    report.train_examples, report.eval_examples = len(train), len(evaluation)
-    report.train_tokens = sum(map(len, train["input_ids"]))
-    report.train_label_tokens = sum(sum(label != IGNORE_INDEX for label in labels) for labels in train["labels"])
-    return train, evaluation
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-text documents -> packed chunks
-
-
-def is_text(ds: datasets.Dataset) -> bool:
-    """Whether a loaded dataset holds plain-text documents rather than conversations."""
-    return "text" in ds.column_names
-
-
-def pack_documents(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> datasets.Dataset:
-    """Documents -> chunks of max_seq_length tokens, labels on every token.
-
-    Each document is tokenized as the tokenizer does by default (with the BOS token where it adds
-    one) and followed by the end-of-text token (the tokenizer's EOS), so the model learns where a
-    document ends; the documents are concatenated and cut. Cutting is done per map batch of
-    PACK_BATCH documents (as Transformers' run_clm does), so the last chunk of a batch may be
-    shorter; it is kept, unless it is a single token, which predicts nothing."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise MathtuneError("The tokenizer has no end-of-text token (eos_token) to put between documents; "
-                            "plain-text training needs one")
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        stream: list[int] = []
-        for ids in tokenizer(batch["text"], add_special_tokens=True)["input_ids"]:
-            stream += ids if ids and ids[-1] == eos else [*ids, eos]
-        chunks = [stream[i:i + max_seq_length] for i in range(0, len(stream), max_seq_length)]
-        chunks = [chunk for chunk in chunks if len(chunk) > 1]
-        return {"input_ids": chunks, "labels": [list(chunk) for chunk in chunks]}
-
-    return ds.map(encode, batched=True, batch_size=PACK_BATCH, remove_columns=ds.column_names, desc="Packing documents")
-
-
-PACK_BATCH = 1000

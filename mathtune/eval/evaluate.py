@@ -34,16 +34,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mathtune.config import DataConfig
-from mathtune.data.dataset import (
-    IGNORE_INDEX,
-    DataReport,
-    is_text,
-    load_conversations,
-    pack_documents,
-    split_conversations,
-    tokenize_conversation,
-)
+from mathtune.data.dataset import DataReport, load_conversations, split_conversations
 from mathtune.data.template import render_chat
+from mathtune.data.tokenize import IGNORE_INDEX, is_text, pack_documents, tokenize_conversation
 from mathtune.data.topics import record_topic
 from mathtune.eval.accuracy import comparison_table, paired_change, significant_drop, summarize
 from mathtune.files import write_json, write_text

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mathtune.data.dataset import IGNORE_INDEX
+from mathtune.data.tokenize import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

@@ -30,7 +30,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from mathtune import distributed
 from mathtune.config import Config, dump_config, resolve_optimizer, settings_summary
-from mathtune.data.dataset import IGNORE_INDEX, DataReport, ensure_chat_template, split_conversations, tokenize_splits
+from mathtune.data.dataset import DataReport, split_conversations
+from mathtune.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_splits
 from mathtune.doctor.doctor import preflight, unused_gpu_warning
 from mathtune.errors import ConfigError, MathtuneError
 from mathtune.eval.evaluate import (

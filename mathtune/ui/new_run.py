@@ -14,8 +14,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 from mathtune.config import ModelConfig, dump_config
 from mathtune.data.check import check_files
-from mathtune.data.dataset import MAX_CHARS_PER_TOKEN, ensure_chat_template
+from mathtune.data.dataset import MAX_CHARS_PER_TOKEN
 from mathtune.data.stats import dataset_stats
+from mathtune.data.tokenize import ensure_chat_template
 from mathtune.errors import ConfigError, DataError, MathtuneError
 from mathtune.model.lmstudio import list_models
 from mathtune.model.load import load_tokenizer

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 from mathtune.config import DataConfig
-from mathtune.data.dataset import (
+from mathtune.data.dataset import DataReport, split_conversations
+from mathtune.data.tokenize import (
     IGNORE_INDEX,
-    DataReport,
     assistant_spans,
     ensure_chat_template,
-    split_conversations,
     tokenize_conversation,
     tokenize_splits,
 )

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from mathtune.config import DataConfig
 from mathtune.data.check import check_files, run_check
-from mathtune.data.dataset import DataReport, split_conversations, tokenize_splits, too_few_records
+from mathtune.data.dataset import DataReport, split_conversations, too_few_records
+from mathtune.data.tokenize import tokenize_splits
 from mathtune.errors import MathtuneError
 from tests.conftest import build_chatml_tokenizer
 

@@ -10,9 +10,9 @@ import pytest
 from mathtune.cli import main
 from mathtune.config import DataConfig
 from mathtune.data.builtin import builtin_files
-from mathtune.data.dataset import tokenize_conversation
 from mathtune.data.formats import detect_format, parse_record
 from mathtune.data.stats import Histogram, dataset_stats, near_key
+from mathtune.data.tokenize import tokenize_conversation
 from tests.conftest import write_jsonl
 
 PAIRS = [

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from mathtune.data.dataset import BUILTIN_TEMPLATES
 from mathtune.data.template import TemplateError, render_chat
+from mathtune.data.tokenize import BUILTIN_TEMPLATES
 from tests.conftest import CHATML, build_chatml_tokenizer
 
 MESSAGES = [

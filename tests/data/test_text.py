@@ -11,10 +11,11 @@ import pytest
 
 from mathtune.cli import main
 from mathtune.config import DataConfig, load_config
-from mathtune.data.dataset import DataReport, iter_conversations, load_conversations, pack_documents
+from mathtune.data.dataset import DataReport, iter_conversations, load_conversations
 from mathtune.data.formats import Document, detect_format
 from mathtune.data.readers import read_records
 from mathtune.data.stats import dataset_stats
+from mathtune.data.tokenize import pack_documents
 from mathtune.errors import DataError
 from tests.conftest import write_jsonl
 from tests.data.test_dataset import build_datasets

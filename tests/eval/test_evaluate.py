@@ -212,7 +212,7 @@ def test_reference_loss_is_lower_for_the_model_that_learned_the_reference(tiny_l
     example = EvalExample([{"role": "user", "content": "¿Qué es un primo?"}], "Un número con dos divisores.", "x", False)
     before = reference_loss(model, tokenizer, example, 256)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    from mathtune.data.dataset import tokenize_conversation
+    from mathtune.data.tokenize import tokenize_conversation
 
     row = tokenize_conversation([*example.prompt, {"role": "assistant", "content": example.reference}], tokenizer, 256)
     for _ in range(30):

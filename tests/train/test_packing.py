@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from mathtune.config import LoraConfig
-from mathtune.data.dataset import IGNORE_INDEX
+from mathtune.data.tokenize import IGNORE_INDEX
 from mathtune.train.lora import apply_lora
 from mathtune.train.packing import (
     PACKED_SDPA,
