@@ -106,7 +106,7 @@ def run(model_dir: str, out: str, *settings: str) -> int:
     import torch
 
     from mathtune.config import load_config, parse_override
-    from mathtune.train import train
+    from mathtune.train.recipe import train
 
     overrides = {"model.path": model_dir, "model.device": "cuda", "data.max_seq_length": 256,
                  "train.max_steps": 40, "train.batch_size": 8, "train.learning_rate": 2e-3, "train.logging_steps": 10,

@@ -41,7 +41,7 @@ from mathtune.model.gguf import GgufHeader, GgufTensor, check_gguf_architecture,
 log = logging.getLogger(__name__)
 
 # GGUF architectures converted tensor by tensor; each is compared with transformers' own loader by
-# tests/test_convert.py. (Mistral files are stored as `llama`.)
+# tests/model/test_convert.py. (Mistral files are stored as `llama`.)
 STREAMING_ARCHS = ("llama", "qwen2", "gemma3")
 SHARD_BYTES = 2 << 30
 PIECE_BYTES = 64 << 20  # float32 bytes dequantized at once: bounds the memory of a large tensor

@@ -3,7 +3,7 @@
     model, tokenizer, source = load_model(cfg.model)
 
 A GGUF file (an LM Studio download) is converted once into a plain Transformers copy (safetensors,
-tokenizer, chat template) in the cache, keyed by the file's content, by mathtune/convert.py (tensor
+tokenizer, chat template) in the cache, keyed by the file's content, by mathtune/model/convert.py (tensor
 by tensor, in bounded memory); later loads read that copy. (A model loaded with transformers'
 `gguf_file=` carries a GGUF quantizer flag that `Trainer` refuses to train, and holds every
 dequantized tensor at once while loading.)
@@ -77,7 +77,7 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
     model (LM Studio labels its downloads 'lmstudio-community/Mathstral-7B-v0.1-GGUF'); any other
     string that is not an absolute, ./ or ~ path: a unique piece of the name of a GGUF file in LM
     Studio's folders (`mathtune models` lists them; `mathstral`, `mathstral q8`), logged with the
-    file it chose. See mathtune/lmstudio.py."""
+    file it chose. See mathtune/model/lmstudio.py."""
     path = Path(cfg.path).expanduser() if cfg.path else embedded_model_path()
     reason = unreadable_reason(path) if path.exists() and not path.is_dir() else None
     if reason:

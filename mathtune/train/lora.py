@@ -69,7 +69,7 @@ def redraw_in_float32(model: PeftModel, rng: torch.Tensor, adapter: str = "defau
     float32 (`autocast_adapter_dtype`): under a bf16 base the same seed leaves bf16-rounded A
     matrices, unlike the same run on a float32 base. This replays PEFT's draws from the RNG state it
     started with, layer by layer in the order it created them (the two nn.Linear constructions, then
-    `reset_lora_parameters`), into the float32 weights. tests/test_lora.py checks that a bf16 and a
+    `reset_lora_parameters`), into the float32 weights. tests/train/test_lora.py checks that a bf16 and a
     float32 base get the same matrices as PEFT gives the float32 one."""
     from peft.tuners.lora import LoraLayer
 

@@ -132,7 +132,7 @@ def _register() -> None:
 
 # Architectures whose attention keeps packed sequences apart when given restarting position_ids and
 # no attention mask (transformers builds a block-diagonal mask from them). Each is checked by
-# tests/test_packing.py; OPT is not here: it derives positions from the attention mask.
+# tests/train/test_packing.py; OPT is not here: it derives positions from the attention mask.
 PADDING_FREE_ARCHS = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "falcon", "gpt2"}
 )

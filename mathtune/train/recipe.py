@@ -382,7 +382,7 @@ def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: b
 
 
 class RunTrainer(SafeTrainingMixin, Trainer):
-    """transformers' Trainer with whole checkpoints and a stop on a non-finite loss (mathtune/checkpoints.py)."""
+    """transformers' Trainer with whole checkpoints and a stop on a non-finite loss (mathtune/train/checkpoints.py)."""
 
 
 def precision(model, args) -> str:
