@@ -49,7 +49,8 @@ class ModelConfig(_Section):
     """auto: bfloat16 on GPUs that support it (float16 otherwise); on a CPU, bfloat16 where the cores have
     bf16 units (AMX, AVX512-BF16) and float32 elsewhere (`mathtune doctor` says which)."""
     load_in_4bit: bool = False
-    """QLoRA: load the base in 4-bit NF4 (bitsandbytes, CUDA only)."""
+    """QLoRA: load the base in 4-bit NF4 (bitsandbytes), on a CUDA GPU or on the CPU: a 7B model's
+    weights take about 4 GB instead of 15 GB in bf16. It computes in model.dtype's precision."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
     cache_dir: Path | None = None
@@ -140,9 +141,9 @@ class TrainConfig(_Section):
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
         "auto"
     )
-    """auto: paged_adamw_8bit with model.load_in_4bit (QLoRA: 8-bit states, paged to CPU memory on
-    spikes instead of running out of GPU memory), adamw_torch otherwise. The 8-bit and paged ones
-    need bitsandbytes and a CUDA GPU."""
+    """auto: paged_adamw_8bit for QLoRA on a GPU (8-bit states, paged to CPU memory on spikes instead
+    of running out of GPU memory), adamw_torch otherwise (on a CPU the LoRA states are small). The
+    8-bit ones need bitsandbytes; the paged ones a CUDA GPU (they page GPU memory)."""
     gradient_checkpointing: bool = False
     padding_free: bool = True
     """Pack each batch into one row with restarting positions: no compute on padding. Used where
@@ -203,41 +204,48 @@ class Config(_Section):
         machine = (info.context or {}).get("check_machine", True)  # `mathtune doctor` plans for other machines
         needs_bnb = []
         if self.model.load_in_4bit:
-            if self.model.device in ("cpu", "mps"):
-                problems.append(f"model.load_in_4bit: needs CUDA, but model.device is '{self.model.device}'")
-            elif machine and not hardware.cuda_available():
-                problems.append(
-                    "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU and none is usable here "
-                    "(run `mathtune doctor`); set it to false to train in full precision"
-                )
+            if self.model.device == "mps":
+                problems.append("model.load_in_4bit: bitsandbytes has no 4-bit kernels for MPS; train on the CPU "
+                                "(model.device: cpu) or in full precision")
             else:
                 needs_bnb.append("model.load_in_4bit")
         if self.model.dtype == "bfloat16" and self.model.device == "cpu" and machine and not hardware.cpu_bf16_units():
             problems.append("model.dtype: bfloat16 on this CPU, which has no bf16 units (AMX or AVX512-BF16): "
                             f"{hardware.BF16_EMULATED}; use float32 or auto")
         if self.train.optimizer in BNB_OPTIMIZERS:
-            if self.model.device in ("cpu", "mps") or (machine and self.model.device == "auto" and not hardware.cuda_available()):
-                where = f"model.device is '{self.model.device}'" if self.model.device != "auto" else "no CUDA GPU is usable here"
-                problems.append(f"train.optimizer: '{self.train.optimizer}' runs on CUDA through bitsandbytes, but {where}; "
-                                "use adamw_torch (or auto)")
+            no_gpu = self.model.device in ("cpu", "mps") or (machine and self.model.device == "auto"
+                                                              and not hardware.cuda_available())
+            where = f"model.device is '{self.model.device}'" if self.model.device != "auto" else "no CUDA GPU is usable here"
+            if self.model.device == "mps":
+                problems.append(f"train.optimizer: '{self.train.optimizer}' runs through bitsandbytes, which has no "
+                                "MPS kernels; use adamw_torch (or auto)")
+            elif no_gpu and self.train.optimizer in PAGED_OPTIMIZERS:
+                problems.append(f"train.optimizer: '{self.train.optimizer}' pages GPU memory through bitsandbytes, but "
+                                f"{where}; use adamw_torch (or auto), or adamw_8bit (8-bit states on the CPU)")
             else:
                 needs_bnb.append("train.optimizer")
         if machine and needs_bnb and not hardware.bitsandbytes_available():
             problems.append(f"{' and '.join(needs_bnb)}: needs the bitsandbytes package, which is not installed: "
-                            "pip install 'mathtune[qlora]' (or bitsandbytes)")
+                            f"{BNB_INSTALL}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
 
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+BNB_INSTALL = "pip install bitsandbytes (bash scripts/setup.sh installs it)"
 
 
-def resolve_optimizer(cfg: Config) -> str:
-    """train.optimizer with auto decided: paged 8-bit AdamW for QLoRA, torch's AdamW otherwise."""
+def resolve_optimizer(cfg: Config, device: str | None = None) -> str:
+    """train.optimizer with auto decided for the device the run trains on (`device`, else
+    model.device resolved here): paged 8-bit AdamW for QLoRA on a GPU, torch's AdamW otherwise (a
+    CPU run's LoRA states are small, and paged memory is a GPU's)."""
     if cfg.train.optimizer != "auto":
         return cfg.train.optimizer
-    return "paged_adamw_8bit" if cfg.model.load_in_4bit else "adamw_torch"
+    if not cfg.model.load_in_4bit:
+        return "adamw_torch"
+    return "paged_adamw_8bit" if (device or hardware.resolve_device(cfg.model.device)) == "cuda" else "adamw_torch"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -276,7 +276,8 @@ def _mib(text: str) -> int | None:
 
 
 def probe_bitsandbytes() -> dict:
-    """Installed? Importable? Does a 4-bit quantization run on the GPU?"""
+    """Installed? Importable? Does a 4-bit NF4 quantization round trip run, on the GPU where PyTorch
+    has one, else on the CPU (bitsandbytes 0.48+ runs NF4 and its 8-bit optimizers there)?"""
     import importlib.metadata
 
     if not bitsandbytes_available():
@@ -285,16 +286,20 @@ def probe_bitsandbytes() -> dict:
         version = importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
         version = None  # a bitsandbytes folder on the path without its package metadata
+    device = "cpu"
     try:
         import bitsandbytes.functional as bnbf
         import torch
 
-        if not torch.cuda.is_available():
-            return {"installed": True, "version": version, "usable": False, "error": "no CUDA GPU"}
-        bnbf.quantize_4bit(torch.ones(64, device="cuda", dtype=torch.float16), quant_type="nf4")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ones = torch.ones(64, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+        packed, state = bnbf.quantize_4bit(ones, quant_type="nf4")
+        if not torch.allclose(bnbf.dequantize_4bit(packed, state).float().cpu(), ones.float().cpu()):
+            raise RuntimeError("an NF4 round trip of ones does not give ones back")
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken bitsandbytes raises anything (old ones exit)
-        return {"installed": True, "version": version, "usable": False, "error": f"{type(exc).__name__}: {exc}"}
-    return {"installed": True, "version": version, "usable": True, "error": None}
+        return {"installed": True, "version": version, "usable": False, "device": device,
+                "error": f"{type(exc).__name__}: {exc}"}
+    return {"installed": True, "version": version, "usable": True, "device": device, "error": None}
 
 
 def probe_versions() -> dict:

@@ -89,13 +89,15 @@ def chatml_tokenizer():
     return build_chatml_tokenizer()
 
 
-def tiny_config(arch: str, vocab_size: int):
+def tiny_config(arch: str, vocab_size: int, hidden: int = 32):
+    """2 layers of width `hidden` (32; 64 for 4-bit models: bitsandbytes' CPU kernels quantize rows in
+    blocks of 64)."""
     import transformers as tf
 
     common = {"vocab_size": vocab_size, "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 2}
     if arch in ("llama", "mistral", "qwen2"):
         cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[arch]
-        return cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        return cls(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=512, **common)
     if arch == "falcon":
         return tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **common)
@@ -107,12 +109,12 @@ def tiny_config(arch: str, vocab_size: int):
     raise ValueError(arch)
 
 
-def save_tiny_model(arch: str, folder: Path, tokenizer, seed: int = 0) -> Path:
+def save_tiny_model(arch: str, folder: Path, tokenizer, seed: int = 0, hidden: int = 32) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), hidden))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -165,21 +165,19 @@ def apple_mps(m: Machine) -> list[Finding]:
 
 
 def qlora_support(m: Machine) -> list[Finding]:
-    """Whether 4-bit QLoRA and 8-bit optimizers work; a problem is an error when the run loads in 4 bits."""
+    """Whether 4-bit QLoRA and 8-bit optimizers work (on the GPU, else on the CPU); a problem is an
+    error when the run loads in 4 bits."""
     bnb = m.bnb
     if bnb.get("installed"):
-        if not m.cuda_ok:
-            return [Finding("warning" if not m.need_4bit else "error", "bitsandbytes is installed but there is no "
-                            "usable CUDA GPU: 4-bit QLoRA and 8-bit optimizers are unavailable",
-                            "set model.load_in_4bit: false and train.optimizer: adamw_torch (or fix CUDA above)")]
         if not bnb.get("usable"):
             return [Finding("error" if m.need_4bit else "warning",
                             f"bitsandbytes {bnb.get('version')} does not work: {bnb.get('error')}",
                             f"{m.pip} install --upgrade bitsandbytes")]
-        return [Finding("ok", f"bitsandbytes {bnb['version']} works: QLoRA available")]
+        where = " on the CPU (NF4 base, products in the CPU's precision; slower than a GPU)" * (bnb.get("device") == "cpu")
+        return [Finding("ok", f"bitsandbytes {bnb['version']} works: QLoRA available{where}")]
     if m.need_4bit or m.cuda_ok:
         return [Finding("error" if m.need_4bit else "info", "bitsandbytes is not installed: no 4-bit QLoRA or 8-bit "
-                        "optimizers", f"{m.pip} install bitsandbytes  # or: pip install 'mathtune[qlora]'")]
+                        "optimizers", f"{m.pip} install bitsandbytes  # or: bash scripts/setup.sh")]
     return []
 
 
@@ -197,7 +195,7 @@ def best_device(m: Machine) -> str:
 def usable_device(m: Machine, device: str) -> bool:
     """Whether a run can train on `device`, with the 4-bit loading it plans."""
     on_device = {"cuda": m.cuda_ok, "mps": bool(m.torch.get("mps")), "cpu": True}[device]
-    four_bit = not m.need_4bit or (m.cuda_ok and bool(m.bnb.get("usable")))
+    four_bit = not m.need_4bit or (device in ("cuda", "cpu") and bool(m.bnb.get("usable")))
     return on_device and four_bit
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mathtune import hardware  # through the module: tests stand in for the CPU at mathtune.hardware.cpu_bf16_units
-from mathtune.config import load_config
+from mathtune.config import load_config, resolve_optimizer
 from mathtune.doctor.diagnosis import diagnose
 from mathtune.doctor.memory import ModelShape, Plan, estimate_memory, fit_plan, read_model_shape
 from mathtune.errors import ModelError
@@ -90,7 +90,7 @@ def plan_from_config(cfg, device: str, cpu_bf16: str | None = None) -> Plan:
     return Plan(device=device, dtype_bytes=4 if dtype == "float32" else 2, load_in_4bit=cfg.model.load_in_4bit,
                 lora_r=cfg.lora.r, lora_targets=cfg.lora.target_modules, batch_size=cfg.train.batch_size,
                 seq_len=cfg.data.max_seq_length, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                optimizer=cfg.train.optimizer)
+                optimizer=resolve_optimizer(cfg, device))
 
 
 def capacity(facts: dict[str, Any], device: str) -> tuple[float | None, str]:
@@ -200,6 +200,11 @@ def preflight(cfg, source, device: str, probes: Probes | None = None) -> None:
     probes = probes or PROBES
     if source.kind == "gguf":
         check_gguf_architecture(Path(source.path))  # a file transformers cannot load says so first
+    if cfg.model.load_in_4bit:
+        bnb = probes.bitsandbytes()  # installed (the config checked that), but can it quantize here?
+        if bnb.get("installed") and not bnb.get("usable"):
+            raise ModelError(f"model.load_in_4bit: bitsandbytes {bnb.get('version')} cannot run here "
+                             f"({bnb.get('error')}): pip install --upgrade bitsandbytes, or set model.load_in_4bit: false")
     # The torch facts a run needs: a GPU's free memory, or whether the CPU's bf16 units halve the
     # weights (read alone: the whole torch probe would start CUDA on a GPU machine told to use its CPU).
     torch_facts = probes.torch() if device == "cuda" else {"cpu_bf16": hardware.cpu_bf16_units()} if device == "cpu" else {}

@@ -228,12 +228,13 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> dict[str, float]:
 
 def fit_plan(shape: ModelShape, plan: Plan, capacity: float) -> tuple[Plan, dict] | None:
     """The first plan that fits `capacity` bytes, changing one setting after another in this order:
-    gradient checkpointing, 4-bit base and 8-bit optimizer (CUDA only), batch size 1, shorter
-    sequences (down to 256), LoRA rank 8. None when nothing fits."""
+    gradient checkpointing, 4-bit base (CUDA and CPU), paged 8-bit optimizer (CUDA), batch size 1,
+    shorter sequences (down to 256), LoRA rank 8. None when nothing fits."""
     steps = [lambda p: replace(p, gradient_checkpointing=True)]
+    if plan.device in ("cuda", "cpu"):
+        steps.append(lambda p: replace(p, load_in_4bit=True))
     if plan.device == "cuda":
-        steps += [lambda p: replace(p, load_in_4bit=True),
-                  lambda p: replace(p, optimizer="paged_adamw_8bit")]
+        steps.append(lambda p: replace(p, optimizer="paged_adamw_8bit"))
     steps.append(lambda p: replace(p, batch_size=1))
     seq = plan.seq_len
     while seq > 256:

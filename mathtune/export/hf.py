@@ -28,6 +28,8 @@ GIB = 1 << 30
 
 
 def merged_folder(run_dir: Path, cfg, out: Path) -> list[str]:
+    # A QLoRA run's adapter is merged into the full-precision base, never into its NF4 approximation.
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"load_in_4bit": False})})
     check_memory(cfg)
     model, tokenizer = load_trained(run_dir, cfg)
     merged = model.merge_and_unload()

@@ -199,13 +199,17 @@ def _from_pretrained(source: ModelSource, dtype: torch.dtype, cfg: ModelConfig, 
         import torch
         from transformers import BitsAndBytesConfig
 
+        # The products run in the model's dtype (hardware.resolve_dtype): on a CPU, bf16 where the cores
+        # have bf16 units and float32 elsewhere (emulated bf16 is far slower); on a GPU, bf16.
+        compute = dtype if device == "cpu" or dtype != torch.float32 else torch.bfloat16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+            bnb_4bit_compute_dtype=compute,
         )
-        kwargs["device_map"] = {"": _local_cuda_index()}
+        # Loaded and quantized shard by shard where the model runs: a 7B base never whole in bf16.
+        kwargs["device_map"] = "cpu" if device == "cpu" else {"": _local_cuda_index()}
     try:
         model = AutoModelForCausalLM.from_pretrained(source.load_from, **kwargs)
     except OSError as exc:

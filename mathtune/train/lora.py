@@ -43,6 +43,7 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
         # Non-reentrant checkpointing, as below: the reentrant kind fails under DDP.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        keep_4bit_layout_trainable(model)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -89,6 +90,20 @@ def redraw_in_float32(model: PeftModel, rng: torch.Tensor, adapter: str = "defau
             layer.reset_lora_parameters(adapter, True)  # init_lora_weights=True, as apply_lora asks
     torch.random.set_rng_state(state)
 
+
+
+def keep_4bit_layout_trainable(model: PreTrainedModel) -> None:
+    """Keep bitsandbytes' 4-bit layers on the kernels that have a backward pass.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its inference kernel
+    the first time the layer runs in eval mode without gradients (the evaluation before training)
+    and keeps using that kernel once training starts; it has no backward, so the gradients reaching
+    the LoRA weights of earlier layers come out wrong (torch warns "an autograd kernel was not
+    registered") and a layer with a bias (qwen2's q, k, v) fails outright. Training turns the repack
+    off (tests/train/test_qlora.py compares the gradients with and without an evaluation first)."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 def lora_modules(model: PeftModel) -> list[str]:
     """The layer names LoRA was applied to (what `all-linear` resolved to), as PEFT recorded them."""

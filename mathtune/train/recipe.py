@@ -355,7 +355,7 @@ def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: b
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(cfg),
+        optim=resolve_optimizer(cfg, device),
         logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_steps and has_eval else "no",
         eval_steps=t.eval_steps or None,

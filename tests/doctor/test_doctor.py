@@ -104,12 +104,24 @@ def test_a_gpu_torch_cannot_use_for_another_reason_shows_torchs_own_message():
     assert code == 1 and "cannot use it: CUDA unknown error" in text and "CUDA_VISIBLE_DEVICES" in text
 
 
-def test_bitsandbytes_without_cuda():
-    bnb = {"installed": True, "version": "0.45.5", "usable": False, "error": "no CUDA GPU"}
+def test_bitsandbytes_without_cuda_runs_qlora_on_the_cpu():
+    bnb = {"installed": True, "version": "0.50.2", "usable": True, "device": "cpu", "error": None}
     code, text = doctor(machine(cpu_torch(), None, bnb))
+    assert code == 0
+    assert "[ok] bitsandbytes 0.50.2 works: QLoRA available on the CPU" in text
+    broken = {**bnb, "usable": False, "error": "RuntimeError: no CPU kernel"}
+    code, text = doctor(machine(cpu_torch(), None, broken))
     assert code == 0  # the CPU works; QLoRA is what does not
-    assert "[warning] bitsandbytes is installed but there is no usable CUDA GPU: 4-bit QLoRA" in text
-    assert "fix: set model.load_in_4bit: false and train.optimizer: adamw_torch" in text
+    assert "[warning] bitsandbytes 0.50.2 does not work: RuntimeError: no CPU kernel" in text
+
+
+def test_a_4bit_plan_on_a_cpu_machine_is_usable_with_a_working_bitsandbytes(tmp_path):
+    config = tmp_path / "qlora.yaml"
+    config.write_text("model:\n  load_in_4bit: true\n")
+    bnb = {"installed": True, "version": "0.50.2", "usable": True, "device": "cpu", "error": None}
+    code, text = doctor(machine(cpu_torch(), None, bnb), config=config)
+    assert code == 0 and "device auto -> cpu: usable" in text
+    assert doctor(machine(cpu_torch(), None, {**bnb, "usable": False, "error": "x"}), config=config)[0] == 1
 
 
 def test_a_4bit_plan_needs_cuda_and_bitsandbytes(tmp_path):

@@ -1,5 +1,6 @@
-"""QLoRA settings: the optimizer chosen for a 4-bit base, what is refused without CUDA or bitsandbytes,
-and what reaches the Trainer. The CUDA runs themselves are in tests/test_gpu.py."""
+"""QLoRA: the optimizer chosen for a 4-bit base, what is refused (bitsandbytes missing, paged optimizers
+without a GPU, MPS), what reaches the Trainer, and whole QLoRA runs on the CPU (train, resume, eval,
+exports). The CUDA runs themselves are in tests/test_gpu.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import mathtune.hardware
 import mathtune.train.recipe
 from mathtune.config import load_config, resolve_optimizer
 from mathtune.errors import ConfigError
+from mathtune.export import export_run
 from mathtune.train.recipe import _compute_dtype, train
+from tests.conftest import save_tiny_model
 from tests.train.test_recipe import tiny_run_config
 
 NO_ENV: dict = {}
@@ -33,20 +36,27 @@ def test_auto_optimizer_is_paged_8bit_adamw_for_qlora_and_torch_adamw_otherwise(
     assert resolve_optimizer(chosen) == "paged_adamw_32bit"
 
 
-@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"])
-def test_a_bitsandbytes_optimizer_without_cuda_is_refused_with_the_alternative(monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw_32bit"])
+def test_a_paged_optimizer_without_cuda_is_refused_with_the_alternatives(monkeypatch, optimizer):
     monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: False)
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, {"train.optimizer": optimizer}, environ=NO_ENV)  # model.device: auto
     (problem,) = excinfo.value.problems
-    assert problem == (f"train.optimizer: '{optimizer}' runs on CUDA through bitsandbytes, but no CUDA GPU is "
-                       "usable here; use adamw_torch (or auto)")
+    assert problem == (f"train.optimizer: '{optimizer}' pages GPU memory through bitsandbytes, but no CUDA GPU is "
+                       "usable here; use adamw_torch (or auto), or adamw_8bit (8-bit states on the CPU)")
+
+
+def test_the_8bit_optimizer_runs_on_a_cpu(monkeypatch):
+    monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
+    cfg = load_config(None, {"train.optimizer": "adamw_8bit", "model.device": "cpu"}, environ=NO_ENV)
+    assert resolve_optimizer(cfg, "cpu") == "adamw_8bit"
 
 
 def test_a_paged_optimizer_on_mps_is_refused(monkeypatch):
     monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: True)
-    with pytest.raises(ConfigError, match="train.optimizer: 'paged_adamw_8bit' runs on CUDA through bitsandbytes, "
-                                          "but model.device is 'mps'"):
+    with pytest.raises(ConfigError, match="train.optimizer: 'paged_adamw_8bit' runs through bitsandbytes, which has "
+                                          "no MPS kernels"):
         load_config(None, {"train.optimizer": "paged_adamw_8bit", "model.device": "mps"}, environ=NO_ENV)
 
 
@@ -57,16 +67,20 @@ def test_qlora_without_bitsandbytes_names_the_package_once_for_both_keys(monkeyp
         load_config(None, {"model.load_in_4bit": True, "train.optimizer": "paged_adamw_8bit"}, environ=NO_ENV)
     (problem,) = excinfo.value.problems
     assert problem.startswith("model.load_in_4bit and train.optimizer: needs the bitsandbytes package")
-    assert "pip install 'mathtune[qlora]'" in problem
+    assert problem.endswith("pip install bitsandbytes (bash scripts/setup.sh installs it)")
 
 
-def test_qlora_on_this_cpu_machine_is_refused_without_patching():
+def test_qlora_on_this_cpu_machine_is_accepted_and_a_paged_optimizer_refused_without_patching():
     if mathtune.hardware.cuda_available():
         pytest.skip("this machine has a CUDA GPU")
+    if not mathtune.hardware.bitsandbytes_available():
+        pytest.skip("bitsandbytes has no wheel for this platform")
+    cfg = load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV)
+    assert cfg.model.load_in_4bit and resolve_optimizer(cfg) == "adamw_torch"
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, {"model.load_in_4bit": True, "train.optimizer": "paged_adamw_8bit"}, environ=NO_ENV)
-    text = "\n".join(excinfo.value.problems)
-    assert "model.load_in_4bit: 4-bit QLoRA needs a CUDA GPU" in text and "train.optimizer: 'paged_adamw_8bit'" in text
+    (problem,) = excinfo.value.problems
+    assert problem.startswith("train.optimizer: 'paged_adamw_8bit' pages GPU memory")
 
 
 def test_a_4bit_base_trains_in_its_compute_dtype_though_its_other_weights_are_float32():
@@ -96,3 +110,109 @@ def test_the_trainer_gets_the_resolved_optimizer_and_evaluates_inside_train(tmp_
     assert trainer.args.eval_on_start is True and sorted(evals) == [0, 1, 2]
     assert summary["eval_loss_before"] == round(evals[0], 6) != round(evals[2], 6)  # step 1 ran at lr 0 (warmup)
     assert summary["processes"] == 1 and summary["engine"] is None and summary["peak_gpu_memory_gb"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# QLoRA on the CPU: the whole run (train, resume, eval, exports, chat), as a GPU would run it
+
+
+@pytest.fixture(scope="module")
+def bnb_cpu():
+    pytest.importorskip("bitsandbytes")  # a dependency wherever it has a wheel (not Intel macOS)
+    probe = mathtune.hardware.probe_bitsandbytes()
+    if not probe["usable"]:
+        pytest.skip(f"bitsandbytes cannot quantize here: {probe['error']}")
+
+
+def qlora_config(tmp_path, model_dir, **train):
+    cfg = tiny_run_config(tmp_path, model_dir, **train)
+    cfg.model.load_in_4bit, cfg.model.device = True, "cpu"
+    return cfg
+
+
+def linear4bit_count(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_qlora_on_a_cpu_is_accepted_and_refused_only_for_mps(monkeypatch):
+    monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
+    cfg = load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV)
+    assert cfg.model.load_in_4bit and resolve_optimizer(cfg, "cpu") == "adamw_torch"
+    assert load_config(None, {"model.load_in_4bit": True, "model.device": "cpu"}, environ=NO_ENV).model.device == "cpu"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, {"model.load_in_4bit": True, "model.device": "mps"}, environ=NO_ENV)
+    (problem,) = excinfo.value.problems
+    assert problem.startswith("model.load_in_4bit: bitsandbytes has no 4-bit kernels for MPS")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_qlora_run_on_the_cpu_trains_resumes_and_is_scored(tmp_path, chatml_tokenizer, bnb_cpu, arch):
+    model_dir = save_tiny_model(arch, tmp_path / arch, chatml_tokenizer, hidden=64)
+    first = train(qlora_config(tmp_path, model_dir, max_steps=3, save_steps=3))
+    assert linear4bit_count(first.model) == 2 * 7  # q k v o gate up down in each of the 2 layers, in NF4
+    assert first.summary["steps"] == 3 and first.summary["precision"].endswith(
+        "bfloat16 weights" if mathtune.hardware.cpu_bf16_units() else "float32")
+    resumed = train(qlora_config(tmp_path, model_dir, max_steps=5, save_steps=3), resume=True)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert resumed.summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 5
+    assert summary["eval_loss_after"] is not None and summary["steps_this_session"] == 2
+    scored = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    assert set(scored["models"]) == {"base", "finetuned"}  # base vs fine-tuned, both from the 4-bit base
+
+
+def test_the_qlora_adapter_exports_merged_into_the_full_precision_base(tmp_path, chatml_tokenizer, bnb_cpu):
+    """`--to hf` merges into the float32 base, not into its NF4 approximation, so the export differs
+    from the 4-bit model it trained by the NF4 rounding of the base alone: its logits are checked
+    against the 4-bit model with the adapter within 1.5x the base's own NF4 error (the adapter adds
+    no error of its own), and the merged weights equal W + scale * B @ A exactly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny_model("llama", tmp_path / "llama", chatml_tokenizer, hidden=64)
+    cfg = qlora_config(tmp_path, model_dir, max_steps=4)
+    cfg.eval.at_end = False
+    result = train(cfg)
+    out = export_run(tmp_path / "run", "hf").path
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    dtype = next(merged.parameters()).dtype  # the run's: bf16 where the CPU has bf16 units, else float32
+    assert dtype == (torch.bfloat16 if mathtune.hardware.cpu_bf16_units() else torch.float32)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype),
+                                          tmp_path / "run" / "adapter").merge_and_unload()
+    for name, weight in merged.state_dict().items():
+        assert torch.equal(weight, reference.state_dict()[name]), name  # merged into the full-precision weights
+    merged, base = merged.float(), AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([chatml_tokenizer("What is 12*7? The answer is 84.")["input_ids"]])
+    with torch.no_grad():
+        trained = result.model(input_ids=ids).logits.float()
+        quantized_base = result.model.get_base_model()
+        with result.model.disable_adapter():
+            nf4_error = (base(input_ids=ids).logits - quantized_base(input_ids=ids).logits.float()).abs().max()
+        export_error = (merged(input_ids=ids).logits - trained).abs().max()
+    assert 0 < nf4_error and export_error <= 1.5 * nf4_error + 1e-3
+
+
+def test_an_evaluation_before_training_leaves_the_4bit_gradients_as_they_were(tmp_path, chatml_tokenizer, bnb_cpu):
+    """bitsandbytes repacks 4-bit weights for an inference kernel without a backward pass the first
+    time a layer runs under no_grad on an AVX512-BF16 CPU; training must not go through it."""
+    from mathtune.model.load import load_model
+    from mathtune.train.lora import apply_lora
+
+    cfg = qlora_config(tmp_path, save_tiny_model("qwen2", tmp_path / "qwen2", chatml_tokenizer, hidden=64))
+    ids = torch.tensor([chatml_tokenizer("12*7 = 84, and 84/7 = 12.")["input_ids"]])
+
+    def lora_gradients(evaluate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = apply_lora(load_model(cfg.model)[0], cfg.lora)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = lora_gradients(False), lora_gradients(True)
+    assert plain.keys() == after_eval.keys() and all(torch.equal(plain[n], after_eval[n]) for n in plain)
