@@ -384,7 +384,8 @@ def _setup_logging(verbose: bool) -> None:
         # Library chatter (weight-loading bars, deprecation notes) hides mathtune's own output.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-        for name in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub", "gguf"):
+        for name in ("transformers", "datasets", "peft", "accelerate", "torch", "httpx", "huggingface_hub", "gguf",
+                     "bitsandbytes"):  # its CPU backend warns at import that the hub kernel is out of reach
             logging.getLogger(name).setLevel(logging.ERROR)
         import os
 

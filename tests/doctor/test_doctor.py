@@ -390,3 +390,15 @@ def test_training_on_the_cpu_beside_an_unused_nvidia_gpu_warns_first_and_records
     cfg2 = tiny_run_config(tmp_path / "cpu", tiny_llama_dir, max_steps=1)
     cfg2.eval.at_end, cfg2.model.device = False, "cpu"
     assert train(cfg2).summary["warnings"] == []  # the CPU on purpose: nothing to say
+
+
+def test_doctor_json_is_one_json_document_on_this_machine():
+    """Nothing but the report on stdout: bitsandbytes' CPU backend logs a warning when it is imported
+    (the hub kernel it looks for is out of reach), which `mathtune doctor --json` must not print."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mathtune", "doctor", "--json"], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2], timeout=120)
+    report = json.loads(done.stdout)
+    assert {"system", "torch", "bitsandbytes", "findings", "device"} <= set(report)
