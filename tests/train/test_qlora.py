@@ -216,3 +216,50 @@ def test_an_evaluation_before_training_leaves_the_4bit_gradients_as_they_were(tm
 
     plain, after_eval = lora_gradients(False), lora_gradients(True)
     assert plain.keys() == after_eval.keys() and all(torch.equal(plain[n], after_eval[n]) for n in plain)
+
+
+def test_smollm2_in_4bit_trains_chats_and_exports_merged_into_its_gguf(tmp_path, smollm_gguf, model_cache, bnb_cpu):
+    """The real model: QLoRA on the embedded SmolLM2 GGUF. `--to gguf` merges the adapter into the
+    source GGUF's own tensors (not their NF4 approximation): the file matches the full-precision base
+    with the adapter to f16 rounding, and differs from the 4-bit model it trained by no more than the
+    base's own NF4 error (x1.5: the f16 rounding and the adapter's products on top). `--to gguf-lora`
+    holds an A and a B for every adapted layer. Chat answers from the 4-bit base with the adapter."""
+    import gguf
+
+    from mathtune.chat import stream_reply
+    from mathtune.model.load import load_model
+    from mathtune.run import load_run_config, load_trained
+    from tests.conftest import math_records, write_jsonl
+    from tests.export.test_export import load_gguf, logits
+
+    data = write_jsonl(tmp_path / "math.jsonl", math_records(12))
+    cfg = load_config(overrides={
+        "model.cache_dir": str(model_cache), "model.load_in_4bit": True, "model.device": "cpu",
+        "data.files": [str(data)], "data.eval_fraction": 0.25, "data.max_seq_length": 128,
+        "train.max_steps": 2, "train.batch_size": 2, "train.learning_rate": 1e-3, "train.logging_steps": 1,
+        "eval.at_end": False, "output.dir": str(tmp_path / "run")}, environ={})
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert linear4bit_count(result.model) == 30 * 7 and result.summary["steps"] == 2
+
+    exported = export_run(run, "gguf", quant="f16").path
+    lora = export_run(run, "gguf-lora").path
+    lora_tensors = [t.name for t in gguf.GGUFReader(lora).tensors]
+    assert len(lora_tensors) == 2 * 30 * 7 and all(n.endswith((".lora_a", ".lora_b")) for n in lora_tensors)
+
+    file_model, tokenizer = load_gguf(exported)
+    full = cfg.model.model_copy(update={"load_in_4bit": False, "dtype": "float32"})
+    reference = load_trained(run, cfg.model_copy(update={"model": full}))[0].merge_and_unload().eval()
+    trained = result.model.eval()
+    texts = ["¿Cuánto es 12 * 7?", "The derivative of x^3 is 3x^2."]
+    from_file, expected, qlora = (logits(m, tokenizer, texts) for m in (file_model, reference, trained))
+    with trained.disable_adapter():
+        nf4_base = logits(trained, tokenizer, texts)
+    base = logits(load_model(full)[0].eval(), tokenizer, texts)
+    for got, want, q, b, b4 in zip(from_file, expected, qlora, base, nf4_base):
+        assert (got - want).abs().max() < 0.05  # f16 rounding of the merged weights
+        assert (got - q.float()).abs().max() <= 1.5 * (b - b4.float()).abs().max()
+
+    reply = "".join(stream_reply(*load_trained(run, load_run_config(run)),
+                                 [{"role": "user", "content": "What is 12*7?"}], max_new_tokens=4))
+    assert reply.strip()
