@@ -99,3 +99,20 @@ def test_unreadable_model_paths_are_explained(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "x"}))
     with pytest.raises(ModelError, match="none of hidden_size, n_embd, d_model found"):
         read_model_shape(tmp_path)
+
+
+@pytest.mark.parametrize("layers, hidden, ffn, kv_heads, tied, measured", [
+    (16, 2048, 8192, 8, True, 3.31e9),     # 1.1B, 20 steps
+    (32, 4096, 14336, 8, False, 12.19e9),  # Mistral-7B shape, 6 steps
+])
+def test_a_4bit_cpu_plan_is_within_15_percent_of_the_measured_peak(layers, hidden, ffn, kv_heads, tied, measured):
+    """benchmarks/qlora_cpu.py on an Intel Xeon (AMX), 2 cores, batch 1 x 512, gradient checkpointing,
+    bf16 compute, SmolLM2's 49,152-token vocabulary: the peak anonymous memory of `mathtune train`."""
+    config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+              "num_attention_heads": 32, "num_key_value_heads": kv_heads, "vocab_size": 49152,
+              "tie_word_embeddings": tied}
+    plan = Plan(device="cpu", dtype_bytes=2, load_in_4bit=True, batch_size=1, seq_len=512, gradient_checkpointing=True)
+    estimate = estimate_memory(shape_from_config(config), plan)["total"]
+    assert abs(estimate - measured) / measured < 0.15
+    gpu = estimate_memory(shape_from_config(config), Plan(**{**plan.__dict__, "device": "cuda"}))["total"]
+    assert estimate > 1.2 * gpu  # the CPU heap's growth, which a GPU's allocator does not have
