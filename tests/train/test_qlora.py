@@ -263,3 +263,34 @@ def test_smollm2_in_4bit_trains_chats_and_exports_merged_into_its_gguf(tmp_path,
     reply = "".join(stream_reply(*load_trained(run, load_run_config(run)),
                                  [{"role": "user", "content": "What is 12*7?"}], max_new_tokens=4))
     assert reply.strip()
+
+
+def test_a_qlora_run_on_the_cpu_stops_on_sigterm_with_a_checkpoint_and_resumes(tmp_path, chatml_tokenizer, bnb_cpu):
+    """A real `mathtune train` process with a 4-bit base: SIGTERM stops it after the step with a
+    checkpoint (exit status 143) and `--resume` finishes the run from there."""
+    import signal
+
+    from mathtune.cli import main
+    from mathtune.train.checkpoints import last_checkpoint
+    from tests.conftest import math_records, write_jsonl
+    from tests.train.test_checkpoints import cli_args, start, wait_for
+
+    if not hasattr(signal, "SIGTERM"):
+        pytest.skip("no SIGTERM here")
+    model_dir = save_tiny_model("llama", tmp_path / "llama", chatml_tokenizer, hidden=64)
+    data = write_jsonl(tmp_path / "math.jsonl", math_records(24))
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    steps = 60
+    args = cli_args(data, model_dir, run, steps) + ["--set", "train.save_steps=1000", "--set", "model.load_in_4bit=true",
+                                                    "--set", "model.device=cpu"]
+    proc = start(args, log)
+    metrics = run / "metrics.jsonl"
+    assert wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text(), proc), log.read_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    stopped = last_checkpoint(run / "checkpoints")
+    assert stopped is not None and 0 < int(stopped.name.split("-")[1]) < steps
+    assert "Traceback" not in log.read_text() and not (run / "adapter").exists()
+    assert main(["train", "--resume", str(run)]) == 0
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["resumed_from"] == str(stopped) and summary["steps"] == steps

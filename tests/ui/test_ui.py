@@ -224,6 +224,23 @@ def test_memory_estimate_is_the_doctors(app, client, tiny_llama_dir, monkeypatch
     assert e["fits"] is False and e["total_gib"] > 0
 
 
+def test_the_settings_form_accepts_4bit_on_a_cpu_where_bitsandbytes_works(app, client, tiny_llama_dir, monkeypatch):
+    import mathtune.hardware
+    import mathtune.ui.form as form
+
+    monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
+    facts = form.machine_facts()
+    working = {"installed": True, "version": "0.50.2", "usable": True, "device": "cpu", "error": None}
+    monkeypatch.setitem(facts, "bitsandbytes", working)
+    monkeypatch.setitem(facts["memory"], "available", 12 << 30)
+    data = {"model": str(tiny_llama_dir), "model.device": "cpu", "model.load_in_4bit": "on"}
+    result = client.post("/api/estimate", headers=csrf(app), data=data).json()
+    assert result["problems"] == {} and result["other"] == [] and result["estimate"]["fits"] is True
+    monkeypatch.setitem(facts, "bitsandbytes", {**working, "usable": False, "error": "broken"})
+    assert client.post("/api/estimate", headers=csrf(app), data=data).json()["estimate"]["fits"] is False
+
+
 # -- Starting, stopping, resuming ------------------------------------------------------------------
 
 
