@@ -1,7 +1,9 @@
-"""mathtune's cache of converted GGUF files: where a file's copy lives, converting it once, listing and removing copies.
+"""mathtune's cache of converted GGUF files: where a file's copy lives, and converting it once.
 
     folder, was_cached = convert_gguf(path, cache_root(cfg.model.cache_dir))
-    cached_models()                 # every copy, with its source file and whether it is still in use
+    cache_folder(path, cache_root(None))     # where that copy is, converted or not
+
+(`mathtune models --cache` lists the copies and `--remove` deletes one: mathtune/model/lmstudio.py.)
 
 A copy is keyed by the GGUF file's fingerprint (size, first and last MiB, transformers' version), so a
 changed or re-downloaded file is converted again and an unchanged one never is.

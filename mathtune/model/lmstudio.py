@@ -11,8 +11,8 @@ folder is `~/.lmstudio/models` (older versions: `~/.cache/lm-studio/models`) on 
 `%USERPROFILE%\\.lmstudio\\models` on Windows; one moved elsewhere in LM Studio's settings is named
 with `MATHTUNE_LMSTUDIO_DIR`.
 
-Listing reads each file's header only (mathtune/model/gguf.py: milliseconds a file). mathtune's own
-converted copies (`--cache`, `--remove`) are kept by mathtune/model/cache.py.
+Listing reads each file's header only (mathtune/model/gguf.py: milliseconds a file). The converted
+copies that `--cache` lists and `--remove` deletes are the ones mathtune/model/cache.py writes.
 """
 
 from __future__ import annotations
