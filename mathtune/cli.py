@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mathtune import __version__
 from mathtune.chat import chat_gguf, chat_run
-from mathtune.config import ModelConfig, load_config, parse_override
+from mathtune.config import ModelConfig, file_keys, load_config, parse_override
 from mathtune.data.check import run_check
 from mathtune.data.stats import run_stats
 from mathtune.data.tokenize import ensure_chat_template
@@ -43,7 +43,7 @@ from mathtune.model import lmstudio
 from mathtune.model.cache import convert_gguf
 from mathtune.model.convert import convert_to_folder, plan_conversion
 from mathtune.model.load import load_tokenizer, resolve_source
-from mathtune.run import CONFIG, require_run_dir
+from mathtune.run import CONFIG, init_from_settings, require_run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +94,10 @@ def _add_train(commands) -> None:
     train.add_argument("--output", type=Path, metavar="DIR", help="run folder (output.dir)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    train.add_argument("--method", choices=["sft", "grpo", "dpo"], help="sft: imitate the answers; grpo: learn from "
+                       "the verifier's rewards; dpo: from chosen/rejected pairs (train.method)")
+    train.add_argument("--init-from", type=Path, metavar="RUN_DIR", help="start from RUN_DIR's adapter, on its model "
+                       "and data (model.adapter): SFT first, then --method grpo or dpo from it")
     train.set_defaults(func=cmd_train)
 
 
@@ -253,7 +257,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides[key] = [str(v) for v in value] if isinstance(value, list) else str(value)
     if args.overwrite:
         overrides["output.overwrite"] = True
+    if args.method:
+        overrides["train.method"] = args.method
     config_file = args.config
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise MathtuneError("--init-from starts a new run from another run's adapter; --resume continues a run: "
+                                "pass one of them")
+        given = set(overrides) | (file_keys(args.config) if args.config else set())
+        inherited = init_from_settings(args.init_from)
+        overrides = {**{k: v for k, v in inherited.items() if k not in given}, **overrides}
     if args.resume is not None:
         if args.config is not None:
             raise MathtuneError("--resume uses RUN_DIR/config.yaml; don't pass --config with it")

@@ -58,6 +58,10 @@ class ModelConfig(_Section):
     chat_template: str | None = None
     """Jinja chat template used only when the tokenizer has none (base models such as OPT).
     'chatml' names the built-in ChatML template."""
+    adapter: Path | None = None
+    """Start from this LoRA adapter (an earlier run's RUN_DIR/adapter, trained on this same base)
+    instead of a new one: SFT first, then GRPO or DPO from its adapter (`--init-from RUN_DIR`). The
+    adapter's own rank and targets are used; the lora settings are not."""
 
 
 class LoraConfig(_Section):
@@ -97,9 +101,10 @@ class DataConfig(_Section):
     documents: Literal["file", "blocks"] = "file"
     """How a .txt/.md file is cut into documents: file: the whole file is one; blocks: each block of
     text between blank lines is one."""
-    preference: Literal["chosen"] | None = None
-    """Preference data (chosen/rejected pairs) is refused unless this is 'chosen': then the prompts
-    and their chosen answers are trained on and the rejected answers left out."""
+    preference: Literal["chosen", "pairs"] | None = None
+    """Preference data (chosen/rejected pairs): 'pairs' keeps both answers for train.method: dpo
+    (which sets it); 'chosen' trains by SFT on the prompts and their chosen answers, the rejected
+    ones left out. Unset, an SFT or GRPO run refuses such a file."""
     on_undesirable: Literal["skip", "train"] = "skip"
     """Records with a KTO-style "label": false show what not to answer. skip: leave them out, count
     them and warn; train: train on them like any other record."""
@@ -125,6 +130,10 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
+    method: Literal["sft", "grpo", "dpo"] = "sft"
+    """sft: imitate the reference answers. grpo: learn from the verifier: sample answers to the
+    problems and reward those math-verify finds correct (settings under grpo). dpo: learn from
+    preference pairs, the chosen answer over the rejected one (settings under dpo)."""
     max_steps: int = Field(54, ge=-1)
     """Optimizer steps; -1 trains for `epochs` instead."""
     epochs: float = Field(1.0, gt=0)
@@ -132,7 +141,8 @@ class TrainConfig(_Section):
     """Examples per device per step (before gradient accumulation)."""
     gradient_accumulation_steps: int = Field(1, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
-    """Peak learning rate. The default suits the short embedded run (swept when it had 60 steps;
+    """Peak learning rate of SFT (GRPO and DPO have grpo.learning_rate and dpo.learning_rate). The
+    default suits the short embedded run (swept when it had 60 steps;
     held-out verified accuracy: 5e-4 -> 9%, 1e-3 -> 14%, 2e-3 -> 22%, 3e-3 -> 16%); ~2e-4 for 7B models."""
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -156,6 +166,44 @@ class TrainConfig(_Section):
     save_total_limit: int = Field(2, gt=0)
     """Checkpoints kept (the newest ones)."""
     eval_batch_size: int | None = Field(None, gt=0)
+
+
+class GrpoConfig(_Section):
+    """GRPO (train.method: grpo, TRL's GRPOTrainer): each step samples num_generations answers to
+    each of prompts_per_step problems and rewards each answer against its group's mean. The defaults
+    suit a ~100M-parameter model that has had SFT, on a 2-core CPU (about 20 s a step)."""
+
+    prompts_per_step: int = Field(2, gt=0)
+    """Problems per optimizer step (per process). A step's cost is generation: prompts x completions."""
+    num_generations: int = Field(4, ge=2)
+    """Completions sampled per problem. GRPO learns from the spread of rewards within a group; 4 is the
+    fewest that often holds a right and a wrong answer, 8 or more on a GPU."""
+    max_completion_length: int = Field(96, gt=0)
+    """Tokens per sampled answer, as eval.max_new_tokens: the bundled answers take at most 84 (SmolLM2's
+    tokenizer). An answer cut off here earns no format reward."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature. 1.0 samples the model's own distribution, which the policy-gradient
+    loss assumes; lower gives less varied groups, so fewer steps with anything to learn."""
+    beta: float = Field(0.04, ge=0)
+    """KL penalty against the starting model (the base with the adapter off, or the --init-from
+    adapter), which keeps the answers from drifting into what only the reward likes. 0.04 is the
+    DeepSeekMath paper's value; 0 drops the reference pass (faster)."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """Peak learning rate. LoRA wants about 10x full fine-tuning's (~5e-6 in GRPO papers); short CPU
+    runs, with few steps, sit at the high end."""
+    format_reward: float = Field(0.2, ge=0)
+    """Weight of the format reward: 1 for an answer that states its final answer (\\boxed{} or
+    "La respuesta es ...") and is not cut off, else 0. Correctness weighs 1; 0 turns this off."""
+
+
+class DpoConfig(_Section):
+    """DPO (train.method: dpo, TRL's DPOTrainer) on chosen/rejected pairs."""
+
+    beta: float = Field(0.1, gt=0)
+    """How far the model may move from the reference (the base with the adapter off): higher stays
+    closer. 0.1 is the DPO paper's value."""
+    learning_rate: float = Field(5e-5, gt=0)
+    """Peak learning rate; ~5e-6 is usual for full fine-tuning, LoRA wants about 10x."""
 
 
 class EvalConfig(_Section):
@@ -192,6 +240,8 @@ class Config(_Section):
     lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    grpo: GrpoConfig = GrpoConfig()
+    dpo: DpoConfig = DpoConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
@@ -200,6 +250,16 @@ class Config(_Section):
         problems = []
         if self.data.format == "fields" and self.data.fields is None:
             problems.append("data.fields: required when data.format is 'fields' (e.g. {prompt: pregunta, response: respuesta})")
+        method = self.train.method
+        if method == "dpo" and self.data.preference == "chosen":
+            problems.append("data.preference: 'chosen' trains by SFT on the chosen answers, but train.method is dpo, "
+                            "which learns from both; unset data.preference (or set it to pairs)")
+        if method != "dpo" and self.data.preference == "pairs":
+            problems.append(f"data.preference: 'pairs' is for train.method: dpo (it is {method}); use chosen to train "
+                            "by SFT on the chosen answers")
+        if method != "sft" and self.data.format == "text":
+            problems.append(f"train.method: {method} needs questions with answers; plain text (data.format: text) "
+                            "trains by sft only")
 
         machine = (info.context or {}).get("check_machine", True)  # `mathtune doctor` plans for other machines
         needs_bnb = []
@@ -279,6 +339,11 @@ def load_config(
         raise ConfigError(problems) from None
 
 
+def file_keys(config_file: Path | str) -> set[str]:
+    """The dotted keys a YAML config file sets."""
+    return set(flatten(_read_yaml(Path(config_file))))
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -303,7 +368,7 @@ def dump_config(cfg: Config) -> str:
 
 def settings_summary(cfg: Config) -> str:
     """The few settings a person checks at the start of a run."""
-    lora = cfg.lora
+    lora, g = cfg.lora, cfg.grpo
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
     t = cfg.train
     steps = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.epochs:g} epochs"
@@ -316,11 +381,28 @@ def settings_summary(cfg: Config) -> str:
             f"  max_seq_length={cfg.data.max_seq_length} eval_fraction={cfg.data.eval_fraction}",
             f"  lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} targets={targets}"
             f"{' rslora' * lora.use_rslora}{' dora' * lora.use_dora}",
-            f"  train   {steps}, batch {t.batch_size}x{t.gradient_accumulation_steps}, lr {t.learning_rate:g} "
+            f"  train   {t.method} {steps}, {_batch(cfg)}, lr {learning_rate(cfg):g} "
             f"{t.lr_scheduler}, {resolve_optimizer(cfg)}{', gradient checkpointing' * t.gradient_checkpointing}, seed {t.seed}",
+            *([f"  grpo    {g.num_generations} completions of up to {g.max_completion_length} tokens per problem, "
+               f"temperature {g.temperature:g}, beta {g.beta:g}, format reward {g.format_reward:g}"]
+              if t.method == "grpo" else []),
+            *([f"  dpo     beta {cfg.dpo.beta:g}"] if t.method == "dpo" else []),
+            *([f"  adapter starts from {cfg.model.adapter}"] if cfg.model.adapter else []),
             f"  output  {cfg.output.dir}",
         ]
     )
+
+
+def learning_rate(cfg: Config) -> float:
+    """The peak learning rate of the run's method (train, grpo or dpo .learning_rate)."""
+    return {"sft": cfg.train.learning_rate, "grpo": cfg.grpo.learning_rate, "dpo": cfg.dpo.learning_rate}[cfg.train.method]
+
+
+def _batch(cfg: Config) -> str:
+    t = cfg.train
+    if t.method == "grpo":
+        return f"{cfg.grpo.prompts_per_step} problems x {cfg.grpo.num_generations} completions x {t.gradient_accumulation_steps}"
+    return f"batch {t.batch_size}x{t.gradient_accumulation_steps}"
 
 
 def _read_yaml(path: Path) -> dict:

@@ -16,7 +16,7 @@ import re
 import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mathtune.config import Config, flatten, load_config
 from mathtune.errors import MathtuneError
@@ -137,6 +137,24 @@ def load_run_config(run_dir: Path) -> Config:
     if why:
         log.warning("%s: %s", run_dir, why)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
+
+
+# What a run that starts from an earlier run's adapter (--init-from) takes from that run, unless given
+# again: the base the adapter was trained on, and the same data and seed, so that the held-out split
+# is the earlier run's and neither run trains on the other's held-out problems. (data.preference is
+# the method's: DPO reads pairs where SFT read the chosen side.)
+INHERITED = ("model.path", "model.chat_template", "model.dtype", "model.load_in_4bit", "model.trust_remote_code",
+             "data.*", "train.seed")
+
+
+def init_from_settings(run_dir: Path) -> dict[str, Any]:
+    """The dotted settings a run started from `run_dir`'s adapter takes from it (INHERITED), with
+    model.adapter set to that adapter."""
+    saved = load_config(require_run_dir(run_dir, finished=True, why="--init-from starts from its adapter") / CONFIG,
+                        environ={}, check_machine=False)
+    settings = {key: value for key, value in flatten(saved.model_dump(mode="json")).items()
+                if (key in INHERITED or f"{key.split('.')[0]}.*" in INHERITED) and key != "data.preference"}
+    return {**settings, "model.adapter": str(run_dir / ADAPTER)}
 
 
 # Settings that may differ between a run and its --resume, and why; every other difference is refused,

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING
 
 from mathtune.config import load_config
 from mathtune.data.dataset import MAX_CHARS_PER_TOKEN, Parsed, Skipped, too_few_records, validate_files
-from mathtune.data.formats import RecordError
+from mathtune.data.formats import Conversation, RecordError
 from mathtune.display import progress_bar
 from mathtune.errors import DataError
+from mathtune.verify import reference_answer
 
 if TYPE_CHECKING:
     from mathtune.config import DataConfig
@@ -45,6 +46,23 @@ class FileCheck:
     """What the reader decided (the key of a wrapped list, preference pairs read for their chosen side)."""
     error: str | None = None
     """A problem with the whole file (missing, empty, not JSON, unknown record shape)."""
+    pairs: int = 0
+    """Valid preference pairs (chosen and rejected): what DPO learns from."""
+    checkable: int = 0
+    """Valid conversations whose last answer has a final answer the verifier can check: GRPO's problems."""
+
+    def fit_for(self) -> str:
+        """Which training methods this file's valid records serve (train.method)."""
+        valid = self.records - self.invalid - self.skipped
+        if self.format == "text":
+            return "sft (plain text)"
+        if not valid:
+            return "nothing (no valid record)"
+        methods = [f"dpo ({self.pairs} pairs)"] if self.pairs else []
+        methods.append("sft" + (" on the chosen answers (data.preference: chosen)" if self.pairs else ""))
+        if self.checkable:
+            methods.append(f"grpo ({self.checkable} of {valid} with a checkable final answer)")
+        return ", ".join(methods)
 
 
 @dataclass
@@ -59,7 +77,8 @@ class CheckReport:
 
     def to_dict(self, problems: list[dict] | None = None) -> dict:
         out = {"ok": self.ok, "records": sum(f.records for f in self.files),
-               "invalid": sum(f.invalid for f in self.files), "files": [asdict(f) for f in self.files]}
+               "invalid": sum(f.invalid for f in self.files),
+               "files": [{**asdict(f), "fit_for": f.fit_for()} for f in self.files]}
         if problems is not None:
             out["problems"] = problems
         return out
@@ -87,6 +106,9 @@ def check_files(paths: list[Path], on_problem: Callable[[str, str], None], cfg: 
         if isinstance(conv, RecordError):
             result.invalid += 1
             on_problem(place, str(conv))
+        elif isinstance(conv, Conversation):
+            result.pairs += conv.rejected is not None
+            result.checkable += reference_answer(conv.messages[-1]["content"]) is not None
 
     def on_file_error(path: Path, exc: DataError) -> None:
         # Whole-file problems: the message already names the file (and line where there is one).
@@ -121,6 +143,10 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
     field names of their own, data.documents, data.preference, ...)."""
 
     data = load_config(config, overrides, check_machine=False).data
+    # Preference pairs are checked whatever the method; what each file is fit for is said below.
+    implied = data.preference is None
+    if implied:
+        data = data.model_copy(update={"preference": "chosen"})
     problems: list[dict] = []
     if as_json:
         def on_problem(place: str, message: str) -> None:
@@ -130,6 +156,9 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
             say(f"{place}: {message}")
 
     report = check_files(paths, on_problem, data, MAX_CHARS_PER_TOKEN * data.max_seq_length)
+    if implied:  # read for their chosen side only to be checked: not what training will do
+        for f in report.files:
+            f.notes = [note for note in f.notes if not note.endswith("(data.preference: chosen)")]
     valid = sum(f.records - f.invalid - f.skipped for f in report.files)
     if not any(f.error for f in report.files) and (problem := too_few_records(valid, data)):
         report.problems.append(problem)  # what training would say about these files
@@ -148,6 +177,7 @@ def run_check(paths: list[Path], as_json: bool = False, config: Path | None = No
                 say(f"{f.path} ({f.format or 'no records'}): {f.records} records, {status}")
                 for note in f.notes:
                     say(f"  {note.removeprefix(f'{f.path}: ')}")
+                say(f"  fit for: {f.fit_for()}")
         bad = sum(f.invalid for f in report.files) + sum(f.error is not None for f in report.files) + len(report.problems)
         say("OK: every record is valid" if report.ok else f"{bad} problem{'s' * (bad != 1)} found")
     return 0 if report.ok else 1

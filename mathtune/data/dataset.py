@@ -46,6 +46,8 @@ class DataReport:
     """records labelled undesirable (KTO-style label: false) left out (data.on_undesirable: skip)"""
     truncated: int = 0
     dropped_no_labels: int = 0
+    left_out_unchecked: int = 0
+    """GRPO: training problems whose reference has no checkable final answer (nothing to reward)."""
     train_examples: int = 0
     eval_examples: int = 0
     train_tokens: int = 0
@@ -62,8 +64,8 @@ class DataReport:
         out += [f"  {note}" for note in self.notes]
         unit = "chunks" if self.text else "examples"
         out.append(
-            f"  {self.records} records -> {self.train_examples} train / {self.eval_examples} eval {unit}, "
-            f"{self.train_tokens} train tokens ({self.train_label_tokens} trained on)"
+            f"  {self.records} records -> {self.train_examples} train / {self.eval_examples} eval {unit}"
+            + (f", {self.train_tokens} train tokens ({self.train_label_tokens} trained on)" if self.train_tokens else "")
         )
         if self.duplicates:
             out.append(f"  {len(self.duplicates)} duplicate records (kept), first: {self.duplicates[0]}")
@@ -75,6 +77,9 @@ class DataReport:
             out.append(f"  truncated {self.truncated} examples longer than data.max_seq_length")
         if self.dropped_no_labels:
             out.append(f"  dropped {self.dropped_no_labels} examples with no assistant token left after truncation")
+        if self.left_out_unchecked:
+            out.append(f"  left out {self.left_out_unchecked} problems whose reference has no checkable final answer "
+                       "(GRPO rewards final answers only)")
         return out
 
 
@@ -128,6 +133,10 @@ def iter_conversations(
         except RecordError as exc:
             yield place, _as_column(exc) if kind == "table" else exc, file_fmt
             continue
+        if cfg.preference == "pairs" and isinstance(conv, Conversation) and conv.rejected is None:
+            yield place, RecordError("", "not a preference pair (chosen and rejected answers): DPO (train.method: dpo) "
+                                         "learns from pairs only"), file_fmt
+            continue
         if conv.desirable is False and cfg.on_undesirable == "skip":
             yield place, Skipped(), file_fmt
             continue
@@ -155,13 +164,16 @@ def _detect(place: str, record: Any, kind: str) -> str:
 
 
 def _accept_preference(path: Path, place: str, cfg: DataConfig, on_note: Callable[[str], None] | None) -> None:
-    if cfg.preference != "chosen":
-        raise DataError([f"{place}: preference data (chosen/rejected pairs, for DPO-style training); mathtune does "
-                         "supervised fine-tuning on answers to imitate"],
-                        hint="Set data.preference: chosen to train on the chosen answers (the rejected ones are left out).")
-    if on_note:
+    if cfg.preference is None:
+        raise DataError([f"{place}: preference data (chosen/rejected pairs): DPO learns from them, SFT and GRPO from "
+                         "answers to imitate or check"],
+                        hint="Train with --method dpo (train.method: dpo), or set data.preference: chosen to train by SFT "
+                        "on the chosen answers (the rejected ones are left out).")
+    if on_note and cfg.preference == "chosen":
         on_note(f"{path}: preference pairs: training on the chosen answers, the rejected ones are left out "
                 "(data.preference: chosen)")
+    elif on_note:
+        on_note(f"{path}: preference pairs: the chosen answer over the rejected one (train.method: dpo)")
 
 
 def _as_column(exc: RecordError) -> RecordError:
@@ -180,9 +192,11 @@ def _generate_rows(files: list[str], cfg: dict, file_ids: list, max_chars: int |
     for path in files:
         for _, conv, _ in iter_conversations(Path(path), data, max_chars):
             if isinstance(conv, Conversation):
-                if data.system_prompt and conv.messages[0]["role"] != "system":
-                    conv.messages.insert(0, {"role": "system", "content": data.system_prompt})
-                yield conv.to_row()
+                if data.system_prompt:
+                    for side in filter(None, (conv.messages, conv.rejected)):
+                        if side[0]["role"] != "system":
+                            side.insert(0, {"role": "system", "content": data.system_prompt})
+                yield conv.to_row(pairs=data.preference == "pairs")
             elif isinstance(conv, Document):
                 yield conv.to_row()
 
@@ -294,7 +308,10 @@ def _dataset(files: list[Path], cfg: DataConfig, text: bool, max_chars: int) -> 
     import datasets
 
     string = datasets.Value("string")
-    body = {"text": string} if text else {"messages": [{"role": string, "content": string}]}
+    turns = [{"role": string, "content": string}]
+    body = {"text": string} if text else {"messages": turns}
+    if cfg.preference == "pairs":
+        body["rejected"] = turns
     file_ids = [(os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     return datasets.Dataset.from_generator(
         _generate_rows,

@@ -65,9 +65,12 @@ class Conversation:
     topic: str | None = None
     desirable: bool | None = None
     """A KTO-style label: False marks an example of what not to answer; None when unlabelled."""
+    rejected: list[dict[str, str]] | None = None
+    """A preference pair's rejected side: the same prompt with the rejected answer (DPO)."""
 
-    def to_row(self) -> dict[str, Any]:
-        return {"messages": self.messages, "topic": self.topic}
+    def to_row(self, pairs: bool = False) -> dict[str, Any]:
+        """The dataset row; with `pairs` (DPO) also the rejected side."""
+        return {"messages": self.messages, "topic": self.topic, **({"rejected": self.rejected} if pairs else {})}
 
 
 @dataclass
@@ -146,30 +149,40 @@ PREFERENCE_PROMPTS = (("prompt", None), ("instruction", "input"), ("question", N
 
 
 def _parse_preference(record: dict) -> Conversation:
-    """The prompt and the chosen answer of a preference pair (the rejected one is not read).
+    """The prompt with its chosen answer (`messages`) and with its rejected one (`rejected`).
 
         {"prompt": "¿Cuánto es 7·8?", "chosen": "7·8 = 56", "rejected": "7·8 = 54"}                (TRL)
         {"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [...]}         (TRL, conversational)
         {"conversations": [{"from": "human", ...}], "chosen": {"from": "gpt", ...}, "rejected": {...}}  (LLaMA-Factory)
     """
-    chosen = record["chosen"]
-    history = next((key for key in ("prompt", "messages", "conversations") if isinstance(record.get(key), list)), None)
-    if isinstance(chosen, str):
-        prompt = next(((key, extra) for key, extra in PREFERENCE_PROMPTS if isinstance(record.get(key), str)), None)
+    chosen = _preference_side(record, "chosen")
+    rejected = _preference_side(record, "rejected")
+    validate_turns(rejected, "rejected")
+    return Conversation(chosen, rejected=rejected)
+
+
+def _preference_side(record: dict, key: str) -> list[dict[str, str]]:
+    """The whole conversation that ends with `key`'s answer (chosen or rejected)."""
+    if key not in record:  # a file's shape is its first record's: a later one may lack the pair
+        raise RecordError(key, f"missing (keys present: {', '.join(sorted(map(str, record)))}): a preference pair "
+                               "has chosen and rejected answers")
+    answer = record[key]
+    history = next((name for name in ("prompt", "messages", "conversations") if isinstance(record.get(name), list)), None)
+    if isinstance(answer, str):
+        prompt = next(((name, extra) for name, extra in PREFERENCE_PROMPTS if isinstance(record.get(name), str)), None)
         if prompt is not None:
-            return _parse_pair(record, prompt[0], "chosen", prompt[1], "system")
+            return _parse_pair(record, prompt[0], key, prompt[1], "system").messages
         if history is None:
-            raise RecordError("chosen", "an answer without a prompt: expected a prompt (or instruction, question, "
-                                        "query) field, or chosen as a list of messages")
-        answer = {"role": "assistant", "content": _text(record, "chosen")}
-        return Conversation([*_turns(record, history), answer])
-    if isinstance(chosen, dict):
-        chosen_turns = [_turn(chosen, "chosen", _turn_keys([chosen]))]
-    elif isinstance(chosen, list):
-        chosen_turns = _turns(record, "chosen")
+            raise RecordError(key, "an answer without a prompt: expected a prompt (or instruction, question, "
+                                   "query) field, or chosen and rejected as lists of messages")
+        return [*_turns(record, history), {"role": "assistant", "content": _text(record, key)}]
+    if isinstance(answer, dict):
+        turns = [_turn(answer, key, _turn_keys([answer]))]
+    elif isinstance(answer, list):
+        turns = _turns(record, key)
     else:
-        raise RecordError("chosen", f"expected text, a message or a list of messages, got {_json_type(chosen)}")
-    return Conversation([*(_turns(record, history) if history else []), *chosen_turns])
+        raise RecordError(key, f"expected text, a message or a list of messages, got {_json_type(answer)}")
+    return [*(_turns(record, history) if history else []), *turns]
 
 
 def _turn_keys(turns: list) -> tuple[str, str, Callable[[Any], str | None]]:
@@ -273,8 +286,18 @@ def _desirable(record: dict) -> bool | None:
     return None
 
 
-def validate_turns(messages: list[dict[str, str]]) -> None:
-    """An optional system message first, then user/assistant alternating, ending on the assistant."""
+def validate_turns(messages: list[dict[str, str]], where: str = "") -> None:
+    """An optional system message first, then user/assistant alternating, ending on the assistant.
+    `where` names the conversation inside the record (a preference pair's "rejected")."""
+    try:
+        _check_turns(messages)
+    except RecordError as exc:
+        if not where:
+            raise
+        raise RecordError(f"{where} {exc.field}" if exc.field else where, str(exc).removeprefix(f"{exc.field}: ")) from None
+
+
+def _check_turns(messages: list[dict[str, str]]) -> None:
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     offset = len(messages) - len(body)
     if not body:

@@ -96,7 +96,8 @@ def comparison_table(summary: dict) -> str:
     models = summary["models"]
     names = [name for name in ("base", "finetuned") if name in models]
     change = summary.get("change")
-    header = ["topic", "n", *("fine-tuned" if name == "finetuned" else name for name in names)]
+    labels = {"base": summary.get("base_label", "base"), "finetuned": "fine-tuned"}
+    header = ["topic", "n", *(labels[name] for name in names)]
     if change:
         header += ["change (points)", "p"]
     rows = [header]
@@ -117,7 +118,7 @@ def comparison_table(summary: dict) -> str:
                                                       "same problems" if change else "") + ".")
     for name in names:
         m = models[name]
-        label = "fine-tuned" if name == "finetuned" else name
+        label = labels[name]
         lines.append(f"{label}: {m['correct']} correct, {m['wrong']} wrong, {m['truncated']} truncated (hit the "
                      "token limit without an answer)")
     tuned = models.get("finetuned") or first

@@ -28,7 +28,8 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -192,11 +193,14 @@ def _quote(text: str, limit: int = 80) -> str:
 
 def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path, *, base: bool,
                    max_new_tokens: int, batch_size: int, max_seq_length: int,
-                   meta: dict | None = None, finetuned: bool = True) -> dict[str, Any]:
+                   meta: dict | None = None, finetuned: bool = True,
+                   baseline: Callable[[], AbstractContextManager] | None = None) -> dict[str, Any]:
     """Score the fine-tuned PEFT model (and its base with the adapter disabled); write out_dir.
 
     `max_seq_length` (the run's data.max_seq_length) bounds the reference-loss examples;
-    finetuned=False scores `model` itself as the base (a model without an adapter).
+    finetuned=False scores `model` itself as the base (a model without an adapter). `baseline`
+    opens what the "base" column scores instead of the adapter switched off (a run that started
+    from an earlier adapter compares with that one; `meta["base_label"]` names it).
     """
     started = time.perf_counter()
     was_training = model.training
@@ -206,7 +210,7 @@ def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path,
     if finetuned:
         runs["finetuned"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     if base:
-        with model.disable_adapter() if finetuned else nullcontext():
+        with (baseline or model.disable_adapter)() if finetuned else nullcontext():
             runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     model.train(was_training)
 

@@ -74,6 +74,11 @@ def write_report(run_dir: Path) -> Path:
         body.append(_img(loss_png, "train and eval loss per step"))
     else:
         body.append('<p class="muted">No losses logged yet (metrics.jsonl is missing or empty).</p>')
+    reward = reward_figure(metrics)
+    if reward is not None:
+        reward_png = png(reward)
+        write_bytes(plots / "reward.png", reward_png)
+        body.append(_img(reward_png, "GRPO reward per step: mean with its spread, and the share of correct answers"))
 
     body.append("<h2>Verified accuracy</h2>")
     if evaluation is None:
@@ -271,6 +276,30 @@ def loss_figure(metrics: list[dict]):
         ax.plot(*zip(*held_out), marker="o", linestyle="--" if periodic else "none", label="eval loss (held-out)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss per label token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def reward_figure(metrics: list[dict]):
+    """A GRPO run's reward per logged step (mean, +- its spread over the step's answers) and the share
+    of answers the verifier found correct; None when nothing of the kind was logged (SFT, DPO)."""
+    rows = [r for r in metrics if r.get("reward") is not None]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    mean = [r["reward"] for r in rows]
+    spread = [r.get("reward_std") or 0.0 for r in rows]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.plot(steps, mean, marker=".", label="reward (mean)")
+    ax.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.2,
+                    label="+- spread (std)")
+    correct = [(r["step"], r["rewards/correctness/mean"]) for r in rows if r.get("rewards/correctness/mean") is not None]
+    if correct:
+        ax.plot(*zip(*correct), marker=".", linestyle="--", label="share correct")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward per answer")
     ax.grid(alpha=0.3)
     ax.legend()
     return fig

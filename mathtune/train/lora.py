@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mathtune.errors import ConfigError, MathtuneError
+from mathtune.errors import ConfigError, MathtuneError, ModelError
 from mathtune.files import is_disk_full, publish
 from mathtune.run import CHECKPOINTS
 from mathtune.train.checkpoints import resume_hint
@@ -27,15 +27,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("mathtune")
 
 
-def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
-    """Freeze the base and wrap its target layers with trainable LoRA adapters."""
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: bool = False,
+               adapter: Path | None = None) -> PeftModel:
+    """Freeze the base and wrap its target layers with trainable LoRA adapters: new ones (`cfg`), or
+    the trained `adapter` (a folder PEFT saved: an earlier run's RUN_DIR/adapter) to train further."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     targets = find_linear_layers(model) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     present = set(find_linear_layers(model))
     missing = [t for t in targets if t not in present]
-    if missing:
+    if adapter is None and missing:
         raise ConfigError([f"lora.target_modules: {', '.join(missing)} not in this model; its linear layers are: "
                            f"{', '.join(sorted(present))}"])
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -47,6 +49,13 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if adapter is not None:
+        _check_adapter_folder(adapter)
+        try:
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or layer names of another model
+            raise ModelError(f"model.adapter: {adapter}: does not fit this base model ({str(exc).splitlines()[0]}); "
+                             "start from an adapter trained on the same model.path") from None
     peft_config = PeftLoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.r,
@@ -61,6 +70,12 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, gradient_checkpointing: 
     peft_model = get_peft_model(model, peft_config)
     redraw_in_float32(peft_model, rng)
     return peft_model
+
+
+def _check_adapter_folder(adapter: Path) -> None:
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        hint = " (a run folder: its adapter is RUN_DIR/adapter)" if (Path(adapter) / "adapter").is_dir() else ""
+        raise ConfigError([f"model.adapter: {adapter}: not a LoRA adapter folder (no adapter_config.json){hint}"])
 
 
 def redraw_in_float32(model: PeftModel, rng: torch.Tensor, adapter: str = "default") -> None:
@@ -137,7 +152,8 @@ def save_adapter(model, tokenizer, target: Path, trainer=None, write: bool = Tru
         if trainer is not None:
             trainer.save_model(str(tmp))
         else:
-            model.save_pretrained(tmp)
+            # The trained adapter alone: GRPO and DPO keep a frozen copy of the starting one beside it ("ref").
+            model.save_pretrained(tmp, selected_adapters=["default"])
         if write:
             tokenizer.save_pretrained(tmp)
     except Exception as exc:

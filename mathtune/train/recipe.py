@@ -3,6 +3,8 @@
     mathtune train                                  # embedded default: SmolLM2-135M + bundled math set
     mathtune train --config configs/mathstral-7b-qlora.yaml
     mathtune train --resume runs/20261125-101500    # continue from the last checkpoint
+    mathtune train --method grpo --init-from runs/x  # then learn from the verifier (mathtune/train/grpo.py)
+    mathtune train --method dpo --data pairs.jsonl   # or from preference pairs (mathtune/train/dpo.py)
 
 The loop is transformers' Trainer, so `torchrun` and `accelerate launch` run this same code on
 several processes (mathtune/distributed.py); rank 0 alone writes the run folder (mathtune/run.py):
@@ -18,6 +20,7 @@ import logging
 import math
 import pickle
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,8 @@ from mathtune.model.load import ModelSource, load_model, resolve_source
 from mathtune.run import ADAPTER, CHECKPOINTS, EVAL, METRICS, SUMMARY, check_resume, choose_run_dir, create_run_dir
 from mathtune.train.checkpoints import GracefulInterrupt, SafeTrainingMixin
 from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkpoint
+from mathtune.train.dpo import build_dpo_trainer, dpo_pairs
+from mathtune.train.grpo import build_grpo_trainer, grpo_problems
 from mathtune.train.lora import apply_lora, count_parameters, log_lora, lora_modules, save_adapter
 from mathtune.train.metrics import RunLogger, first_eval_loss, logged_eval_before, summary_text
 from mathtune.train.packing import label_only_loss, packed_collator, supports_padding_free, use_packed_attention
@@ -119,6 +124,8 @@ def setup(cfg: Config, resume: bool) -> Job:
     # Every record, the model path and the run folder are checked before anything is written or
     # loaded: a typo costs neither a run folder nor a model conversion.
     data = DataReport()
+    if cfg.train.method == "dpo":
+        cfg.data.preference = "pairs"  # both sides of each pair are read
     train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed, data)
     source = resolve_source(cfg.model)
     if source.kind == "gguf" and cfg.model.path and not Path(cfg.model.path).expanduser().is_file():
@@ -146,14 +153,15 @@ def setup(cfg: Config, resume: bool) -> Job:
     set_seed(cfg.train.seed)  # before LoRA: its A matrices are drawn from the global RNG
     model, tokenizer, source = _load_base(cfg, source, device, state, chat=not data.text)
 
-    train_ds, eval_ds = tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data)
+    train_ds, eval_ds = _training_data(cfg, train_conv, eval_conv, tokenizer, data)
     log.info("Data:\n%s", "\n".join(data.lines()))
     # Written only now that the model, its chat template and the data are known to work together;
     # by rank 0 alone (another rank checking now could find rank 0's fresh files and refuse).
     if state.is_main_process:
         create_run_dir(run_dir, dump_config(cfg), resume)
 
-    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                       adapter=cfg.model.adapter)
     log_lora(model)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, state.is_main_process)
     checkpoint = eval_before = None
@@ -168,6 +176,21 @@ def setup(cfg: Config, resume: bool) -> Job:
         trainer.args.eval_on_start = True
     return Job(cfg, run_dir, state, device, source, model, tokenizer, trainer, data, eval_ds, eval_conv, checkpoint,
                eval_before, warnings)
+
+
+def _training_data(cfg: Config, train_conv, eval_conv, tokenizer, data: DataReport):
+    """What the method's trainer reads: tokenized examples (sft), prompts with references (grpo: no
+    held-out loss, its evaluation is the verified accuracy), prompt/chosen/rejected pairs (dpo)."""
+    method = cfg.train.method
+    if method == "sft":
+        return tokenize_splits(train_conv, eval_conv, tokenizer, cfg.data, data)
+    data.eval_examples = len(eval_conv)
+    if method == "grpo":
+        problems, data.left_out_unchecked = grpo_problems(train_conv)
+        data.train_examples = len(problems)
+        return problems, []
+    data.train_examples = len(train_conv)
+    return dpo_pairs(train_conv, "train"), dpo_pairs(eval_conv, "eval")
 
 
 def _load_base(cfg: Config, source: ModelSource, device: str, state: PartialState, chat: bool):
@@ -234,6 +257,19 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
     return TrainResult(run_dir, summary, model, job.tokenizer)
 
 
+@contextmanager
+def starting_adapter(model, path: Path):
+    """The adapter a run started from (model.adapter), active in place of the trained one."""
+    model.load_adapter(str(path), adapter_name="start")
+    trained = model.active_adapter
+    model.set_adapter("start")
+    try:
+        yield
+    finally:
+        model.set_adapter(trained)
+        model.delete_adapter("start")
+
+
 def without_autocast(model):
     """The trained model as `mathtune eval`, `chat` and the exports reload it: Trainer runs a bf16 or
     fp16 model under accelerate's autocast wrapper (LoRA products in bf16, outputs cast to float32),
@@ -251,7 +287,9 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
     logger = next(cb for cb in job.trainer.callback_handler.callbacks if isinstance(cb, RunLogger))
     session_tokens = state.num_input_tokens_seen - logger.tokens_at_start
     return {
+        "method": job.cfg.train.method,
         "model": {"kind": source.kind, "path": source.path, "loaded_from": source.load_from},
+        "started_from_adapter": str(job.cfg.model.adapter) if job.cfg.model.adapter else None,
         "steps": state.global_step,
         "steps_this_session": state.global_step - fitted.start_step,
         "epochs": round(state.epoch or 0.0, 4),
@@ -262,6 +300,7 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
         "eval_examples": data.eval_examples,
         "truncated_examples": data.truncated,
         "dropped_examples": data.dropped_no_labels,
+        "left_out_unchecked": data.left_out_unchecked,
         "skipped_invalid_records": data.skipped_invalid,
         "tokens_seen": state.num_input_tokens_seen,
         "train_seconds": round(fitted.seconds, 2),
@@ -289,9 +328,15 @@ def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -
     then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
     log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
+    meta = {"data": "run", "split": "eval"}
+    start = cfg.model.adapter
+    if start:
+        meta.update(base_label="start", baseline=f"the adapter the run started from ({start})")
+        log.info("The 'start' column is the adapter the run started from (%s), not the base model", start)
     result = evaluate_model(model, tokenizer, examples, run_dir / EVAL, base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                            max_seq_length=cfg.data.max_seq_length, meta={"data": "run", "split": "eval"})
+                            max_seq_length=cfg.data.max_seq_length, meta=meta,
+                            baseline=(lambda: starting_adapter(model, start)) if start else None)
     log.info("\n%s", comparison_table(result))
     benches = run_benches(cfg, model, tokenizer, run_dir, cfg.eval.bench, limit=cfg.eval.bench_limit)
     if not cfg.eval.bench:
@@ -315,6 +360,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
+    """The method's Trainer: transformers' for SFT, TRL's for GRPO and DPO."""
+    if cfg.train.method == "grpo":
+        return build_grpo_trainer(cfg, model, tokenizer, train_ds, run_dir, device, _compute_dtype(model), main_process)
+    if cfg.train.method == "dpo":
+        return build_dpo_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, _compute_dtype(model),
+                                 main_process)
     packed = cfg.train.padding_free and supports_padding_free(model)
     if packed:
         # One row per batch, positions restarting at each example: no padding to compute on,

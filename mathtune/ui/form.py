@@ -24,14 +24,14 @@ from mathtune.errors import ConfigError, MathtuneError
 from mathtune.hardware import PROBES
 from mathtune.model.load import embedded_model_path
 
-SECTIONS = ("lora", "train", "data", "eval", "model")
+SECTIONS = ("lora", "train", "grpo", "dpo", "data", "eval", "model")
 SKIPPED = {
     "model.path", "data.files",  # chosen in the model and data steps of the page
     "model.cache_dir", "data.eval_files", "data.fields",  # paths and mappings: for YAML files
     "model.trust_remote_code",  # runs code from the model: never one click away in a web form
 }
 """Fields not shown; the output section is the run name."""
-BASIC = {"lora.r", "lora.alpha", "train.max_steps", "train.epochs", "train.batch_size", "train.learning_rate",
+BASIC = {"train.method", "lora.r", "lora.alpha", "train.max_steps", "train.epochs", "train.batch_size", "train.learning_rate",
          "data.max_seq_length", "eval.max_examples", "model.device"}
 """Shown open; the others are under "more settings" of their section."""
 

@@ -8,16 +8,19 @@ const fill = (template, values) => template.replace(/\{(\w+)\}/g, (_, k) => valu
 
 // ---- Run page: status, progress, loss chart and log, from /runs/NAME/events ----
 function watchRun(name) {
-  const train = [], evals = [];
+  const train = [], evals = [], rewards = [], correct = [];
   const words = JSON.parse($("status").dataset.words);
   const progressWords = JSON.parse($("progress").dataset.words);
   const source = new EventSource(`/runs/${encodeURIComponent(name)}/events`);
   source.onmessage = (message) => {
     const e = JSON.parse(message.data);
-    if (e.reset) { train.length = 0; evals.length = 0; }
+    if (e.reset) { for (const points of [train, evals, rewards, correct]) points.length = 0; }
     for (const m of e.metrics) {
       if ("loss" in m) train.push([m.step, m.loss]);
       if ("eval_loss" in m) evals.push([m.step, m.eval_loss]);
+      // A GRPO run: the mean reward of the step's answers and the share the verifier found correct.
+      if (m.reward != null) rewards.push([m.step, m.reward]);
+      if (m["rewards/correctness/mean"] != null) correct.push([m.step, m["rewards/correctness/mean"]]);
     }
     const status = $("status");
     status.textContent = words[e.status];
@@ -32,6 +35,8 @@ function watchRun(name) {
     $("bar").max = p.max_steps || Math.max(p.step, 1);
     $("bar").value = p.step;
     drawChart($("chart"), [[train, "train"], [evals, "eval"]]);
+    $("reward-section").hidden = !rewards.length;
+    if (rewards.length) drawChart($("reward-chart"), [[rewards, "train"], [correct, "eval"]]);
     const log = $("log");
     const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     log.textContent = e.log;

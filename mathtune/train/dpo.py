@@ -1,0 +1,104 @@
+"""DPO: learn from preference pairs, the chosen answer over the rejected one (TRL's DPOTrainer).
+
+    mathtune train --method dpo --data pares.jsonl
+    mathtune train --method dpo --data pares.jsonl --init-from runs/sft
+
+The pairs are the shapes the data readers already read (data/formats.py): {"prompt", "chosen",
+"rejected"} as text or as message lists (TRL's two forms), and LLaMA-Factory's {"conversations",
+"chosen", "rejected"}. The prompt is what both sides share (system prompt and earlier turns
+included); chosen and rejected are what follows it. The reference model is the starting model: the
+base with the adapter switched off, or, with `model.adapter`, the adapter the run started from, kept
+by TRL as a frozen second adapter ("ref"), not a second copy of the model. metrics.jsonl gets
+TRL's rewards/chosen, rewards/rejected, rewards/accuracies (the share of pairs the model ranks
+right) and rewards/margins per logged step; the held-out pairs give the eval loss before and after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mathtune.config import Config, resolve_optimizer
+from mathtune.data.formats import RecordError
+from mathtune.errors import DataError
+from mathtune.run import CHECKPOINTS, METRICS
+from mathtune.train.checkpoints import SafeTrainingMixin
+from mathtune.train.metrics import RunLogger
+
+
+def split_pair(chosen: list[dict], rejected: list[dict]) -> dict[str, list[dict]]:
+    """{"prompt", "chosen", "rejected"}: the turns both conversations share, then each one's answer."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] == "assistant":  # an answer is not part of the prompt
+        shared -= 1
+    if shared == 0 or chosen[shared - 1]["role"] not in ("user", "system"):
+        raise RecordError("rejected", "the chosen and rejected conversations share no prompt")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def dpo_pairs(conversations, split: str):
+    """The dataset DPOTrainer reads, from conversations loaded with data.preference: pairs."""
+    import datasets
+
+    rows = []
+    for i, row in enumerate(conversations):
+        try:
+            rows.append(split_pair(row["messages"], row["rejected"]))
+        except RecordError as exc:
+            raise DataError([f"{split} pair {i + 1}: {exc}"]) from None
+    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict(
+        {"prompt": [], "chosen": [], "rejected": []})
+
+
+def build_dpo_trainer(cfg: Config, model, tokenizer, train_pairs, eval_pairs, run_dir: Path, device: str, dtype,
+                      main_process: bool):
+    """DPOTrainer over the PEFT model (LoRA already applied), with mathtune's checkpoints and log."""
+    # TRL takes seconds to import: only DPO and GRPO runs load it.
+    from transformers.trainer_callback import ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class RunDPOTrainer(SafeTrainingMixin, DPOTrainer):
+        """TRL's DPOTrainer with whole checkpoints and a stop on a non-finite loss."""
+
+    t = cfg.train
+    args = DPOConfig(
+        output_dir=str(run_dir / CHECKPOINTS),
+        max_steps=t.max_steps,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        beta=cfg.dpo.beta,
+        learning_rate=cfg.dpo.learning_rate,
+        max_length=cfg.data.max_seq_length,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=resolve_optimizer(cfg, device),
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if t.eval_steps and len(eval_pairs) else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=device in ("cuda", "cpu") and dtype == torch.bfloat16,
+        fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
+        report_to=[],
+        disable_tqdm=False,
+        log_level="warning",
+    )
+    trainer = RunDPOTrainer(model=model, args=args, train_dataset=train_pairs,
+                            eval_dataset=eval_pairs if len(eval_pairs) else None, processing_class=tokenizer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RunLogger(run_dir / METRICS, show_progress=main_process, write=main_process))
+    return trainer
