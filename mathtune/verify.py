@@ -24,6 +24,8 @@ Choices where a reading is ambiguous (each rule sits next to its code):
   fraction), never 2.5. "0.25" does not equal 25.
 - Thousands: "1,000" and "1.000.000" and "1.234,5" are grouped numbers; a lone "1.000" stays the
   decimal 1.000. In plain text "2,5" is 2.5 but "-2, 3" (comma and space) is a list of answers.
+  LaTeX's "14{,}916" and "1{,}000{,}000" are thousands too (three digits after each `{,}`), its
+  "2{,}5" the decimal 2.5.
 - "(-2, 3)" matches the solution set {-2, 3}: math-verify reads a pair of numbers in parentheses as
   either an open interval or a tuple, and compares the tuple with the set.
 
@@ -201,7 +203,12 @@ def _normalize_numbers(text: str, plain: bool) -> str:
         lambda m: re.sub(r"\\,|\\ |[ \u00a0\u2009\u202f]", "", m.group(0)),
         text,
     )
-    # LaTeX decimal comma "2{,}5" (Spanish typesetting); math-verify reads it as the set {2, 5}.
+    # LaTeX thousands "14{,}916" (math-verify reads them), as in plain text when exactly three
+    # digits follow; otherwise a decimal comma "2{,}5" (Spanish typesetting), which math-verify
+    # would read as the set {2, 5}.
+    text = re.sub(
+        r"(?<![\d.,}])\d{1,3}(?:\{,\}\d{3})+(?![\d{])", lambda m: m.group(0).replace("{,}", ""), text
+    )
     text = re.sub(r"(\d)\{,\}(\d)", r"\1.\2", text)
     if plain:
         # In plain text a comma between digits is a thousands separator when exactly three digits

@@ -415,3 +415,29 @@ def test_fractional_timeout_in_main_thread():
     # signal.alarm takes whole seconds; a float would make math-verify fail on every answer.
     assert validate_math_response("The answer is 7/8.", REF_FRAC, timeout_seconds=0.5).correct
     assert validate_math_response("The answer is 7/8.", REF_FRAC, timeout_seconds=None).correct
+
+
+@pytest.mark.parametrize(
+    ("response", "reference"),
+    [
+        ("The answer is $14{,}916$.", "#### 14916"),
+        ("\\boxed{14{,}916}", "14916"),
+        ("The answer is 14916.", "\\boxed{14{,}916}"),
+        ("\\boxed{14{,}916}", "14{,}916"),
+        ("\\boxed{1{,}000{,}000}", "#### 1,000,000"),
+        ("La respuesta es 1.000.000", "The answer is $\\boxed{1{,}000{,}000}$."),
+        ("\\boxed{14\\,916}", "#### 14,916"),
+        ("\\boxed{14\\!916}", "#### 14,916"),
+    ],
+)
+def test_latex_thousands(response, reference):
+    verdict = validate_math_response(response, reference)
+    assert (verdict.correct, verdict.reason) == (True, "correct"), verdict
+
+
+def test_latex_decimal_comma_stays_a_decimal():
+    # "{,}" before anything but groups of three digits is Spanish typesetting's decimal comma.
+    assert validate_math_response("\\boxed{2{,}5}", "#### 2.5").correct
+    assert validate_math_response("\\boxed{3{,}14}", "3.14").correct
+    assert not validate_math_response("\\boxed{14{,}916}", "#### 14.916").correct
+
