@@ -8,20 +8,25 @@ percentages, expressions, equations, sets and intervals are compared as SymPy ob
 only decides *which part* of each text is the final answer, and rewrites that part where
 math-verify would misread it:
 
-- Reference: the last `\\boxed{}`, else the text after the last GSM8K `####` or announced answer
-  ("The answer is", "La respuesta es", "Respuesta:"), else the whole reference when it is, as a
-  whole, a final answer: a number, fraction, percentage, expression, equation, set or interval, in
-  plain text or LaTeX ("84", "3/4", "-2,5", "25%", "x = 3", "2\\pi", "$\\frac{3}{4}$", "(1, 3]").
+- Reference: the last `\\boxed{}` (or boxes, below), else the text after the last GSM8K `####` or
+  announced answer ("The answer is", "La respuesta es", "Respuesta:"), else the whole reference
+  when it is, as a whole, a final answer: a number, fraction, percentage, expression, equation,
+  set or interval, in plain text or LaTeX ("84", "3/4", "-2,5", "25%", "x = 3", "2\\pi",
+  "$\\frac{3}{4}$", "(1, 3]").
   Otherwise (prose such as a concept explanation) it has no checkable answer, and reading its last
   number would grade against an example.
-- Response: the last complete `\\boxed{}`, else the last announced answer (English or Spanish,
-  math-verify only knows the English word "answer"), else whatever math-verify itself extracts
-  from the end of the response (its rightmost number or expression).
+- Response: the last complete `\\boxed{}` (or boxes), else the last announced answer (English or
+  Spanish, math-verify only knows the English word "answer"), else whatever math-verify itself
+  extracts from the end of the response (its rightmost number or expression).
 
 Choices where a reading is ambiguous (each rule sits next to its code):
 
 - "25%" equals both 25 and 0.25 (math-verify's rule: a question may ask for the percentage or the
   fraction), never 2.5. "0.25" does not equal 25.
+- Several boxes are one list of answers when only commas, semicolons, "and", "or", "y", "o"
+  (bare or in `\\text{}`) or `\\quad` lie between them, on one line: "\\boxed{1}, \\boxed{2}" is
+  {1, 2}. Anything else between them (a sentence, a line break) makes the earlier box working, and
+  the last box is the answer. A list is graded whole: {7, 8} is not 7.
 - Thousands: "1,000" and "1.000.000" and "1.234,5" are grouped numbers; a lone "1.000" stays the
   decimal 1.000. In plain text "2,5" is 2.5 but "-2, 3" (comma and space) is a list of answers.
   LaTeX's "14{,}916" and "1{,}000{,}000" are thousands too (three digits after each `{,}`), its
@@ -119,7 +124,7 @@ _ANNOUNCE = re.compile(
 def _find_answer(text: str) -> tuple[str, str] | None:
     """(answer text, "boxed" | "announced") for the final answer stated in `text`, or None."""
     text = _ANNOTATION.sub("", text)
-    boxed = _last_boxed(text)
+    boxed = _final_boxes(text)
     if boxed is not None:
         return boxed, "boxed"
     last = None
@@ -163,22 +168,40 @@ def _find_reference(text: str) -> tuple[str, str] | None:
     return (answer, "whole") if math_part and math_part == latex.strip(" \t,;:*_=") else None
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last non-empty `\\boxed{...}` whose braces close; generation may stop mid-answer."""
-    opening = {m.end() - 1 for m in re.finditer(r"\\boxed\s*\{", text)}
+# Between two boxes of one list of answers: separators and spacing, within a line.
+_BOX_SPACE = r"(?:[ \t~$]|\\[(),;: !])"
+_BOX_JOINER = r"(?:[,;]|\b(?:and|or|y|o)\b|\\(?:text|mathrm|mbox)\{[ \t~]*(?:,|and|or|y|o)[ \t~]*\}|\\q?quad\b)"
+_BOX_GAP = re.compile(rf"{_BOX_SPACE}*(?:{_BOX_JOINER}{_BOX_SPACE}*)+", re.IGNORECASE)
+
+
+def _final_boxes(text: str) -> str | None:
+    """Content of the last non-empty `\\boxed{...}` whose braces close (generation may stop
+    mid-answer), with the boxes just before it that form one list with it, joined by ", "."""
+    opening = {m.end() - 1: m.start() for m in re.finditer(r"\\boxed\s*\{", text)}
     if not opening:
         return None
     # One pass pairing all braces; scanning from each \boxed would be quadratic on garbage.
     stack: list[int] = []
-    contents: dict[int, str] = {}
+    boxes: list[tuple[int, int, str]] = []  # (start of \boxed, end of its closing brace, content)
     for brace in re.finditer(r"(?<!\\)[{}]", text):
         if brace.group() == "{":
             stack.append(brace.start())
         elif stack:
             start = stack.pop()
-            if start in opening and text[start + 1 : brace.start()].strip():
-                contents[start] = text[start + 1 : brace.start()].strip()
-    return contents[max(contents)] if contents else None
+            content = text[start + 1 : brace.start()].strip()
+            if start in opening and content:
+                boxes.append((opening[start], brace.end(), content))
+    if not boxes:
+        return None
+    boxes.sort()
+    first = len(boxes) - 1
+    while first > 0:
+        end_before, start = boxes[first - 1][1], boxes[first][0]
+        # Not the box around this one (\boxed{\boxed{5}}), and only separators in between.
+        if end_before > start or not _BOX_GAP.fullmatch(text[end_before:start]):
+            break
+        first -= 1
+    return ", ".join(content for _, _, content in boxes[first:])
 
 
 # --- rewriting an answer so math-verify reads it as meant --------------------------------------

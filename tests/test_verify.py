@@ -417,6 +417,46 @@ def test_fractional_timeout_in_main_thread():
     assert validate_math_response("The answer is 7/8.", REF_FRAC, timeout_seconds=None).correct
 
 
+# Several boxes joined only by commas, "and", "y", "o", "or", "\text{ and }" or "\quad" on one line are
+# the answers of a list; anything else between them (a sentence, a line break) leaves the last box.
+SEVERAL_BOXES = [
+    ("\\boxed{1}, \\boxed{2}, \\boxed{3}", "{1,2,3}"),
+    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "\\boxed{\\{1, 2, 3\\}}"),
+    ("\\boxed{3} y \\boxed{-2}", REF_QUAD),
+    ("x = 3 o x = -2: \\boxed{x = 3} o \\boxed{x = -2}", REF_QUAD),
+    ("\\boxed{-2} \\quad \\boxed{3}", REF_QUAD),
+    ("\\boxed{-2}\\text{, }\\boxed{3}", REF_QUAD),
+    ("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}", "\\boxed{(2, 2), (6, 2)}"),
+    ("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}", "(2,2) and (6,2)"),
+    ("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}", "\\{(2,2),(6,2)\\}"),
+    ("Los pares son \\boxed{(6, 2)}, \\boxed{(2, 2)}.", "Las soluciones son \\boxed{(2, 2)} y \\boxed{(6, 2)}."),
+]
+
+
+@pytest.mark.parametrize(("response", "reference"), SEVERAL_BOXES)
+def test_boxes_joined_on_one_line_are_a_list_of_answers(response, reference):
+    verdict = validate_math_response(response, reference)
+    assert (verdict.correct, verdict.reason) == (True, "correct"), verdict
+
+
+def test_boxes_apart_leave_the_last_box():
+    assert stated_answer("\\boxed{1}, \\boxed{2}, \\boxed{3}") == "1, 2, 3"
+    assert reference_answer("Las soluciones son \\boxed{(2, 2)} y \\boxed{(6, 2)}.") == "(2, 2), (6, 2)"
+    # An intermediate result, then the final one: a sentence or a line lies between them.
+    for response in [
+        "So \\boxed{5} apples are left. Therefore the answer is \\boxed{7}.",
+        "Step 1: \\boxed{5}\nStep 2: \\boxed{7}",
+        "Primero \\boxed{5}, luego sumamos 2: \\boxed{7}",
+        "\\boxed{5}.\n\\boxed{7}",
+    ]:
+        assert stated_answer(response) == "7", response
+        assert validate_math_response(response, "#### 7").correct, response
+    # A list is graded as a whole: one right answer among wrong ones is not correct.
+    assert not validate_math_response("\\boxed{7}, \\boxed{8}", "#### 7").correct
+    assert not validate_math_response("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 3)}", "\\boxed{(2, 2), (6, 2)}").correct
+    assert not validate_math_response("\\boxed{(6, 2)}", "\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}").correct
+
+
 @pytest.mark.parametrize(
     ("response", "reference"),
     [
