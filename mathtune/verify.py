@@ -16,8 +16,10 @@ math-verify would misread it:
   Otherwise (prose such as a concept explanation) it has no checkable answer, and reading its last
   number would grade against an example.
 - Response: the last complete `\\boxed{}` (or boxes), else the last announced answer (English or
-  Spanish, math-verify only knows the English word "answer"), else whatever math-verify itself
-  extracts from the end of the response (its rightmost number or expression).
+  Spanish, math-verify only knows the English word "answer"), else the mathematics right after the
+  verb of the last sentence ("La derivada es 6x + 2.", "The sum equals 4x + 1.", "f'(x) = 6x + 2";
+  math-verify would read 2), else whatever math-verify itself extracts from the end of the response
+  (its rightmost number or expression).
 
 Choices where a reading is ambiguous (each rule sits next to its code):
 
@@ -204,6 +206,30 @@ def _final_boxes(text: str) -> str | None:
     return ", ".join(content for _, _, content in boxes[first:])
 
 
+# A last sentence that states its result after a verb, with no "the answer is": "La derivada es
+# 6x + 2.", "Simplificando, queda 2x - 4.", "f'(x) = 6x + 2." ("<=", "\\le" and "==" are not verbs).
+_COPULA = re.compile(
+    r"\b(?:is(?:\s+equal\s+to)?|equals|are|es(?:\s+igual\s+a)?|son|valen?|quedan?|resultan?|dan?)\b"
+    r"|(?<![<>!=\\])=(?!=)",
+    re.IGNORECASE,
+)
+
+
+def _final_statement(text: str) -> str | None:
+    """What the last sentence of `text` states after its (last) verb, when that starts with mathematics."""
+    sentence = re.split(r"\n|;|(?<=[.!?])\s+", text.strip())[-1]
+    if re.search(r"(?<!\\)\$.*(?<!\\)\$|\\\(|\\\[|\\boxed", sentence):
+        return None  # LaTeX, which math-verify reads itself, or a box cut off before it closed
+    for verb in reversed(list(_COPULA.finditer(sentence))):
+        stated = sentence[verb.end() :].strip().rstrip(".!?").strip()
+        # Mathematics right after the verb ("es 6x + 2, que es lineal"), not prose ("es correcto").
+        latex = _latexify(_normalize_numbers(stated, plain=True)).strip()
+        math_part = _math_part(latex).strip(" \t,;:*_=")
+        if math_part and latex.startswith(math_part):
+            return stated
+    return None
+
+
 # --- rewriting an answer so math-verify reads it as meant --------------------------------------
 
 
@@ -304,7 +330,7 @@ def _math_part(text: str) -> str:
 
 
 def _prepare(answer: str, kind: str) -> str:
-    """The text handed to math-verify's `parse` for an answer found by `_find_answer`."""
+    """The text handed to math-verify's `parse` for an answer found by `_find_answer` or `_final_statement`."""
     if kind == "latex":
         return _normalize_numbers(answer, plain=False)
     if kind == "boxed":
@@ -358,10 +384,21 @@ def _judge(response: str, reference: str, timeout: int | None) -> Verdict:
             if not pred:
                 return Verdict(False, predicted, expected, "parse_error")
         else:
-            pred = read(_ANNOTATION.sub("", response)[-MAX_FALLBACK_CHARS:])
-            if not pred:
-                return Verdict(False, None, expected, "no_answer")
-            predicted = str(pred[-1])  # math-verify's own text for what it extracted
+            tail = _ANNOTATION.sub("", response)[-MAX_FALLBACK_CHARS:]
+            stated = _final_statement(tail)
+            try:
+                pred = read(_prepare(stated, "stated")) if stated else []
+            except (Exception, TimeoutException):
+                pred = []
+            # Unreadable, or text SymPy could not read ("es \frac{3}{", cut off): math-verify's
+            # own reading, as without the statement.
+            if pred and not all(isinstance(x, str) for x in pred):
+                predicted = stated
+            else:
+                pred = read(tail)
+                if not pred:
+                    return Verdict(False, None, expected, "no_answer")
+                predicted = str(pred[-1])  # math-verify's own text for what it extracted
     except (Exception, TimeoutException):
         return Verdict(False, predicted, expected, "parse_error")
     if _too_big(pred):
