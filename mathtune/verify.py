@@ -8,22 +8,31 @@ percentages, expressions, equations, sets and intervals are compared as SymPy ob
 only decides *which part* of each text is the final answer, and rewrites that part where
 math-verify would misread it:
 
-- Reference: the last `\\boxed{}`, else the text after the last GSM8K `####` or announced answer
-  ("The answer is", "La respuesta es", "Respuesta:"), else the whole reference when it is, as a
-  whole, a final answer: a number, fraction, percentage, expression, equation, set or interval, in
-  plain text or LaTeX ("84", "3/4", "-2,5", "25%", "x = 3", "2\\pi", "$\\frac{3}{4}$", "(1, 3]").
+- Reference: the last `\\boxed{}` (or boxes, below), else the text after the last GSM8K `####` or
+  announced answer ("The answer is", "La respuesta es", "Respuesta:"), else the whole reference
+  when it is, as a whole, a final answer: a number, fraction, percentage, expression, equation,
+  set or interval, in plain text or LaTeX ("84", "3/4", "-2,5", "25%", "x = 3", "2\\pi",
+  "$\\frac{3}{4}$", "(1, 3]").
   Otherwise (prose such as a concept explanation) it has no checkable answer, and reading its last
   number would grade against an example.
-- Response: the last complete `\\boxed{}`, else the last announced answer (English or Spanish,
-  math-verify only knows the English word "answer"), else whatever math-verify itself extracts
-  from the end of the response (its rightmost number or expression).
+- Response: the last complete `\\boxed{}` (or boxes), else the last announced answer (English or
+  Spanish, math-verify only knows the English word "answer"), else the mathematics right after the
+  verb of the last sentence ("La derivada es 6x + 2.", "The sum equals 4x + 1.", "f'(x) = 6x + 2";
+  math-verify would read 2), else whatever math-verify itself extracts from the end of the response
+  (its rightmost number or expression).
 
 Choices where a reading is ambiguous (each rule sits next to its code):
 
 - "25%" equals both 25 and 0.25 (math-verify's rule: a question may ask for the percentage or the
   fraction), never 2.5. "0.25" does not equal 25.
+- Several boxes are one list of answers when only commas, semicolons, "and", "or", "y", "o"
+  (bare or in `\\text{}`) or `\\quad` lie between them, on one line: "\\boxed{1}, \\boxed{2}" is
+  {1, 2}. Anything else between them (a sentence, a line break) makes the earlier box working, and
+  the last box is the answer. A list is graded whole: {7, 8} is not 7.
 - Thousands: "1,000" and "1.000.000" and "1.234,5" are grouped numbers; a lone "1.000" stays the
   decimal 1.000. In plain text "2,5" is 2.5 but "-2, 3" (comma and space) is a list of answers.
+  LaTeX's "14{,}916" and "1{,}000{,}000" are thousands too (three digits after each `{,}`), its
+  "2{,}5" the decimal 2.5.
 - "(-2, 3)" matches the solution set {-2, 3}: math-verify reads a pair of numbers in parentheses as
   either an open interval or a tuple, and compares the tuple with the set.
 
@@ -117,7 +126,7 @@ _ANNOUNCE = re.compile(
 def _find_answer(text: str) -> tuple[str, str] | None:
     """(answer text, "boxed" | "announced") for the final answer stated in `text`, or None."""
     text = _ANNOTATION.sub("", text)
-    boxed = _last_boxed(text)
+    boxed = _final_boxes(text)
     if boxed is not None:
         return boxed, "boxed"
     last = None
@@ -161,22 +170,64 @@ def _find_reference(text: str) -> tuple[str, str] | None:
     return (answer, "whole") if math_part and math_part == latex.strip(" \t,;:*_=") else None
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last non-empty `\\boxed{...}` whose braces close; generation may stop mid-answer."""
-    opening = {m.end() - 1 for m in re.finditer(r"\\boxed\s*\{", text)}
+# Between two boxes of one list of answers: separators and spacing, within a line.
+_BOX_SPACE = r"(?:[ \t~$]|\\[(),;: !])"
+_BOX_JOINER = r"(?:[,;]|\b(?:and|or|y|o)\b|\\(?:text|mathrm|mbox)\{[ \t~]*(?:,|and|or|y|o)[ \t~]*\}|\\q?quad\b)"
+_BOX_GAP = re.compile(rf"{_BOX_SPACE}*(?:{_BOX_JOINER}{_BOX_SPACE}*)+", re.IGNORECASE)
+
+
+def _final_boxes(text: str) -> str | None:
+    """Content of the last non-empty `\\boxed{...}` whose braces close (generation may stop
+    mid-answer), with the boxes just before it that form one list with it, joined by ", "."""
+    opening = {m.end() - 1: m.start() for m in re.finditer(r"\\boxed\s*\{", text)}
     if not opening:
         return None
     # One pass pairing all braces; scanning from each \boxed would be quadratic on garbage.
     stack: list[int] = []
-    contents: dict[int, str] = {}
+    boxes: list[tuple[int, int, str]] = []  # (start of \boxed, end of its closing brace, content)
     for brace in re.finditer(r"(?<!\\)[{}]", text):
         if brace.group() == "{":
             stack.append(brace.start())
         elif stack:
             start = stack.pop()
-            if start in opening and text[start + 1 : brace.start()].strip():
-                contents[start] = text[start + 1 : brace.start()].strip()
-    return contents[max(contents)] if contents else None
+            content = text[start + 1 : brace.start()].strip()
+            if start in opening and content:
+                boxes.append((opening[start], brace.end(), content))
+    if not boxes:
+        return None
+    boxes.sort()
+    first = len(boxes) - 1
+    while first > 0:
+        end_before, start = boxes[first - 1][1], boxes[first][0]
+        # Not the box around this one (\boxed{\boxed{5}}), and only separators in between.
+        if end_before > start or not _BOX_GAP.fullmatch(text[end_before:start]):
+            break
+        first -= 1
+    return ", ".join(content for _, _, content in boxes[first:])
+
+
+# A last sentence that states its result after a verb, with no "the answer is": "La derivada es
+# 6x + 2.", "Simplificando, queda 2x - 4.", "f'(x) = 6x + 2." ("<=", "\\le" and "==" are not verbs).
+_COPULA = re.compile(
+    r"\b(?:is(?:\s+equal\s+to)?|equals|are|es(?:\s+igual\s+a)?|son|valen?|quedan?|resultan?|dan?)\b"
+    r"|(?<![<>!=\\])=(?!=)",
+    re.IGNORECASE,
+)
+
+
+def _final_statement(text: str) -> str | None:
+    """What the last sentence of `text` states after its (last) verb, when that starts with mathematics."""
+    sentence = re.split(r"\n|;|(?<=[.!?])\s+", text.strip())[-1]
+    if re.search(r"(?<!\\)\$.*(?<!\\)\$|\\\(|\\\[|\\boxed", sentence):
+        return None  # LaTeX, which math-verify reads itself, or a box cut off before it closed
+    for verb in reversed(list(_COPULA.finditer(sentence))):
+        stated = sentence[verb.end() :].strip().rstrip(".!?").strip()
+        # Mathematics right after the verb ("es 6x + 2, que es lineal"), not prose ("es correcto").
+        latex = _latexify(_normalize_numbers(stated, plain=True)).strip()
+        math_part = _math_part(latex).strip(" \t,;:*_=")
+        if math_part and latex.startswith(math_part):
+            return stated
+    return None
 
 
 # --- rewriting an answer so math-verify reads it as meant --------------------------------------
@@ -201,7 +252,12 @@ def _normalize_numbers(text: str, plain: bool) -> str:
         lambda m: re.sub(r"\\,|\\ |[ \u00a0\u2009\u202f]", "", m.group(0)),
         text,
     )
-    # LaTeX decimal comma "2{,}5" (Spanish typesetting); math-verify reads it as the set {2, 5}.
+    # LaTeX thousands "14{,}916" (math-verify reads them), as in plain text when exactly three
+    # digits follow; otherwise a decimal comma "2{,}5" (Spanish typesetting), which math-verify
+    # would read as the set {2, 5}.
+    text = re.sub(
+        r"(?<![\d.,}])\d{1,3}(?:\{,\}\d{3})+(?![\d{])", lambda m: m.group(0).replace("{,}", ""), text
+    )
     text = re.sub(r"(\d)\{,\}(\d)", r"\1.\2", text)
     if plain:
         # In plain text a comma between digits is a thousands separator when exactly three digits
@@ -274,7 +330,7 @@ def _math_part(text: str) -> str:
 
 
 def _prepare(answer: str, kind: str) -> str:
-    """The text handed to math-verify's `parse` for an answer found by `_find_answer`."""
+    """The text handed to math-verify's `parse` for an answer found by `_find_answer` or `_final_statement`."""
     if kind == "latex":
         return _normalize_numbers(answer, plain=False)
     if kind == "boxed":
@@ -328,10 +384,21 @@ def _judge(response: str, reference: str, timeout: int | None) -> Verdict:
             if not pred:
                 return Verdict(False, predicted, expected, "parse_error")
         else:
-            pred = read(_ANNOTATION.sub("", response)[-MAX_FALLBACK_CHARS:])
-            if not pred:
-                return Verdict(False, None, expected, "no_answer")
-            predicted = str(pred[-1])  # math-verify's own text for what it extracted
+            tail = _ANNOTATION.sub("", response)[-MAX_FALLBACK_CHARS:]
+            stated = _final_statement(tail)
+            try:
+                pred = read(_prepare(stated, "stated")) if stated else []
+            except (Exception, TimeoutException):
+                pred = []
+            # Unreadable, or text SymPy could not read ("es \frac{3}{", cut off): math-verify's
+            # own reading, as without the statement.
+            if pred and not all(isinstance(x, str) for x in pred):
+                predicted = stated
+            else:
+                pred = read(tail)
+                if not pred:
+                    return Verdict(False, None, expected, "no_answer")
+                predicted = str(pred[-1])  # math-verify's own text for what it extracted
     except (Exception, TimeoutException):
         return Verdict(False, predicted, expected, "parse_error")
     if _too_big(pred):

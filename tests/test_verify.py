@@ -415,3 +415,111 @@ def test_fractional_timeout_in_main_thread():
     # signal.alarm takes whole seconds; a float would make math-verify fail on every answer.
     assert validate_math_response("The answer is 7/8.", REF_FRAC, timeout_seconds=0.5).correct
     assert validate_math_response("The answer is 7/8.", REF_FRAC, timeout_seconds=None).correct
+
+
+# Several boxes joined only by commas, "and", "y", "o", "or", "\text{ and }" or "\quad" on one line are
+# the answers of a list; anything else between them (a sentence, a line break) leaves the last box.
+SEVERAL_BOXES = [
+    ("\\boxed{1}, \\boxed{2}, \\boxed{3}", "{1,2,3}"),
+    ("The solutions are $\\boxed{1}$, $\\boxed{2}$ and $\\boxed{3}$.", "\\boxed{\\{1, 2, 3\\}}"),
+    ("\\boxed{3} y \\boxed{-2}", REF_QUAD),
+    ("x = 3 o x = -2: \\boxed{x = 3} o \\boxed{x = -2}", REF_QUAD),
+    ("\\boxed{-2} \\quad \\boxed{3}", REF_QUAD),
+    ("\\boxed{-2}\\text{, }\\boxed{3}", REF_QUAD),
+    ("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}", "\\boxed{(2, 2), (6, 2)}"),
+    ("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}", "(2,2) and (6,2)"),
+    ("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}", "\\{(2,2),(6,2)\\}"),
+    ("Los pares son \\boxed{(6, 2)}, \\boxed{(2, 2)}.", "Las soluciones son \\boxed{(2, 2)} y \\boxed{(6, 2)}."),
+]
+
+
+@pytest.mark.parametrize(("response", "reference"), SEVERAL_BOXES)
+def test_boxes_joined_on_one_line_are_a_list_of_answers(response, reference):
+    verdict = validate_math_response(response, reference)
+    assert (verdict.correct, verdict.reason) == (True, "correct"), verdict
+
+
+def test_boxes_apart_leave_the_last_box():
+    assert stated_answer("\\boxed{1}, \\boxed{2}, \\boxed{3}") == "1, 2, 3"
+    assert reference_answer("Las soluciones son \\boxed{(2, 2)} y \\boxed{(6, 2)}.") == "(2, 2), (6, 2)"
+    # An intermediate result, then the final one: a sentence or a line lies between them.
+    for response in [
+        "So \\boxed{5} apples are left. Therefore the answer is \\boxed{7}.",
+        "Step 1: \\boxed{5}\nStep 2: \\boxed{7}",
+        "Primero \\boxed{5}, luego sumamos 2: \\boxed{7}",
+        "\\boxed{5}.\n\\boxed{7}",
+    ]:
+        assert stated_answer(response) == "7", response
+        assert validate_math_response(response, "#### 7").correct, response
+    # A list is graded as a whole: one right answer among wrong ones is not correct.
+    assert not validate_math_response("\\boxed{7}, \\boxed{8}", "#### 7").correct
+    assert not validate_math_response("\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 3)}", "\\boxed{(2, 2), (6, 2)}").correct
+    assert not validate_math_response("\\boxed{(6, 2)}", "\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}").correct
+
+
+@pytest.mark.parametrize(
+    ("response", "reference"),
+    [
+        ("The answer is $14{,}916$.", "#### 14916"),
+        ("\\boxed{14{,}916}", "14916"),
+        ("The answer is 14916.", "\\boxed{14{,}916}"),
+        ("\\boxed{14{,}916}", "14{,}916"),
+        ("\\boxed{1{,}000{,}000}", "#### 1,000,000"),
+        ("La respuesta es 1.000.000", "The answer is $\\boxed{1{,}000{,}000}$."),
+        ("\\boxed{14\\,916}", "#### 14,916"),
+        ("\\boxed{14\\!916}", "#### 14,916"),
+    ],
+)
+def test_latex_thousands(response, reference):
+    verdict = validate_math_response(response, reference)
+    assert (verdict.correct, verdict.reason) == (True, "correct"), verdict
+
+
+def test_latex_decimal_comma_stays_a_decimal():
+    # "{,}" before anything but groups of three digits is Spanish typesetting's decimal comma.
+    assert validate_math_response("\\boxed{2{,}5}", "#### 2.5").correct
+    assert validate_math_response("\\boxed{3{,}14}", "3.14").correct
+    assert not validate_math_response("\\boxed{14{,}916}", "#### 14.916").correct
+
+
+# A last sentence that states its result after a verb, without "the answer is": the expression after
+# the verb, not math-verify's rightmost number ("6x + 2" was read as 2).
+STATED_BY_A_VERB = [
+    ("Derivamos término a término.\nLa derivada es 6x + 2.", "6x + 2", "6x + 2"),
+    ("La derivada de 3x^2 + 2x es 6x + 2", "\\boxed{6x + 2}", "6x + 2"),
+    ("Por la regla de la potencia, f'(x) = 6x + 2.", "6x + 2", "6x + 2"),
+    ("Sumando, el total vale 3x + 1.", "3x + 1", "3x + 1"),
+    ("Simplificando, queda 2x - 4.", "2(x - 2)", "2x - 4"),
+    ("Al integrar resulta x^3 + 2x + C.", "\\boxed{x^3 + 2x + C}", "x^3 + 2x + C"),
+    ("Las raíces son 2 y 3.", "\\boxed{2, 3}", "2 y 3"),
+    ("The derivative is 6x + 2.", "6x + 2", "6x + 2"),
+    ("Adding both parts, the sum equals 4x + 1.", "4x + 1", "4x + 1"),
+    ("The slope is 0.5.", "\\boxed{\\frac{1}{2}}", "0.5"),
+    ("So the perimeter is 2(5 + 4) = 18 cm for 2 rectangles.", REF_RECT, "18 cm for 2 rectangles"),
+    ("La derivada es 6x + 2, que es una recta.", "6x + 2", "6x + 2, que es una recta"),
+]
+
+
+@pytest.mark.parametrize(("response", "reference", "predicted"), STATED_BY_A_VERB)
+def test_a_last_sentence_states_its_result_after_the_verb(response, reference, predicted):
+    verdict = validate_math_response(response, reference)
+    assert verdict == Verdict(True, predicted, reference_answer(reference), "correct")
+
+
+def test_a_verb_followed_by_prose_is_not_an_answer():
+    # Nothing mathematical after the verb: no answer, rather than a word or a number from the working.
+    for response in ["El resultado es correcto.", "La derivada es positiva.", "The function is increasing."]:
+        assert validate_math_response(response, "6x + 2").reason == "no_answer", response
+    # ... and where the working holds a number, math-verify's own reading stands.
+    assert validate_math_response("Entonces x = 3. Esto es correcto.", "#### 3").correct
+    assert validate_math_response("La derivada es 6x + 2.", "#### 2").reason == "mismatch"
+    # The rule only reads a response: prose in a reference is still not a checkable answer.
+    assert reference_answer("La derivada es 6x + 2.") is None
+    assert stated_answer("La derivada es 6x + 2.") is None  # not announced: may be the working of a cut-off answer
+
+
+def test_a_statement_cut_off_by_the_token_limit_is_left_to_math_verify():
+    # An unclosed box or fraction after the verb is not a stated expression; the verdict stays the
+    # fallback's (its rightmost number, or nothing), never a parse error on the fragment.
+    assert validate_math_response("La derivada es \\boxed{6x + 2", "6x + 2") == Verdict(False, "2", "6x + 2", "mismatch")
+    assert validate_math_response("So the total is \\frac{3}{", "#### 3") == Verdict(False, None, "3", "no_answer")
