@@ -5,7 +5,7 @@
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
     mathtune eval RUN_DIR --bench gsm8k [--limit N]
     mathtune report RUN_DIR
-    mathtune export RUN_DIR --to gguf|lmstudio|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
+    mathtune export RUN_DIR --to gguf|lmstudio|ollama|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
     mathtune convert FILE.gguf [--output DIR] [--overwrite]
     mathtune models [--cache | --remove NAME] [--json]
@@ -37,7 +37,7 @@ from mathtune.doctor.doctor import run_doctor
 from mathtune.errors import MathtuneError
 from mathtune.eval.evaluate import BENCHES, evaluate_run
 from mathtune.eval.report import write_report
-from mathtune.export import export_run, how_to_use
+from mathtune.export import TARGETS, export_run, how_to_use
 from mathtune.files import cache_root
 from mathtune.model import lmstudio
 from mathtune.model.cache import convert_gguf
@@ -136,18 +136,19 @@ def _add_report(commands) -> None:
 def _add_export(commands) -> None:
     export = commands.add_parser(
         "export",
-        help="the fine-tuned model as GGUF (LM Studio, llama.cpp), a llama.cpp LoRA GGUF, or merged safetensors",
+        help="the fine-tuned model as GGUF (LM Studio, llama.cpp, Ollama), a llama.cpp LoRA GGUF, or merged safetensors",
         description="Merge the run's LoRA adapter into its base and write RUN_DIR/export/<name>-<quant>.gguf "
-        "(--to gguf) or the same file into LM Studio's models folder (--to lmstudio), the adapter alone as a "
+        "(--to gguf) or the same file into LM Studio's models folder (--to lmstudio) or beside an Ollama Modelfile "
+        "(--to ollama), the adapter alone as a "
         "llama.cpp LoRA GGUF (--to gguf-lora), or a merged Transformers folder (--to hf). From a GGUF base every "
         "metadata field is kept and untouched tensors keep their bytes.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    export.add_argument("--to", required=True, choices=["gguf", "lmstudio", "gguf-lora", "hf"],
+    export.add_argument("--to", required=True, choices=TARGETS,
                         help="what to write; lmstudio: the --to gguf file, into LM Studio's models folder under "
-                        "mathtune/<run name>/")
+                        "mathtune/<run name>/; ollama: a folder with that file and a Modelfile for `ollama create`")
     export.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"],
-                        help="type of the tensors LoRA changed (--to gguf and lmstudio; default f16)")
+                        help="type of the tensors LoRA changed (--to gguf, lmstudio and ollama; default f16)")
     export.add_argument("--requant-all", action="store_true",
                         help="convert every matrix to --quant, not only the ones LoRA changed")
     export.add_argument("--output", type=Path, metavar="PATH", help="output file or folder (default: RUN_DIR/export/...)")

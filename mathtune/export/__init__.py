@@ -2,6 +2,7 @@
 
     mathtune export runs/x --to gguf [--quant f16|bf16|q8_0] [--requant-all]   # LM Studio, llama.cpp
     mathtune export runs/x --to lmstudio [--quant ...]   # the same file, into LM Studio's models folder
+    mathtune export runs/x --to ollama [--quant ...]     # the same file and a Modelfile: ollama create
     mathtune export runs/x --to gguf-lora                                      # llama-cli --lora
     mathtune export runs/x --to hf                                             # merged safetensors
 
@@ -23,13 +24,17 @@ from mathtune.export.adapter import read_adapter
 from mathtune.export.gguf import QUANTS, lora_gguf, mergeable_arch, merged_from_gguf, tensor_names_for
 from mathtune.export.gguf_hf import gguf_arch, heads, lora_names, merged_from_folder, read_config
 from mathtune.export.hf import merged_folder
+from mathtune.export.ollama import MODELFILE, base_generation_config, model_name, modelfile, write_folder
 from mathtune.locks import lock_output, released_at_exit
 from mathtune.model.gguf import gguf_field, gguf_heads
 from mathtune.model.lmstudio import ENV_DIR, export_folder
 from mathtune.model.load import resolve_source
 from mathtune.run import ADAPTER, EXPORT, load_run_config
 
-TARGETS = ("gguf", "lmstudio", "gguf-lora", "hf")
+TARGETS = ("gguf", "lmstudio", "ollama", "gguf-lora", "hf")
+MERGED_GGUF = ("gguf", "lmstudio", "ollama")
+"""The targets that write the merged GGUF (--to ollama: into a folder, beside its Modelfile)."""
+FOLDERS = ("ollama", "hf")
 
 
 @dataclass
@@ -41,6 +46,8 @@ class ExportResult:
     base: str
     """The base model the run trained on (a .gguf file, a folder or a hub id)."""
     notes: list[str] = field(default_factory=list)
+    model_name: str | None = None
+    """--to ollama: the name the printed `ollama create` gives the model."""
 
 
 def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = False, output: Path | None = None,
@@ -58,7 +65,7 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
     name = base_name(source)
     folder = export_folder(run_dir.resolve().name) if to == "lmstudio" else run_dir / EXPORT
     out = output or folder / {"gguf": f"{name}-{quant}.gguf", "lmstudio": f"{name}-{quant}.gguf",
-                              "gguf-lora": f"{name}-lora.gguf", "hf": f"{name}-merged"}[to]
+                              "ollama": f"{name}-ollama", "gguf-lora": f"{name}-lora.gguf", "hf": f"{name}-merged"}[to]
     out.parent.mkdir(parents=True, exist_ok=True)
     with released_at_exit():
         lock_output(out)  # a second export into the same output (another window, a double-click) stops here
@@ -66,14 +73,15 @@ def export_run(run_dir: Path, to: str, quant: str = "f16", requant_all: bool = F
             if not overwrite:
                 elsewhere = "" if to == "lmstudio" else ", or --output elsewhere"
                 raise MathtuneError(f"{out}: already exists; pass --overwrite to replace it{elsewhere}")
-            if out.is_dir() != (to == "hf"):
+            if out.is_dir() != (to in FOLDERS):
                 kind = "a folder" if out.is_dir() else "a file"
-                raise MathtuneError(f"{out}: is {kind}; --to {to} writes a {'folder' if to == 'hf' else 'file'} there. "
-                                    "Choose another --output.")
+                raise MathtuneError(f"{out}: is {kind}; --to {to} writes a {'folder' if to in FOLDERS else 'file'} "
+                                    "there. Choose another --output.")
         started = time.perf_counter()
         notes = _write(run_dir, to, cfg, source, name, out, quant, requant_all)
     size = sum(p.stat().st_size for p in out.rglob("*")) if out.is_dir() else out.stat().st_size
-    return ExportResult(out, to, size, time.perf_counter() - started, source.path, notes)
+    return ExportResult(out, to, size, time.perf_counter() - started, source.path, notes,
+                        model_name(run_dir, name) if to == "ollama" else None)
 
 
 def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str, requant_all: bool) -> list[str]:
@@ -81,14 +89,26 @@ def _write(run_dir: Path, to: str, cfg, source, name: str, out: Path, quant: str
         return merged_folder(run_dir, cfg, out)
     _check_architecture(source, to)  # before the adapter: the architecture is the first thing to know
     adapter = read_adapter(run_dir / ADAPTER)
-    if to in ("gguf", "lmstudio"):
-        return _merged_gguf(run_dir, source, adapter, out, quant, requant_all)
-    return _lora_gguf(source, adapter, out, name)
+    if to not in MERGED_GGUF:
+        return _lora_gguf(source, adapter, out, name)
+    from transformers import AutoTokenizer
+
+    # The tokenizer saved with the adapter carries the chat template the run trained with.
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+    if to != "ollama":
+        return _merged_gguf(source, adapter, tokenizer, out, quant, requant_all)
+    gguf_name = f"{name}-{quant}.gguf"
+    # The Modelfile first: a system prompt it cannot carry is refused before the long write.
+    text, notes = modelfile(gguf_name, model_name(run_dir, name), tokenizer, cfg.data.system_prompt,
+                            base_generation_config(None if source.kind == "gguf" else _base_folder(source)))
+    written = write_folder(out, gguf_name, text,
+                           lambda path: _merged_gguf(source, adapter, tokenizer, path, quant, requant_all))
+    return written + notes
 
 
 def _check_architecture(source, to: str) -> None:
     if source.kind == "gguf":
-        if to in ("gguf", "lmstudio"):
+        if to in MERGED_GGUF:
             import gguf
 
             mergeable_arch(gguf.GGUFReader(source.path), Path(source.path))
@@ -98,11 +118,7 @@ def _check_architecture(source, to: str) -> None:
     gguf_arch(read_config(folder), folder)
 
 
-def _merged_gguf(run_dir: Path, source, adapter, out: Path, quant: str, requant_all: bool) -> list[str]:
-    from transformers import AutoTokenizer
-
-    # The tokenizer saved with the adapter carries the chat template the run trained with.
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
+def _merged_gguf(source, adapter, tokenizer, out: Path, quant: str, requant_all: bool) -> list[str]:
     if source.kind == "gguf":
         return merged_from_gguf(Path(source.path), adapter, out, quant, requant_all, tokenizer.chat_template)
 
@@ -160,6 +176,10 @@ def how_to_use(result: ExportResult) -> list[str]:
         lines += [f"LM Studio lists it in My Models as mathtune/{p.parent.name}/{p.name} (reopen the list, or "
                   "restart LM Studio, if it was open)",
                   f"llama.cpp: llama-cli -m {p} -cnv"]
+    elif result.target == "ollama":
+        lines += [f"Ollama: ollama create {result.model_name} -f {_arg(p / MODELFILE)}",
+                  f"  then: ollama run {result.model_name}   (the folder can be moved: the Modelfile names the GGUF "
+                  "beside it)"]
     elif result.target == "gguf-lora":
         lines += [
             f"llama.cpp: llama-cli -m {result.base} --lora {p} -cnv",
@@ -168,3 +188,8 @@ def how_to_use(result: ExportResult) -> list[str]:
     else:
         lines += [f"Transformers: AutoModelForCausalLM.from_pretrained('{p}'); vLLM: vllm serve {p}"]
     return lines
+
+
+def _arg(path: Path) -> str:
+    """A path to paste into a command: quoted when it has a space (bash, PowerShell and cmd agree on double quotes)."""
+    return f'"{path}"' if " " in str(path) else str(path)

@@ -87,6 +87,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     "ex_gguf-q8_0": ("GGUF q8_0 (smaller)", "GGUF q8_0 (más pequeño)"),
     "ex_lmstudio-f16": ("GGUF f16 straight into LM Studio's models folder",
                         "GGUF f16 directamente en la carpeta de modelos de LM Studio"),
+    "ex_ollama-f16": ("GGUF f16 and a Modelfile for Ollama (ollama create)",
+                      "GGUF f16 y un Modelfile para Ollama (ollama create)"),
     "ex_gguf-lora": ("LoRA adapter as GGUF (llama.cpp --lora)", "Adaptador LoRA en GGUF (llama.cpp --lora)"),
     "ex_hf": ("Merged safetensors folder (Transformers, vLLM)", "Carpeta safetensors fusionada (Transformers, vLLM)"),
     "exported": ("Exported files", "Archivos exportados"),

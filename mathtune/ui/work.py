@@ -24,7 +24,7 @@ from mathtune.run import load_run_config, load_trained
 log = logging.getLogger("mathtune")
 
 EXPORTS = {"gguf-f16": ("gguf", "f16"), "gguf-q8_0": ("gguf", "q8_0"), "lmstudio-f16": ("lmstudio", "f16"),
-           "gguf-lora": ("gguf-lora", "f16"), "hf": ("hf", "f16")}
+           "ollama-f16": ("ollama", "f16"), "gguf-lora": ("gguf-lora", "f16"), "hf": ("hf", "f16")}
 """The export choices of the Export page: --to and --quant of `mathtune export` (lmstudio: where LM Studio's
 models folder exists)."""
 

@@ -546,7 +546,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # .NAME.lock: the output lock
 
 
-@pytest.mark.parametrize("to", ["gguf", "gguf-lora", "hf"])
+@pytest.mark.parametrize("to", ["gguf", "gguf-lora", "ollama", "hf"])
 def test_an_export_that_cannot_fit_is_refused_before_writing_with_the_space_it_needs(llama_run, tmp_path, monkeypatch,
                                                                                     to):
     from types import SimpleNamespace
@@ -554,13 +554,13 @@ def test_an_export_that_cannot_fit_is_refused_before_writing_with_the_space_it_n
     from mathtune import files
 
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
-    out = tmp_path / ("out" if to == "hf" else "out.gguf")
+    out = tmp_path / ("out" if to in ("hf", "ollama") else "out.gguf")
     with pytest.raises(MathtuneError, match=r"not enough disk space: it needs about [\d.]+ MB and 0.0 MB are free in"):
         export_run(llama_run, to, output=out)
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("to", ["gguf", "hf"])
+@pytest.mark.parametrize("to", ["gguf", "ollama", "hf"])
 def test_a_disk_that_fills_up_during_an_export_leaves_no_partial_file(llama_run, tmp_path, monkeypatch, to):
     import errno
 
@@ -570,7 +570,7 @@ def test_a_disk_that_fills_up_during_an_export_leaves_no_partial_file(llama_run,
     def enospc(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    if to == "gguf":
+    if to in ("gguf", "ollama"):
         real = gguf.GGUFWriter.write_tensor_data
         written = []
 
@@ -587,7 +587,7 @@ def test_a_disk_that_fills_up_during_an_export_leaves_no_partial_file(llama_run,
             enospc()
 
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_up)
-    out = tmp_path / ("out" if to == "hf" else "out.gguf")
+    out = tmp_path / ("out" if to in ("hf", "ollama") else "out.gguf")
     with pytest.raises(MathtuneError, match=r"the disk filled up while writing it: it needs about [\d.]+ MB"):
         export_run(llama_run, to, output=out)
     assert leftovers(tmp_path) == []
