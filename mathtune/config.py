@@ -420,7 +420,7 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping of sections (model, lora, data, train, output)"], "config file")
+        raise ConfigError([f"{path}: expected a mapping of sections (model, lora, data, train, grpo, dpo, eval, output)"], "config file")
     return data
 
 

@@ -129,7 +129,7 @@ def test_unknown_section(tmp_path):
     assert "did you mean 'train'" in text
     # Nothing is close to 'zzzz': the valid section names are listed instead.
     zzzz = next(p for p in excinfo.value.problems if p.startswith("zzzz:"))
-    assert "valid keys here: model, lora, data, train, eval, output" in zzzz
+    assert "valid keys here: model, lora, data, train, grpo, dpo, eval, output" in zzzz
 
 
 def test_unknown_key_in_field_map_gets_a_suggestion(tmp_path):

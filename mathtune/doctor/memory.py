@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mathtune import hardware
 from mathtune.errors import ModelError
 from mathtune.files import unreadable_reason
 from mathtune.model.gguf import read_header
@@ -209,7 +210,7 @@ class Plan:
 
 
 CPU_4BIT_HEAP = 0.6
-"""The fragmentation share of a 4-bit CPU run (0.1 elsewhere): see the module docstring."""
+"""The fragmentation share of a 4-bit CPU run whose heap is not trimmed (0.1 elsewhere): see the module docstring."""
 
 
 def estimate_memory(shape: ModelShape, plan: Plan) -> dict[str, float]:
@@ -231,7 +232,9 @@ def estimate_memory(shape: ModelShape, plan: Plan) -> dict[str, float]:
     logits = tokens * shape.vocab * (b + 8)
     overhead = 0.75 * GB if plan.device == "cuda" else 0.5 * GB
     subtotal = weights + lora + activations + logits + overhead
-    slack = CPU_4BIT_HEAP if plan.device == "cpu" and plan.load_in_4bit else 0.1
+    # mathtune trims a 4-bit CPU run's heap where the C library is glibc (hardware.trim_heap_periodically).
+    heap_grows = plan.device == "cpu" and plan.load_in_4bit and hardware.heap_trimmer() is None
+    slack = CPU_4BIT_HEAP if heap_grows else 0.1
     return {"weights": weights, "lora": lora, "activations": activations, "logits": logits,
             "overhead": overhead + slack * subtotal, "total": (1 + slack) * subtotal, "lora_params": n_lora}
 

@@ -64,7 +64,8 @@ class RunLogger(TrainerCallback):
                 fh.write(json.dumps(record) + "\n")
         if self.bar is not None:
             if "loss" in logs:
-                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
+                reward = {"reward": f"{logs['reward']:.3f}"} if logs.get("reward") is not None else {}  # GRPO
+                self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", **reward,
                                      tok_s=f"{logs['tokens_per_second']:.0f}", refresh=False)
             elif "eval_loss" in logs:
                 self.bar.write(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")

@@ -31,7 +31,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from mathtune import distributed
+from mathtune import distributed, hardware
 from mathtune.config import Config, dump_config, resolve_optimizer, settings_summary
 from mathtune.data.dataset import DataReport, split_conversations
 from mathtune.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_splits
@@ -150,6 +150,9 @@ def setup(cfg: Config, resume: bool) -> Job:
     for text in warnings:
         log.warning("WARNING: %s", text)
 
+    if cfg.model.load_in_4bit and device == "cpu" and hardware.trim_heap_periodically():
+        log.info("4-bit on the CPU: freed heap memory is handed back to the system every %.1f s (glibc's "
+                 "malloc_trim), which keeps the peak near what the run holds at once", hardware.HEAP_TRIM_SECONDS)
     set_seed(cfg.train.seed)  # before LoRA: its A matrices are drawn from the global RNG
     model, tokenizer, source = _load_base(cfg, source, device, state, chat=not data.text)
 

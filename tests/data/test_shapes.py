@@ -130,6 +130,9 @@ def test_preference_variants_are_read_as_prompt_and_chosen_answer(variant):
     assert messages[-1] == {"role": "assistant", "content": A_ES}
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert "4/12" not in json.dumps(messages) and "7/12" not in json.dumps(messages)
+    rejected = parse_record(record, "preference").rejected  # the same prompt with the rejected answer (DPO)
+    assert rejected[:-1] == messages[:-1] and rejected[-1]["role"] == "assistant"
+    assert rejected[-1]["content"] in ("4/12", "7/12")
 
 
 def test_preference_data_is_refused_unless_the_chosen_side_is_asked_for(tmp_path, capsys):
@@ -137,9 +140,9 @@ def test_preference_data_is_refused_unless_the_chosen_side_is_asked_for(tmp_path
     with pytest.raises(DataError) as excinfo:
         load_conversations([path], DataConfig(), DataReport())
     assert f"{path}:1: preference data (chosen/rejected pairs" in str(excinfo.value)
-    assert "data.preference: chosen" in str(excinfo.value)
-    assert main(["data", "check", str(path)]) == 1
-    assert "data.preference: chosen" in capsys.readouterr().out
+    assert "data.preference: chosen" in str(excinfo.value) and "--method dpo" in str(excinfo.value)
+    assert main(["data", "check", str(path)]) == 0  # checking reads the pairs whatever the method
+    assert "fit for: dpo (2 pairs), sft on the chosen answers (data.preference: chosen)" in capsys.readouterr().out
 
     report = DataReport()
     ds = load_conversations([path], DataConfig(preference="chosen"), report)

@@ -149,9 +149,12 @@ def test_qlora_on_a_cpu_is_accepted_and_refused_only_for_mps(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_qlora_run_on_the_cpu_trains_resumes_and_is_scored(tmp_path, chatml_tokenizer, bnb_cpu, arch):
+def test_a_qlora_run_on_the_cpu_trains_resumes_and_is_scored(tmp_path, chatml_tokenizer, bnb_cpu, arch, monkeypatch):
     model_dir = save_tiny_model(arch, tmp_path / arch, chatml_tokenizer, hidden=64)
+    trims = []
+    monkeypatch.setattr(mathtune.hardware, "trim_heap_periodically", lambda: trims.append(1) or True)
     first = train(qlora_config(tmp_path, model_dir, max_steps=3, save_steps=3))
+    assert trims == [1]  # a 4-bit CPU run hands its freed heap back (see test_memory.py)
     assert linear4bit_count(first.model) == 2 * 7  # q k v o gate up down in each of the 2 layers, in NF4
     assert first.summary["steps"] == 3 and first.summary["precision"].endswith(
         "bfloat16 weights" if mathtune.hardware.cpu_bf16_units() else "float32")
