@@ -420,7 +420,8 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([f"{path}: expected a mapping of sections (model, lora, data, train, grpo, dpo, eval, output)"], "config file")
+        sections = ", ".join(Config.model_fields)
+        raise ConfigError([f"{path}: expected a mapping of sections ({sections})"], "config file")
     return data
 
 

@@ -130,6 +130,9 @@ def build_grpo_trainer(cfg: Config, model, tokenizer, problems, run_dir: Path, d
         num_generations=g.num_generations,
         max_completion_length=g.max_completion_length,
         temperature=g.temperature,
+        # The KV cache, which training switches off in the model's config (use_cache: False) and an
+        # unset generation setting would inherit: without it each new token recomputes the whole answer.
+        generation_kwargs={"use_cache": True},
         beta=g.beta,
         learning_rate=g.learning_rate,
         reward_weights=[1.0, g.format_reward] if g.format_reward else None,
