@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from mathtune.config import Config, resolve_optimizer
+from mathtune.config import Config
 from mathtune.data.formats import RecordError
 from mathtune.errors import DataError
-from mathtune.run import CHECKPOINTS, METRICS
+from mathtune.run import METRICS
+from mathtune.train.arguments import shared_arguments
 from mathtune.train.checkpoints import SafeTrainingMixin
 from mathtune.train.metrics import RunLogger
 
@@ -65,37 +64,16 @@ def build_dpo_trainer(cfg: Config, model, tokenizer, train_pairs, eval_pairs, ru
 
     t = cfg.train
     args = DPOConfig(
-        output_dir=str(run_dir / CHECKPOINTS),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
+        **shared_arguments(cfg, run_dir, device, dtype),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
         beta=cfg.dpo.beta,
         learning_rate=cfg.dpo.learning_rate,
         max_length=cfg.data.max_seq_length,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(cfg, device),
-        logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_steps and len(eval_pairs) else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=device in ("cuda", "cpu") and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        ddp_find_unused_parameters=False,
-        report_to=[],
-        disable_tqdm=False,
-        log_level="warning",
     )
     trainer = RunDPOTrainer(model=model, args=args, train_dataset=train_pairs,
                             eval_dataset=eval_pairs if len(eval_pairs) else None, processing_class=tokenizer)

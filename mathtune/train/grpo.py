@@ -32,12 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mathtune.config import Config, resolve_optimizer
+from mathtune.config import Config
 from mathtune.errors import DataError
 from mathtune.eval.evaluate import stop_token_ids
-from mathtune.run import CHECKPOINTS, METRICS
+from mathtune.run import METRICS
+from mathtune.train.arguments import shared_arguments
 from mathtune.train.checkpoints import SafeTrainingMixin
 from mathtune.train.metrics import RunLogger
 from mathtune.verify import reference_answer, stated_answer, validate_math_response
@@ -118,15 +117,12 @@ def build_grpo_trainer(cfg: Config, model, tokenizer, problems, run_dir: Path, d
     class RunGRPOTrainer(SafeTrainingMixin, GenerationTiming, GRPOTrainer):
         """TRL's GRPOTrainer with whole checkpoints, a stop on a non-finite loss and generation timing."""
 
-    t, g = cfg.train, cfg.grpo
+    g = cfg.grpo
     stops = stop_token_ids(tokenizer, model)
     model.generation_config.eos_token_id = stops  # TRL ends a completion at any of these, as the evaluation does
     args = GRPOConfig(
-        output_dir=str(run_dir / CHECKPOINTS),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
+        **shared_arguments(cfg, run_dir, device, dtype),
         per_device_train_batch_size=g.prompts_per_step * g.num_generations,  # completions, not problems
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
         num_generations=g.num_generations,
         max_completion_length=g.max_completion_length,
         temperature=g.temperature,
@@ -136,27 +132,9 @@ def build_grpo_trainer(cfg: Config, model, tokenizer, problems, run_dir: Path, d
         beta=g.beta,
         learning_rate=g.learning_rate,
         reward_weights=[1.0, g.format_reward] if g.format_reward else None,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(cfg, device),
-        logging_steps=t.logging_steps,
         eval_strategy="no",  # the verified accuracy before and after is the evaluation
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=device in ("cuda", "cpu") and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        ddp_find_unused_parameters=False,
-        report_to=[],
-        disable_tqdm=False,
-        log_level="warning",
         log_completions=False,
     )
     trainer = RunGRPOTrainer(model=model, reward_funcs=reward_functions(cfg, stops), args=args, train_dataset=problems,

@@ -32,7 +32,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set
 from transformers.trainer_callback import ProgressCallback
 
 from mathtune import distributed, hardware
-from mathtune.config import Config, dump_config, resolve_optimizer, settings_summary
+from mathtune.config import Config, dump_config, settings_summary
 from mathtune.data.dataset import DataReport, split_conversations
 from mathtune.data.tokenize import IGNORE_INDEX, ensure_chat_template, tokenize_splits
 from mathtune.doctor.doctor import preflight, unused_gpu_warning
@@ -51,6 +51,7 @@ from mathtune.hardware import resolve_device
 from mathtune.locks import released_at_exit
 from mathtune.model.load import ModelSource, load_model, resolve_source
 from mathtune.run import ADAPTER, CHECKPOINTS, EVAL, METRICS, SUMMARY, check_resume, choose_run_dir, create_run_dir
+from mathtune.train.arguments import shared_arguments
 from mathtune.train.checkpoints import GracefulInterrupt, SafeTrainingMixin
 from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkpoint
 from mathtune.train.dpo import build_dpo_trainer, dpo_pairs
@@ -398,40 +399,16 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
 def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: bool, has_eval: bool):
     t = cfg.train
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS),
-        max_steps=t.max_steps,
-        num_train_epochs=t.epochs,
+        **shared_arguments(cfg, run_dir, device, dtype),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(cfg, device),
-        logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_steps and has_eval else "no",
         eval_steps=t.eval_steps or None,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        data_seed=t.seed,
-        # Autocast over bf16 weights on CUDA and on CPUs with bf16 units alike (hardware.resolve_dtype).
-        bf16=device in ("cuda", "cpu") and dtype == torch.bfloat16,
-        fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu",
-        # Every LoRA parameter gets a gradient each step: DDP need not search the graph for unused ones
-        # (that search also breaks with gradient checkpointing).
-        ddp_find_unused_parameters=False,
         # Packed batches have no padding (and no attention mask to tell it by): count every token.
         include_num_input_tokens_seen="all" if packed else "non_padding",
         prediction_loss_only=True,
         remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=False,
-        log_level="warning",
     )
 
 
