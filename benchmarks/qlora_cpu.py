@@ -4,6 +4,7 @@ doctor's estimate for the same plan.
     .venv/bin/python benchmarks/qlora_cpu.py --shape 1b --steps 20      # ~1.1B parameters, tied embeddings
     .venv/bin/python benchmarks/qlora_cpu.py --shape 7b --steps 5       # Mistral-7B shape: ~8 GB file
     .venv/bin/python benchmarks/qlora_cpu.py --source FILE.gguf         # a file of your own (kept)
+    .venv/bin/python benchmarks/qlora_cpu.py --shape 1b --untrimmed     # without the heap trimming
 
 It writes a llama-shaped Q8_0 GGUF of the shape (SmolLM2's tokenizer and chat template, random
 weights) into --dir, converts it (the cached conversion every run reads), then in child processes:
@@ -44,6 +45,15 @@ print("4-bit footprint", model.get_memory_footprint())
 """
 
 
+UNTRIMMED = """
+import sys
+from mathtune import hardware
+hardware.trim_heap_periodically = lambda *args, **kwargs: False
+from mathtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def long_records(n: int) -> list[dict]:
     """Conversations of ~600 tokens (several bundled problems one after another), so each example
     fills a 512-token row."""
@@ -66,6 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dir", type=Path, help="where to write the files (default: a temporary folder)")
     parser.add_argument("--source", type=Path, help="train this GGUF (kept) instead of writing one of --shape")
+    parser.add_argument("--untrimmed", action="store_true", help="train without mathtune's heap trimming "
+                        "(hardware.trim_heap_periodically), to measure what it saves and costs")
     args = parser.parse_args()
     from mathtune.model.load import embedded_model_path
 
@@ -88,7 +100,8 @@ def main() -> None:
                     "train.warmup_ratio": 0, "train.save_steps": 10_000, "eval.at_end": "false"}
         sets = [f"--set={k}={v}" for k, v in settings.items()]
         run = work / "run"
-        anon, resident, seconds = peak_rss_anon([*python, "train", "--model", str(source), "--data", str(data),
+        trainer = [sys.executable, "-c", UNTRIMMED] if args.untrimmed else python
+        anon, resident, seconds = peak_rss_anon([*trainer, "train", "--model", str(source), "--data", str(data),
                                                  "--output", str(run), *sets], env)
         summary = json.loads((run / "train_summary.json").read_text())
         losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()

@@ -304,3 +304,22 @@ def test_eval_loss_is_a_line_only_when_it_was_measured_along_the_way(eval_steps,
     assert list(held_out.get_xdata()) == list(eval_steps)
     assert (held_out.get_linestyle() != "None") == joined
     pyplot().close(fig)
+
+
+def test_a_grpo_run_gets_its_reward_curve_and_an_sft_run_none(run_dir):
+    from mathtune.display import pyplot
+    from mathtune.eval.report import reward_figure
+
+    metrics = [{"step": s, "loss": 0.0, "reward": 0.2 + s / 100, "reward_std": 0.1,
+                "rewards/correctness/mean": s / 100} for s in range(1, 6)]
+    fig = reward_figure(metrics)
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].lines}
+    assert lines["reward (mean)"] == pytest.approx([0.21, 0.22, 0.23, 0.24, 0.25])
+    assert lines["share correct"] == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
+    pyplot().close(fig)
+    assert reward_figure([{"step": 1, "loss": 1.2}]) is None
+
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        fh.write("".join(json.dumps(m) + "\n" for m in metrics))
+    page = write_report(run_dir).read_text()
+    assert (run_dir / "plots" / "reward.png").is_file() and 'alt="GRPO reward per step' in page

@@ -191,9 +191,11 @@ def test_the_form_comes_from_the_config_defaults_and_field_docs(client):
 
     page = client.get("/new").text
     assert 'name="train.learning_rate" value="0.002"' in page
-    assert "Peak learning rate." in page  # the docstring under the field
+    assert "Peak learning rate of SFT" in page  # the docstring under the field
     assert re.search(r'name="train.lr_scheduler"><option selected>cosine</option><option>linear</option>', page)
-    assert TrainConfig.model_fields["learning_rate"].description.startswith("Peak learning rate.")
+    assert TrainConfig.model_fields["learning_rate"].description.startswith("Peak learning rate of SFT")
+    assert re.search(r'name="train.method"><option selected>sft</option><option>grpo</option><option>dpo</option>', page)
+    assert 'name="grpo.num_generations" value="4"' in page and 'name="dpo.beta" value="0.1"' in page
     assert 'name="model.trust_remote_code"' not in page
 
 
