@@ -272,14 +272,17 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
 
 
 def run_benches(cfg, model, tokenizer, run_dir: Path, names: list[str], *, limit: int | None = None,
-                max_new_tokens: int | None = None, batch_size: int | None = None) -> dict[str, dict[str, Any]]:
+                max_new_tokens: int | None = None, batch_size: int | None = None,
+                baseline: Callable[[], AbstractContextManager] | None = None,
+                meta: dict | None = None) -> dict[str, dict[str, Any]]:
     """Base vs fine-tuned on each shipped benchmark (BENCHES): {name: its summary}."""
 
     summaries = {}
     for name in names:
         summary = run_bench(model, tokenizer, name, run_dir / BENCH / name, limit=limit or None,
                             max_new_tokens=max_new_tokens, batch_size=batch_size or cfg.eval.batch_size,
-                            max_seq_length=cfg.data.max_seq_length, system_prompt=cfg.data.system_prompt)
+                            max_seq_length=cfg.data.max_seq_length, system_prompt=cfg.data.system_prompt,
+                            baseline=baseline, meta=meta)
         log.info("\n%s: %s\n%s\n\nWritten to %s", name, summary["data"], comparison_table(summary),
                  run_dir / BENCH / name)
         summaries[name] = summary
@@ -331,8 +334,10 @@ def bench_examples(name: str, limit: int | None = None, system_prompt: str | Non
 
 def run_bench(model, tokenizer, name: str, out_dir: Path, *, limit: int | None = None, batch_size: int = 16,
               max_new_tokens: int | None = None, max_seq_length: int = 2048, system_prompt: str | None = None,
-              finetuned: bool = True) -> dict[str, Any]:
+              finetuned: bool = True, baseline: Callable[[], AbstractContextManager] | None = None,
+              meta: dict | None = None) -> dict[str, Any]:
     """Score the base model (and, with `finetuned`, the PEFT model) on benchmark `name`; write out_dir.
+    `baseline` and `meta` as in `evaluate_model` (a run that started from an earlier adapter).
 
     The same code path as `mathtune eval --bench` and benchmarks/gsm8k_accuracy.py.
     """
@@ -342,8 +347,8 @@ def run_bench(model, tokenizer, name: str, out_dir: Path, *, limit: int | None =
              len(examples), name, bench.description)
     return evaluate_model(model, tokenizer, examples, out_dir, base=True, finetuned=finetuned,
                           max_new_tokens=max_new_tokens or bench.max_new_tokens, batch_size=batch_size,
-                          max_seq_length=max_seq_length,
-                          meta={"bench": name, "data": bench.description, "split": "test"})
+                          max_seq_length=max_seq_length, baseline=baseline,
+                          meta={"bench": name, "data": bench.description, "split": "test", **(meta or {})})
 
 
 def warn_about_drops(summaries: dict[str, dict]) -> None:

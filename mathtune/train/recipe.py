@@ -332,17 +332,18 @@ def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -
     then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
     log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
-    meta = {"data": "run", "split": "eval"}
-    start = cfg.model.adapter
-    if start:
-        meta.update(base_label="start", baseline=f"the adapter the run started from ({start})")
+    start, versus, baseline = cfg.model.adapter, {}, None
+    if start:  # what the run changed: the adapter it started from against the one it ended with
+        versus = {"base_label": "start", "baseline": f"the adapter the run started from ({start})"}
+        baseline = lambda: starting_adapter(model, start)  # noqa: E731
         log.info("The 'start' column is the adapter the run started from (%s), not the base model", start)
     result = evaluate_model(model, tokenizer, examples, run_dir / EVAL, base=True,
                             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                            max_seq_length=cfg.data.max_seq_length, meta=meta,
-                            baseline=(lambda: starting_adapter(model, start)) if start else None)
+                            max_seq_length=cfg.data.max_seq_length, meta={"data": "run", "split": "eval", **versus},
+                            baseline=baseline)
     log.info("\n%s", comparison_table(result))
-    benches = run_benches(cfg, model, tokenizer, run_dir, cfg.eval.bench, limit=cfg.eval.bench_limit)
+    benches = run_benches(cfg, model, tokenizer, run_dir, cfg.eval.bench, limit=cfg.eval.bench_limit,
+                          baseline=baseline, meta=versus)
     if not cfg.eval.bench:
         log.info("General math was not checked (eval.bench is off: minutes on a CPU). Base vs fine-tuned on "
                  "GSM8K: mathtune eval %s --bench gsm8k [--limit 100]", run_dir)
