@@ -20,12 +20,12 @@ B batch, S sequence length, P_lin the parameters of the blocks' linear layers, P
   logits       B x S x V x (b + 8): the output in the compute dtype, its fp32 copy and gradient for
                the loss (an upper bound: mathtune computes the head only where there are labels).
   overhead     CUDA context and allocator slack: 0.75 GB on a GPU, 0.5 GB of process on a CPU, then
-               10% on the total for fragmentation. A 4-bit run on a CPU adds 45% more (x 1.6 in all):
-               glibc's heap grows around bitsandbytes' per-layer dequantized copies and does not
-               shrink back (measured peak anonymous memory, benchmarks/qlora_cpu.py, Intel Xeon, 2
-               cores, batch 1 x 512: 3.31 GB at 1.1B parameters, 12.19 GB at 7.4B, against 2.11 and
-               7.54 GB without this term; MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=1048576 brought the
-               1.1B run to 2.05 GB at half the speed).
+               10% on the total for fragmentation. A 4-bit run on a CPU whose heap is not trimmed adds
+               50% more (x 1.6 in all): glibc's heap grows around bitsandbytes' per-layer dequantized
+               copies and does not shrink back (benchmarks/qlora_cpu.py, Intel Xeon, 2 cores, batch
+               1 x 512: 3.31 GB at 1.1B parameters, 12.19 GB at 7.4B). mathtune trims it where the C
+               library is glibc (hardware.trim_heap_periodically), and then the x 1.1 rule holds: 2.06
+               GB at 1.1B and 7.25 GB at 7.4B measured against 2.11 and 7.54 GB planned (AMD EPYC Zen 4).
 
 Assumptions: a llama-style block (q, k, v, o, gate, up, down; GQA through kv heads), LoRA on every
 linear layer of the blocks unless lora.target_modules lists some, LoRA dropout 0. For other block

@@ -102,7 +102,6 @@ def test_unreadable_model_paths_are_explained(tmp_path):
         read_model_shape(tmp_path)
 
 
-MEASURED_7B_TRIMMED = 7.0e9
 SHAPES_1B_7B = {"1b": (16, 2048, 8192, 8, True), "7b": (32, 4096, 14336, 8, False)}
 
 
@@ -116,7 +115,7 @@ def _4bit_cpu_estimate(shape: str) -> tuple[float, float]:
     return estimate_memory(shape_from_config(config), plan)["total"], gpu
 
 
-@pytest.mark.parametrize("shape, measured", [("1b", 2.06e9), ("7b", MEASURED_7B_TRIMMED)])
+@pytest.mark.parametrize("shape, measured", [("1b", 2.06e9), ("7b", 7.25e9)])
 def test_a_4bit_cpu_plan_is_within_15_percent_of_the_measured_peak(shape, measured):
     """benchmarks/qlora_cpu.py on an AMD EPYC (Zen 4, AVX512-BF16), 2 cores, batch 1 x 512, gradient
     checkpointing, bf16 compute, SmolLM2's 49,152-token vocabulary: the peak anonymous memory of
