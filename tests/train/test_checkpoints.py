@@ -352,7 +352,7 @@ def test_a_full_disk_while_saving_the_adapter_keeps_the_previous_adapter(tmp_pat
     (target / "adapter_model.safetensors").write_bytes(b"previous")
 
     class FullDisk:
-        def save_pretrained(self, folder):
+        def save_pretrained(self, folder, **kwargs):
             Path(folder).mkdir(parents=True)
             (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
             raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
