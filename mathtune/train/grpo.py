@@ -34,12 +34,12 @@ from typing import Any
 
 from mathtune.config import Config
 from mathtune.errors import DataError
-from mathtune.eval.evaluate import stop_token_ids
+from mathtune.eval.evaluate import eval_examples, stop_token_ids
 from mathtune.run import METRICS
 from mathtune.train.arguments import shared_arguments
 from mathtune.train.checkpoints import SafeTrainingMixin
 from mathtune.train.metrics import RunLogger
-from mathtune.verify import reference_answer, stated_answer, validate_math_response
+from mathtune.verify import stated_answer, validate_math_response
 
 log = logging.getLogger("mathtune")
 
@@ -51,15 +51,10 @@ def grpo_problems(conversations) -> tuple[Any, int]:
     included), its reference that turn; one without a checkable final answer is left out."""
     import datasets
 
-    prompts, references, left_out = [], [], 0
-    for row in conversations:
-        messages = row["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        if reference_answer(messages[last]["content"]) is None:
-            left_out += 1
-            continue
-        prompts.append(messages[:last])
-        references.append(messages[last]["content"])
+    # The evaluation's reading of a conversation (eval_examples): GRPO rewards what eval scores.
+    examples = eval_examples(conversations)
+    problems = [e for e in examples if e.checkable]
+    prompts, references, left_out = [e.prompt for e in problems], [e.reference for e in problems], len(examples) - len(problems)
     if not prompts:
         raise DataError([f"none of the {left_out} training records has a reference with a checkable final answer "
                          "(a number, expression, set... or \\boxed{}): GRPO has nothing to reward"],
