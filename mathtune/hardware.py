@@ -7,6 +7,7 @@ measured far slower than float32 (see `cpu_bf16_units`).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -153,9 +154,11 @@ def torch_index_url(cuda: str) -> str:
     return f"https://download.pytorch.org/whl/cu{cuda.replace('.', '')}"
 
 
+@functools.cache
 def heap_trimmer() -> Callable[[], int] | None:
     """glibc's malloc_trim(0), which hands the free pages inside the heap back to the kernel; None
-    where the C library is not glibc (Windows, macOS, musl)."""
+    where the C library is not glibc (Windows, macOS, musl). Looked up once: the doctor's memory plan
+    asks for every plan it tries."""
     import ctypes
     import ctypes.util
 
