@@ -7,19 +7,20 @@ from typing import Any
 
 import torch
 
-from mathtune.config import Config, resolve_optimizer
+from mathtune.config import Config, learning_rate, resolve_optimizer
 from mathtune.run import CHECKPOINTS
 
 
 def shared_arguments(cfg: Config, run_dir: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    """The schedule, checkpoints, precision and logging of a run, as Trainer keyword arguments; each
-    method adds its batch, learning rate and evaluation."""
+    """The schedule (with the method's learning rate), checkpoints, precision and logging of a run,
+    as Trainer keyword arguments; each method adds its batch and evaluation."""
     t = cfg.train
     return {
         "output_dir": str(run_dir / CHECKPOINTS),
         "max_steps": t.max_steps,
         "num_train_epochs": t.epochs,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": learning_rate(cfg),  # train, grpo or dpo .learning_rate
         "lr_scheduler_type": t.lr_scheduler,
         "warmup_steps": t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         "weight_decay": t.weight_decay,

@@ -68,7 +68,6 @@ def build_dpo_trainer(cfg: Config, model, tokenizer, train_pairs, eval_pairs, ru
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         beta=cfg.dpo.beta,
-        learning_rate=cfg.dpo.learning_rate,
         max_length=cfg.data.max_seq_length,
         eval_strategy="steps" if t.eval_steps and len(eval_pairs) else "no",
         eval_steps=t.eval_steps or None,

@@ -125,7 +125,6 @@ def build_grpo_trainer(cfg: Config, model, tokenizer, problems, run_dir: Path, d
         # unset generation setting would inherit: without it each new token recomputes the whole answer.
         generation_kwargs={"use_cache": True},
         beta=g.beta,
-        learning_rate=g.learning_rate,
         reward_weights=[1.0, g.format_reward] if g.format_reward else None,
         eval_strategy="no",  # the verified accuracy before and after is the evaluation
         gradient_checkpointing=cfg.train.gradient_checkpointing,

@@ -403,7 +403,6 @@ def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: b
         **shared_arguments(cfg, run_dir, device, dtype),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        learning_rate=t.learning_rate,
         eval_strategy="steps" if t.eval_steps and has_eval else "no",
         eval_steps=t.eval_steps or None,
         # Packed batches have no padding (and no attention mask to tell it by): count every token.
