@@ -153,7 +153,7 @@ def init_from_settings(run_dir: Path) -> dict[str, Any]:
     saved = load_config(require_run_dir(run_dir, finished=True, why="--init-from starts from its adapter") / CONFIG,
                         environ={}, check_machine=False)
     settings = {key: value for key, value in flatten(saved.model_dump(mode="json")).items()
-                if (key in INHERITED or f"{key.split('.')[0]}.*" in INHERITED) and key != "data.preference"}
+                if _listed(key, INHERITED) and key != "data.preference"}
     return {**settings, "model.adapter": str(run_dir / ADAPTER)}
 
 
@@ -185,9 +185,14 @@ def resume_changes(saved: Config, new: Config) -> tuple[list[str], list[str]]:
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):
             line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-            resumable = key in RESUMABLE or f"{key.split('.')[0]}.*" in RESUMABLE
+            resumable = _listed(key, RESUMABLE)
             (allowed if resumable else refused).append(line)
     return allowed, refused
+
+
+def _listed(key: str, patterns) -> bool:
+    """Whether a dotted setting is among `patterns`: by name, or by its section ("data.*")."""
+    return key in patterns or f"{key.split('.')[0]}.*" in patterns
 
 
 def check_resume(run_dir: Path, cfg: Config) -> list[str]:
