@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mathtune import __version__
 from mathtune.chat import chat_gguf, chat_run
-from mathtune.config import ModelConfig, file_keys, load_config, parse_override
+from mathtune.config import METHODS, ModelConfig, file_keys, load_config, parse_override
 from mathtune.data.check import run_check
 from mathtune.data.stats import run_stats
 from mathtune.data.tokenize import ensure_chat_template
@@ -94,7 +94,7 @@ def _add_train(commands) -> None:
     train.add_argument("--output", type=Path, metavar="DIR", help="run folder (output.dir)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
-    train.add_argument("--method", choices=["sft", "grpo", "dpo"], help="sft: imitate the answers; grpo: learn from "
+    train.add_argument("--method", choices=METHODS, help="sft: imitate the answers; grpo: learn from "
                        "the verifier's rewards; dpo: from chosen/rejected pairs (train.method)")
     train.add_argument("--init-from", type=Path, metavar="RUN_DIR", help="start from RUN_DIR's adapter, on its model "
                        "and data (model.adapter): SFT first, then --method grpo or dpo from it")

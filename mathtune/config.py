@@ -129,8 +129,12 @@ class DataConfig(_Section):
         return [value] if isinstance(value, (str, Path)) else value
 
 
+Method = Literal["sft", "grpo", "dpo"]
+METHODS = typing.get_args(Method)
+
+
 class TrainConfig(_Section):
-    method: Literal["sft", "grpo", "dpo"] = "sft"
+    method: Method = "sft"
     """sft: imitate the reference answers. grpo: learn from the verifier: sample answers to the
     problems and reward those math-verify finds correct (settings under grpo). dpo: learn from
     preference pairs, the chosen answer over the rejected one (settings under dpo)."""
