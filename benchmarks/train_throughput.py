@@ -460,8 +460,10 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
         f"held-out loss: after the last step, {spec['eval_examples']} examples not trained on, the plain "
         "full-vocabulary loss per answer token, computed the same way (in float32) for every row.",
         f"same real tokens in every step: {'yes' if same_tokens else 'NO'} ({sum(m['step_tokens']):,} tokens in "
-        f"{len(m['step_tokens'])} steps); same initial LoRA weights: {'yes' if same_init else 'NO'}"
-        f"; trainable parameters: {m['trainable']:,} / {r['trainable']:,}",
+        f"{len(m['step_tokens'])} steps); same initial LoRA weights: "
+        + ("yes" if same_init else "NO (sum of the A matrices: " + ", ".join(
+            f"{NAMES[tool].split(' (')[0]} {res['lora_init']}" for tool, res in results.items()) + ")")
+        + f"; trainable parameters: {m['trainable']:,} / {r['trainable']:,}",
         f"optimizer state: {m['optimizer_floats'] / m['trainable']:.2f} / {r['optimizer_floats'] / r['trainable']:.2f} "
         "floats per trainable parameter (AdamW keeps 2: state for the trainable parameters only)",
         f"model load: mathtune {m['load_seconds']:.2f} s"
