@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import os
 import typing
 from collections.abc import Mapping
@@ -132,6 +133,11 @@ class DataConfig(_Section):
 Method = Literal["sft", "grpo", "dpo"]
 METHODS = typing.get_args(Method)
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
+# Each is pip-installed under its own name; transformers' TensorBoard callback also writes with tensorboardX.
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",), "wandb": ("wandb",),
+                   "trackio": ("trackio",)}
+
 
 class TrainConfig(_Section):
     method: Method = "sft"
@@ -170,6 +176,35 @@ class TrainConfig(_Section):
     save_total_limit: int = Field(2, gt=0)
     """Checkpoints kept (the newest ones)."""
     eval_batch_size: int | None = Field(None, gt=0)
+    report_to: list[Tracker] = []
+    """Experiment trackers (any of tensorboard, mlflow, wandb, trackio; e.g. [tensorboard]) that receive
+    the training loss, learning rate, tokens/s, eval loss and the verified accuracies after training.
+    Unless their own settings say otherwise (MLFLOW_TRACKING_URI, WANDB_DIR...), TensorBoard and MLflow
+    write into the run folder (RUN_DIR/tensorboard, RUN_DIR/mlflow.db); wandb keeps its files there
+    (RUN_DIR/wandb) and uploads them to wandb.ai unless WANDB_MODE=offline; trackio writes to its own local
+    database (project mathtune). Empty: none. Each needs its package; pip install "mathtune[trackers]"
+    installs all four."""
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else [] if value is None else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not (info.context or {}).get("check_machine", True):
+            return value
+        problems = [f'train.report_to: "{name}" needs the {name} package: pip install {name}'
+                    for name in value if not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[name])]
+        local_mlflow = "mlflow" in value and not os.environ.get("MLFLOW_TRACKING_URI")  # RUN_DIR/mlflow.db
+        if local_mlflow and not problems and not all(importlib.util.find_spec(m) for m in ("sqlalchemy", "alembic")):
+            problems.append('train.report_to: "mlflow" keeps its runs in RUN_DIR/mlflow.db, which needs the full mlflow '
+                            "package (mlflow-skinny lacks SQLAlchemy and alembic): pip install mlflow, or set "
+                            "MLFLOW_TRACKING_URI to your tracking server")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return value
 
 
 class GrpoConfig(_Section):

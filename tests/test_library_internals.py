@@ -95,3 +95,20 @@ def test_the_attention_switch_packing_reads_is_still_there():
     assert callable(getattr(PreTrainedModel, "_can_set_attn_implementation", None)), why
     assert hasattr(LlamaConfig(), "_attn_implementation"), why
     assert "_can_set_attn_implementation()" in inspect.getsource(PreTrainedModel.set_attn_implementation), why
+
+
+def test_the_tracker_callbacks_are_still_set_up_and_closed_where_trackers_expects():
+    why = ("mathtune.train.trackers keeps the train.report_to callbacks open past trainer.train() (their on_train_end "
+           "ends MLflow's run and closes TensorBoard's writer, before the accuracies are scored), points "
+           "TensorBoardCallback.logging_dir (None unless TENSORBOARD_LOGGING_DIR is set) at RUN_DIR/tensorboard, sets "
+           "MLflow's and wandb's environment before their setup in on_train_begin, and finishes wandb's run through "
+           "WandbCallback._wandb; one of these moved.")
+    from transformers.integrations import MLflowCallback, TensorBoardCallback, WandbCallback
+
+    assert "self.logging_dir is None" in inspect.getsource(TensorBoardCallback.on_train_begin), why
+    assert "tb_writer.close()" in inspect.getsource(TensorBoardCallback.on_train_end), why
+    assert "end_run()" in inspect.getsource(MLflowCallback.on_train_end), why
+    assert "MLFLOW_TRACKING_URI" in inspect.getsource(MLflowCallback.setup), why
+    assert "self.setup(" in inspect.getsource(MLflowCallback.on_train_begin), why
+    assert "self._wandb = wandb" in inspect.getsource(WandbCallback.__init__), why
+    assert "finish()" not in inspect.getsource(WandbCallback.on_train_end), why  # else trackers need not finish it

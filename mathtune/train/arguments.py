@@ -39,7 +39,10 @@ def shared_arguments(cfg: Config, run_dir: Path, device: str, dtype: torch.dtype
         # Every LoRA parameter gets a gradient each step: DDP need not search the graph for unused ones
         # (that search also breaks with gradient checkpointing).
         "ddp_find_unused_parameters": False,
-        "report_to": [],
+        # Experiment trackers: transformers' own callbacks, pointed at the run folder by train.trackers.
+        "report_to": list(t.report_to),
+        "run_name": run_dir.name,
+        "project": "mathtune",  # Trackio's project (wandb's is WANDB_PROJECT)
         "disable_tqdm": False,
         "log_level": "warning",
     }

@@ -52,10 +52,11 @@ class RunLogger(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
+        logs = {} if logs is None else logs
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         last_time, last_tokens = self._last
         if "loss" in logs and now > last_time:
+            # Into the Trainer's own dict: the tracker callbacks (train.report_to) run after this one.
             logs["tokens_per_second"] = round((tokens - last_tokens) / (now - last_time), 1)
             self._last = (now, tokens)
         record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}

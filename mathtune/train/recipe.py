@@ -59,6 +59,7 @@ from mathtune.train.grpo import build_grpo_trainer, grpo_problems
 from mathtune.train.lora import apply_lora, count_parameters, log_lora, lora_modules, save_adapter
 from mathtune.train.metrics import RunLogger, first_eval_loss, logged_eval_before, summary_text
 from mathtune.train.packing import label_only_loss, packed_collator, supports_padding_free, use_packed_attention
+from mathtune.train.trackers import accuracies, log_final, reporting
 
 if TYPE_CHECKING:
     import datasets
@@ -117,7 +118,8 @@ def train(cfg: Config, resume: bool = False) -> TrainResult:
     """Run the whole job described by `cfg`: the run folder, the trained adapter and its summary."""
     with released_at_exit():  # the run folder's lock, taken in setup, is held until the run is over
         job = setup(cfg, resume)
-        return finish(job, fit(job))
+        with reporting(job.trainer, job.run_dir):  # train.report_to, open until the accuracies are logged
+            return finish(job, fit(job))
 
 
 def setup(cfg: Config, resume: bool) -> Job:
@@ -256,7 +258,8 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
                      summary["eval_perplexity_after"])
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
-            evaluate_held_out(cfg, model, job.tokenizer, run_dir, job.eval_conv)
+            held_out, benches = evaluate_held_out(cfg, model, job.tokenizer, run_dir, job.eval_conv)
+            log_final(job.trainer, accuracies(held_out, benches))
         log.info("Report: %s", write_report(run_dir))
     return TrainResult(run_dir, summary, model, job.tokenizer)
 
@@ -327,9 +330,10 @@ def run_summary(job: Job, fitted: Fit) -> dict[str, Any]:
     }
 
 
-def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> dict:
+def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -> tuple[dict, dict[str, dict]]:
     """Base vs fine-tuned verified accuracy on (at most eval.max_examples of) the held-out split,
-    then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning."""
+    then on the benchmarks of eval.bench; a significant drop is repeated at the end as a warning.
+    Returns the held-out summary and each benchmark's."""
     examples = eval_examples(eval_conv, cfg.eval.max_examples or None)
     log.info("Scoring base and fine-tuned answers on %d of %d held-out examples", len(examples), len(eval_conv))
     start, versus, baseline = cfg.model.adapter, {}, None
@@ -348,7 +352,7 @@ def evaluate_held_out(cfg: Config, model, tokenizer, run_dir: Path, eval_conv) -
         log.info("General math was not checked (eval.bench is off: minutes on a CPU). Base vs fine-tuned on "
                  "GSM8K: mathtune eval %s --bench gsm8k [--limit 100]", run_dir)
     warn_about_drops({"the held-out split": result, **benches})
-    return result
+    return result, benches
 
 
 # ---------------------------------------------------------------------------------------------
