@@ -1,7 +1,7 @@
 """Attention of packed batches computed per example: no work across example boundaries.
 
     collator = packed_collator(boundaries=use_packed_attention(model))   # as train.build_trainer does
-    Trainer(..., data_collator=collator, compute_loss_func=label_only_loss)
+    Trainer(..., data_collator=collator, compute_loss_func=label_only_loss)   # mathtune/train/loss.py
 
 A packed row of 8 GSM8K examples is ~1500 tokens. SDPA given the row's block-diagonal mask still
 computes every query against every key of the row (1500 x 1500), and discards all but the diagonal
@@ -29,7 +29,7 @@ def packed_collator(boundaries: bool = True, keep_logits: bool = False):
     each example is masked (so no example predicts the next one's first token). With `boundaries`,
     the example boundaries are passed on for the per-example attention; with `keep_logits` (a model
     whose forward takes `logits_to_keep`), the positions that predict a label, so that the output
-    layer runs only there (`label_only_loss` then scores exactly those)."""
+    layer runs only there (`loss.label_only_loss` then scores exactly those)."""
     from transformers import DataCollatorWithFlattening
 
 
@@ -47,28 +47,6 @@ def packed_collator(boundaries: bool = True, keep_logits: bool = False):
         return batch
 
     return collate
-
-
-def label_only_loss(outputs, labels, num_items_in_batch=None):
-    """Trainer's `compute_loss_func`: next-token cross-entropy summed over the label tokens, divided
-    by the label tokens of the whole accumulated batch (`num_items_in_batch`, which Trainer counts
-    across steps and processes) or, without it, of this batch.
-
-    The logits are either one per label (a packed row whose collator chose `logits_to_keep`) or one
-    per position (any other batch), where they are shifted as in transformers' causal-LM loss."""
-    import torch
-
-
-    logits = outputs.logits
-    targets = labels[:, 1:]
-    if logits.shape[1] != labels.shape[1]:  # already only the positions that predict a label
-        targets = targets[targets != IGNORE_INDEX].unsqueeze(0)
-    else:
-        logits = logits[:, :-1]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return loss / count
 
 
 def use_packed_attention(model) -> bool:

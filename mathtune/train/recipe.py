@@ -57,8 +57,9 @@ from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkp
 from mathtune.train.dpo import build_dpo_trainer, dpo_pairs
 from mathtune.train.grpo import build_grpo_trainer, grpo_problems
 from mathtune.train.lora import apply_lora, count_parameters, log_lora, lora_modules, save_adapter
+from mathtune.train.loss import OutputLayerLoss, OutputLayerLossMixin, fusable_output_layer, label_only_loss
 from mathtune.train.metrics import RunLogger, first_eval_loss, logged_eval_before, summary_text
-from mathtune.train.packing import label_only_loss, packed_collator, supports_padding_free, use_packed_attention
+from mathtune.train.packing import packed_collator, supports_padding_free, use_packed_attention
 from mathtune.train.trackers import accuracies, log_final, reporting
 
 if TYPE_CHECKING:
@@ -376,12 +377,15 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         return build_dpo_trainer(cfg, model, tokenizer, train_ds, eval_ds, run_dir, device, _compute_dtype(model),
                                  main_process)
     packed = cfg.train.padding_free and supports_padding_free(model)
+    loss = label_only_loss
     if packed:
         # One row per batch, positions restarting at each example: no padding to compute on,
-        # attention computed per example, and the output layer run only where there is a label.
-        forward = model.get_base_model().forward
-        collator = packed_collator(boundaries=use_packed_attention(model),
-                                   keep_logits="logits_to_keep" in inspect.signature(forward).parameters)
+        # attention computed per example, and the output layer run only where there is a label,
+        # fused with the loss where it can be (mathtune/train/loss.py).
+        keep_logits = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+        collator = packed_collator(boundaries=use_packed_attention(model), keep_logits=keep_logits)
+        head = fusable_output_layer(model) if keep_logits else None
+        loss = OutputLayerLoss(head) if head is not None else label_only_loss
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     log.info("Batches: %s", "packed without padding" if packed else "padded to the longest example")
@@ -394,7 +398,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Pat
         eval_dataset=eval_ds if len(eval_ds) else None,
         data_collator=collator,
         processing_class=tokenizer,
-        compute_loss_func=label_only_loss,
+        compute_loss_func=loss,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RunLogger(run_dir / METRICS, show_progress=main_process, write=main_process))
@@ -416,8 +420,9 @@ def training_arguments(cfg: Config, run_dir: Path, device: str, dtype, packed: b
     )
 
 
-class RunTrainer(SafeTrainingMixin, Trainer):
-    """transformers' Trainer with whole checkpoints and a stop on a non-finite loss (mathtune/train/checkpoints.py)."""
+class RunTrainer(SafeTrainingMixin, OutputLayerLossMixin, Trainer):
+    """transformers' Trainer with whole checkpoints and a stop on a non-finite loss (mathtune/train/checkpoints.py),
+    and the output layer fused with the loss (mathtune/train/loss.py)."""
 
 
 def precision(model, args) -> str:

@@ -100,3 +100,24 @@ def test_the_seed_draws_the_same_float32_lora_weights_on_a_half_precision_base(a
     # Not bf16-rounded draws: those would equal their own round trip through bf16.
     a = next(v for n, v in got.items() if "lora_A" in n)
     assert not torch.equal(a, a.to(torch.bfloat16).float())
+
+
+def test_lora_inputs_are_cast_by_peft_only_outside_autocast():
+    """Under bf16 autocast a LoRA layer's input goes to its product as it comes (bf16: autocast casts
+    the float32 LoRA weights instead), not through a float32 copy that autocast casts back; outside
+    autocast PEFT casts it to the float32 LoRA weights as before."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", 400)).to(torch.bfloat16)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    seen = []
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    layer.lora_A["default"].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert seen == [torch.bfloat16, torch.float32]
+    assert out.dtype == torch.bfloat16

@@ -10,10 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 from mathtune.config import LoraConfig
 from mathtune.data.tokenize import IGNORE_INDEX
 from mathtune.train.lora import apply_lora
+from mathtune.train.loss import label_only_loss
 from mathtune.train.packing import (
     PACKED_SDPA,
     PADDING_FREE_ARCHS,
-    label_only_loss,
     packed_collator,
     supports_padding_free,
     use_packed_attention,
