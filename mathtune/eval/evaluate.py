@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -205,10 +205,11 @@ def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path,
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    # Not merged for speed (~20% faster): unmerging in place leaves float error in the base weights.
-    runs = {}
+    runs, merged = {}, False
     if finetuned:
-        runs["finetuned"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
+        with merged_copy(model) as tuned:
+            merged = tuned is not model
+            runs["finetuned"] = score(tuned, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
     if base:
         with (baseline or model.disable_adapter)() if finetuned else nullcontext():
             runs["base"] = score(model, tokenizer, examples, max_new_tokens, batch_size, max_seq_length)
@@ -217,13 +218,48 @@ def evaluate_model(model, tokenizer, examples: list[EvalExample], out_dir: Path,
     summary = {
         **(meta or {}),
         "examples": len(examples),
-        "protocol": protocol(tokenizer, model, examples, max_new_tokens),
+        "protocol": {**protocol(tokenizer, model, examples, max_new_tokens),
+                     **({"finetuned_model": MERGED_NOTE} if merged else {})},
         "models": {name: summarize(examples, results) for name, results in runs.items()},
         "change": paired_change(examples, runs["base"], runs["finetuned"]) if len(runs) == 2 else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_eval(out_dir, examples, runs, summary)
     return summary
+
+
+MERGED_NOTE = ("the adapter merged into a copy of the base weights, as the exports merge it (the products "
+               "then round differently from the adapter applied on the fly, which changes some greedy answers)")
+
+
+@contextmanager
+def merged_copy(model):
+    """The fine-tuned PEFT model as one plain model: a copy of the base with the adapter merged
+    into its weights (PEFT's merge_and_unload), so each layer runs one product instead of three
+    and no float32 LoRA products beside a bf16 base; the model itself stays as it was (nothing
+    to unmerge, which would leave rounding error in the base). The model itself where a copy
+    cannot be made: a 4- or 8-bit base (merging would dequantize it), several adapters, or a copy
+    that would take more than a quarter of the memory still available."""
+    import copy
+
+    from mathtune.hardware import probe_memory
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    available = probe_memory()["available"]
+    usable = (
+        hasattr(model, "merge_and_unload")
+        and not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False)
+        and len(getattr(model, "peft_config", {})) == 1
+        and available is not None and weights < available / 4
+    )
+    if not usable:
+        yield model
+        return
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    try:
+        yield merged
+    finally:
+        del merged
 
 
 def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: str = "eval",

@@ -275,3 +275,34 @@ def test_a_run_moved_to_another_cpu_is_reloaded_in_its_own_precision_or_says_why
     (run / "config.yaml").write_text(config)
     monkeypatch.setattr("mathtune.hardware.cpu_bf16_units", lambda: "AMX")
     assert load_run_config(run).model.dtype == "float32"
+
+
+def test_the_finetuned_answers_come_from_a_merged_copy_and_the_model_is_left_untouched(tiny_llama_dir, tmp_path):
+    """evaluate_model scores the fine-tuned model as one merged copy (PEFT's merge, as the exports
+    merge it): the answers of merge_and_unload, the run's own weights bit for bit as they were, and
+    the protocol says so. Without a copy (a 4-bit base, several adapters) the adapter runs on the fly."""
+    import copy
+
+    from mathtune.eval.evaluate import MERGED_NOTE, evaluate_model, merged_copy
+
+    model, tokenizer, _ = load_model(ModelConfig(path=str(tiny_llama_dir)))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # an adapter that changes the answers
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    examples = eval_examples([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "\\boxed{4}"}]}
+                              for q in ("2+2", "What is 12 * 7?", "3 + 1")])
+    summary = evaluate_model(model, tokenizer, examples, tmp_path / "eval", base=True, max_new_tokens=6,
+                             batch_size=3, max_seq_length=64)
+    merged = copy.deepcopy(model).merge_and_unload().eval()
+    want = [g.text for g in generate(merged, tokenizer, [e.prompt for e in examples], max_new_tokens=6, batch_size=3)]
+    got = [json.loads(line)["finetuned"]["response"] for line in (tmp_path / "eval" / "predictions.jsonl").open()]
+    assert got == want
+    assert summary["protocol"]["finetuned_model"] == MERGED_NOTE
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+    model.add_adapter("other", model.peft_config["default"])
+    with merged_copy(model) as tuned:
+        assert tuned is model
