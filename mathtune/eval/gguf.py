@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mathtune.errors import ModelError
-from mathtune.eval.accuracy import comparison_table, paired_change, summarize
+from mathtune.eval.accuracy import accuracy_text, comparison_table, paired_change, summarize
 from mathtune.eval.evaluate import BENCHES, EvalExample, bench_examples, eval_examples, judge, protocol, score
 from mathtune.files import unreadable_reason, write_json, write_text
 from mathtune.hardware import cpu_model
@@ -107,10 +107,12 @@ class GgufChat:
     def __init__(self, path: Path, stop_tokens: list[str], n_ctx: int, lora: Path | None = None):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self.threads = _cpu_count()
         options = {"lora_path": str(lora)} if lora else {}
-        self.llm = load_llama(path, "mathtune eval --gguf", n_ctx=n_ctx, n_threads=self.threads,
-                              n_threads_batch=self.threads, **options)
+        # llama-cpp-python's own thread count (half the logical CPUs): on a 2-core machine shared with
+        # other work, 2 threads measured 1 to 45 tokens/s (its threads spin at each step, waiting for
+        # each other) where 1 thread gave a steady 57.
+        self.llm = load_llama(path, "mathtune eval --gguf", n_ctx=n_ctx, **options)
+        self.threads = self.llm.context_params.n_threads
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelError(f"{path}: has no chat template (tokenizer.chat_template), so LM Studio would wrap "
@@ -196,25 +198,43 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
         raise ModelError(f"{run_dir}: none of the {len(examples)} problems has a checkable answer to compare")
     settings = {"file": _identity(lora or path), "base_file": _identity(path) if lora else None,
                 "adapter": _identity(run_dir / ADAPTER / "adapter_model.safetensors"),
-                "problems": bench or split, "limit": limit, "max_new_tokens": max_new_tokens}
+                "problems": bench or split, "limit": limit, "max_new_tokens": max_new_tokens,
+                "pytorch_dtype": reference_dtype(cfg)}
     kept = None if rescore else _measured_before(out_dir, settings)
     if kept is not None:
         log.info("%s was measured before, unchanged, with these settings (%s); not measured again.\n\n%s",
                  lora or path, out_dir, gguf_table(kept))
         return kept
 
-    saved = None if rescore or split != "eval" else saved_answers(source, examples, max_new_tokens, run_dir / ADAPTER)
+    # The reference is the fine-tuned model in float32: the file holds its weights rounded to f16 or
+    # q8_0 and llama.cpp computes in f32. Answers of a run evaluated in bfloat16 are no reference for
+    # "identical": on the default run (bf16 on a CPU with bf16 units) bf16 and f32 PyTorch gave
+    # different greedy answers to 11 of 40 problems, and f32 PyTorch and the f16 file to 1 of 40.
+    dtype = reference_dtype(cfg)
+    reference = out_dir.parent / f"pytorch-{dtype}"
+    saved, run_eval = None, None
+    if not rescore and split == "eval":
+        saved = saved_answers(source, examples, max_new_tokens, run_dir / ADAPTER)
+        if saved is not None and cfg.model.dtype != dtype:
+            run_eval = {"dtype": cfg.model.dtype, **summarize(checkable, saved[0])}
+            saved = None
+    if saved is None and not rescore:
+        saved = saved_answers(reference, checkable, max_new_tokens, run_dir / ADAPTER)
+        source = reference
     pytorch_speed = None
     if saved is not None:
         pytorch, pytorch_protocol = saved
+        pytorch_speed = _saved_speed(source)
         pytorch_source = str(source / "predictions.jsonl")
         tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-        log.info("PyTorch's answers: %s (the same %d problems)", pytorch_source, len(checkable))
+        log.info("PyTorch's answers (%s): %s (the same %d problems)", dtype, pytorch_source, len(checkable))
     else:
-        model, tokenizer = load_trained(run_dir, cfg)
+        model, tokenizer = load_trained(run_dir, cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"dtype": dtype})}))
         model.eval()
-        log.info("Scoring %d problems with the PyTorch fine-tuned model (%s)", len(checkable),
-                 "--rescore" if rescore else f"{source / 'predictions.jsonl'} has no answers to these")
+        log.info("Scoring %d problems with the PyTorch fine-tuned model in %s (%s)", len(checkable), dtype,
+                 "--rescore" if rescore else f"the run's answers were given in {cfg.model.dtype}" if run_eval else
+                 "no saved answers to these problems")
         t0 = time.perf_counter()
         pytorch = score(model, tokenizer, checkable, max_new_tokens, batch_size or cfg.eval.batch_size,
                         cfg.data.max_seq_length)
@@ -224,8 +244,12 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
                      for r in pytorch)
         pytorch_speed = _speed(tokens, seconds, threads=_torch_threads(), batch=batch_size or cfg.eval.batch_size)
         pytorch_protocol = protocol(tokenizer, model, checkable, max_new_tokens)
-        pytorch_source = "scored now"
+        pytorch_source = f"scored now ({dtype})"
         del model
+        write_reference(reference, checkable, pytorch, {"dtype": dtype, "protocol": pytorch_protocol,
+                                                        "speed": pytorch_speed})
+
+    from tqdm.auto import tqdm
 
     from mathtune.data.template import render_chat
 
@@ -235,7 +259,8 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
                     lora=lora)
     log.info("Answering %d problems with %s through llama.cpp (%d threads)", len(checkable), lora or path, chat.threads)
     results, unequal, tokens, seconds = [], [], 0, 0.0
-    for example, want in zip(checkable, run_ids):
+    for example, want in tqdm(list(zip(checkable, run_ids)), desc="Answering (llama.cpp)", leave=False,
+                              dynamic_ncols=True):
         ids = chat.prompt_ids(example.prompt)
         if ids != want:
             unequal.append((example, ids, want))
@@ -261,7 +286,7 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
         "prompt_tokens": {"equal": len(checkable) - len(unequal), "checked": len(checkable),
                           "first_difference": None if not unequal else {
                               "gguf": tokenizer.decode(unequal[0][1]), "run": tokenizer.decode(unequal[0][2])}},
-        "pytorch_answers": pytorch_source,
+        "pytorch_answers": pytorch_source, "pytorch_dtype": dtype, "run_eval": run_eval,
         "models": {"pytorch": summarize(checkable, pytorch), "gguf": summarize(checkable, results)},
         "change": paired_change(checkable, pytorch, results),
         "agreement": agreement(checkable, pytorch, results),
@@ -287,6 +312,29 @@ def _base_gguf(cfg, adapter: Path) -> Path:
         raise ModelError(f"{adapter}: an adapter GGUF is scored on the run's base model as a GGUF file, and this run "
                          f"trained on {source.path}; score the merged file instead (mathtune eval RUN --gguf)")
     return Path(source.path)
+
+
+def reference_dtype(cfg) -> str:
+    """The precision PyTorch's reference answers are given in: float32, except for a 4-bit (QLoRA)
+    base, which has no float32 weights to load."""
+    return cfg.model.dtype if cfg.model.load_in_4bit else "float32"
+
+
+def write_reference(folder: Path, examples: list[EvalExample], results: list[dict], summary: dict) -> None:
+    """PyTorch's answers in the shape of RUN_DIR/eval/ (predictions.jsonl with "finetuned", summary.json
+    with "protocol"), for the next file scored on the same problems (q8_0 after f16, say)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": e.prompt, "reference": e.reference, "topic": e.topic, "checkable": True,
+                         "finetuned": r}, ensure_ascii=False) + "\n" for e, r in zip(examples, results)]
+    write_text(folder / "predictions.jsonl", "".join(lines))
+    write_json(folder / "summary.json", summary)
+
+
+def _saved_speed(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("speed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _identity(path: Path) -> dict | None:
@@ -398,6 +446,10 @@ def gguf_table(summary: dict, width: int = 100) -> str:
              f"Identical answers: {a['identical']} of {a['checked']} ({100 * a['identical_share']:.1f}%); same verdict: "
              f"{a['same_verdict']} of {a['checked']}. PyTorch's answers: {summary['pytorch_answers']}.",
              f"Prompt tokens equal to the run's (render_chat): {tokens['equal']} of {tokens['checked']} problems."]
+    if summary.get("run_eval"):
+        run_eval = summary["run_eval"]
+        lines.append(f"PyTorch above is the model in {summary['pytorch_dtype']}; the run's own evaluation, in "
+                     f"{run_eval['dtype']}: {accuracy_text(run_eval)} (its rounding alone changes greedy answers).")
     ours = speed["llama_cpp"]
     text = (f"Speed: llama.cpp {ours['tokens_per_second']} tokens/s ({ours['tokens']} tokens, one problem at a time, "
             f"{ours['threads']} threads)")

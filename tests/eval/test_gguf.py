@@ -100,7 +100,7 @@ def test_the_f16_export_agrees_with_pytorch_and_the_summary_says_so(smol_run, f1
     out = smol_run / "eval" / "gguf" / "check-f16"
     assert json.loads((out / "summary.json").read_text()) == summary
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == summary["examples"] == 6 and summary["pytorch_answers"] == "scored now"
+    assert len(rows) == summary["examples"] == 6 and summary["pytorch_answers"] == "scored now (float32)"
     assert summary["prompt_tokens"] == {"equal": 6, "checked": 6, "first_difference": None}
     agreement = summary["agreement"]
     assert agreement["checked"] == 6 and agreement["identical"] >= 5, summary["differences"]
@@ -133,13 +133,13 @@ def test_saved_answers_are_reused_and_an_unchanged_file_is_not_measured_again(sm
     assert evaluate_gguf(smol_run, f16_file, max_new_tokens=32) == first
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     assert "measured before, unchanged" in caplog.text
-    # Other settings, or another file under the same name, are measured again.
-    assert evaluate_gguf(smol_run, f16_file, max_new_tokens=24)["protocol"]["max_new_tokens"] == 24
+    # Other settings (here a max_new_tokens the saved answers were not given: PyTorch is scored now),
+    # or a file rewritten under the same name, are measured again.
+    again = evaluate_gguf(smol_run, f16_file, max_new_tokens=24)
+    assert again["protocol"]["max_new_tokens"] == 24 and again["pytorch_answers"] == "scored now (float32)"
     os.utime(f16_file)
     assert evaluate_gguf(smol_run, f16_file, max_new_tokens=24)["settings"]["file"]["modified_ns"] == \
         f16_file.stat().st_mtime_ns
-    # --max-new-tokens other than the saved answers': PyTorch is scored now.
-    assert evaluate_gguf(smol_run, f16_file, max_new_tokens=16)["pytorch_answers"] == "scored now"
 
 
 def test_an_adapter_gguf_is_scored_on_the_runs_base_gguf(smol_run, smollm_gguf):
@@ -172,3 +172,15 @@ def test_eval_gguf_without_a_file_exports_first_and_export_check_prints_the_comp
     assert "--to hf writes safetensors" in capsys.readouterr().err
     assert main(["eval", str(smol_run), "--gguf", "--base"]) == 2
     assert main(["eval", str(smol_run), "--rescore"]) == 2
+
+
+def test_pytorchs_reference_answers_are_given_in_float32_unless_the_base_is_4_bit():
+    """A run evaluated in bfloat16 is compared in float32: bf16 rounding alone changed 11 of 40
+    greedy answers of the default run, so its answers cannot tell the file's differences from noise."""
+    from mathtune.config import load_config
+    from mathtune.eval.gguf import reference_dtype
+
+    assert reference_dtype(load_config(overrides={"model.dtype": "bfloat16"}, environ={})) == "float32"
+    assert reference_dtype(load_config(overrides={"model.dtype": "float32"}, environ={})) == "float32"
+    assert reference_dtype(load_config(overrides={"model.dtype": "bfloat16", "model.load_in_4bit": True},
+                                       environ={})) == "bfloat16"
