@@ -11,8 +11,9 @@ The problems, max_new_tokens, stop tokens and verifier are those of the run's ev
 rendered and tokenized as llama-cpp-python's chat completion does, and every prompt's tokens are
 compared with the run's (`render_chat`). Answers are greedy (top-k 1, temperature 0, no repetition
 penalty), one problem at a time from an empty cache. They are compared with the PyTorch fine-tuned
-model's answers to the same problems (RUN_DIR/eval/predictions.jsonl when it holds them for this
-adapter, else scored now): the accuracy of each with its 95% interval, the paired change with
+model's answers to the same problems in float32 (RUN_DIR/eval/predictions.jsonl when it holds them
+for this adapter in that precision, else scored now and kept in RUN_DIR/eval/gguf/pytorch-float32/
+for the next file): the accuracy of each with its 95% interval, the paired change with
 McNemar's p, the share of identical answers, the first differing ones side by side, and the
 tokens/s of each engine. Written to RUN_DIR/eval/gguf/<file stem>/ (--bench NAME:
 RUN_DIR/bench/NAME/gguf/<file stem>/): summary.json and predictions.jsonl; a file measured before,
@@ -257,7 +258,8 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
                          add_special_tokens=False)["input_ids"] for e in checkable]
     chat = GgufChat(path, pytorch_protocol["stop_tokens"], n_ctx=max(map(len, run_ids)) + max_new_tokens + 8,
                     lora=lora)
-    log.info("Answering %d problems with %s through llama.cpp (%d threads)", len(checkable), lora or path, chat.threads)
+    log.info("Answering %d problems with %s through llama.cpp (%s)", len(checkable), lora or path,
+             _threads(chat.threads))
     results, unequal, tokens, seconds = [], [], 0, 0.0
     for example, want in tqdm(list(zip(checkable, run_ids)), desc="Answering (llama.cpp)", leave=False,
                               dynamic_ncols=True):
@@ -452,10 +454,10 @@ def gguf_table(summary: dict, width: int = 100) -> str:
                      f"{run_eval['dtype']}: {accuracy_text(run_eval)} (its rounding alone changes greedy answers).")
     ours = speed["llama_cpp"]
     text = (f"Speed: llama.cpp {ours['tokens_per_second']} tokens/s ({ours['tokens']} tokens, one problem at a time, "
-            f"{ours['threads']} threads)")
+            f"{_threads(ours['threads'])})")
     theirs = speed.get("pytorch")
     text += (f"; PyTorch {theirs['tokens_per_second']} tokens/s ({theirs['tokens']} tokens, batches of "
-             f"{theirs['problems_at_once']}, {theirs['threads']} threads)" if theirs else
+             f"{theirs['problems_at_once']}, {_threads(theirs['threads'])})" if theirs else
              "; PyTorch not timed (its answers were read from its predictions; --rescore times it)")
     lines.append(f"{text}; {summary['machine']['cpu']}.")
     if summary["differences"]:
@@ -465,6 +467,10 @@ def gguf_table(summary: dict, width: int = 100) -> str:
                      f"    PyTorch ({'right' if d['pytorch_correct'] else 'wrong'}): {_short(d['pytorch'], width)}\n"
                      f"    GGUF    ({'right' if d['gguf_correct'] else 'wrong'}): {_short(d['gguf'], width)}")
     return "\n".join(lines)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' * (n != 1)}"
 
 
 def _short(text: str, width: int) -> str:
