@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import TextIO
 
 from mathtune.data.template import render_chat
-from mathtune.errors import ModelError
 from mathtune.eval.evaluate import stop_token_ids
-from mathtune.files import unreadable_reason
+from mathtune.eval.gguf import load_llama
 from mathtune.run import load_run_config, load_trained
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or Ctrl-D) quits."
@@ -35,15 +34,7 @@ def chat_run(run_dir: Path, max_new_tokens: int = 512, system: str | None = None
 
 def chat_gguf(path: Path, max_new_tokens: int = 512, system: str | None = None, context: int = 4096,
               stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise ModelError("chatting with a GGUF file needs llama-cpp-python: pip install llama-cpp-python "
-                         "(it compiles llama.cpp, which takes several minutes); or load the file in LM Studio") from None
-    reason = unreadable_reason(path)
-    if reason:
-        raise ModelError(f"{path}: {reason}")
-    llm = Llama(model_path=str(path), n_ctx=context, verbose=False)
+    llm = load_llama(path, "Chatting with a GGUF file", n_ctx=context)
 
     def reply(messages: list[dict]) -> str:
         parts = []

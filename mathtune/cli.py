@@ -4,8 +4,10 @@
     mathtune train --resume RUN_DIR
     mathtune eval RUN_DIR [--base] [--data FILE] [--split eval|train|all] [--limit N]
     mathtune eval RUN_DIR --bench gsm8k [--limit N]
+    mathtune eval RUN_DIR --gguf [FILE] [--limit N] [--bench gsm8k] [--rescore]
     mathtune report RUN_DIR
     mathtune export RUN_DIR --to gguf|lmstudio|ollama|gguf-lora|hf [--quant f16|bf16|q8_0] [--requant-all] [--output PATH]
+                    [--check]
     mathtune chat RUN_DIR | mathtune chat --gguf FILE
     mathtune convert FILE.gguf [--output DIR] [--overwrite]
     mathtune models [--cache | --remove NAME] [--json]
@@ -36,14 +38,18 @@ from mathtune.data.tokenize import ensure_chat_template
 from mathtune.doctor.doctor import run_doctor
 from mathtune.errors import MathtuneError
 from mathtune.eval.evaluate import BENCHES, evaluate_run
+from mathtune.eval.gguf import evaluate_gguf, require_llama_cpp
 from mathtune.eval.report import write_report
-from mathtune.export import TARGETS, export_run, how_to_use
+from mathtune.export import TARGETS, check_export, export_run, how_to_use, merged_gguf_path
 from mathtune.files import cache_root
 from mathtune.model import lmstudio
 from mathtune.model.cache import convert_gguf
 from mathtune.model.convert import convert_to_folder, plan_conversion
 from mathtune.model.load import load_tokenizer, resolve_source
 from mathtune.run import CONFIG, init_from_settings, require_run_dir
+
+DEFAULT_GGUF = Path("<the run's merged f16 export>")
+"""`--gguf` without a FILE."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +125,12 @@ def _add_eval(commands) -> None:
     evaluate.add_argument("--base", action="store_true", help="also score the base model on the same examples")
     evaluate.add_argument("--bench", choices=sorted(BENCHES), help="base vs fine-tuned on a benchmark shipped with "
                           "mathtune (gsm8k: 300 GSM8K test problems), written to RUN_DIR/bench/NAME")
+    evaluate.add_argument("--gguf", nargs="?", const=DEFAULT_GGUF, type=Path, metavar="FILE",
+                          help="score a GGUF file through llama.cpp the same way, against the PyTorch model's answers "
+                          "(default: the run's merged f16 export, written first if missing; an adapter GGUF is "
+                          "applied to the run's base GGUF); writes RUN_DIR/eval/gguf/<file name>/")
+    evaluate.add_argument("--rescore", action="store_true", help="with --gguf: answer with the PyTorch model now "
+                          "(and time it), even where RUN_DIR/eval/predictions.jsonl has its answers")
     evaluate.set_defaults(func=cmd_eval)
 
 
@@ -153,6 +165,8 @@ def _add_export(commands) -> None:
                         help="convert every matrix to --quant, not only the ones LoRA changed")
     export.add_argument("--output", type=Path, metavar="PATH", help="output file or folder (default: RUN_DIR/export/...)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument("--check", action="store_true", help="then score the written GGUF through llama.cpp on the "
+                        "run's held-out problems against the PyTorch model (mathtune eval RUN --gguf FILE)")
     export.set_defaults(func=cmd_export)
 
 
@@ -289,6 +303,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise MathtuneError(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
     if args.bench and args.data:
         raise MathtuneError("--bench scores a benchmark shipped with mathtune; don't pass --data with it")
+    if args.rescore and args.gguf is None:
+        raise MathtuneError("--rescore goes with --gguf: it scores the PyTorch model again beside the GGUF file")
+    if args.gguf is not None:
+        if args.base or args.data:
+            raise MathtuneError(f"--gguf compares the file with the run's fine-tuned model on the run's problems; "
+                                f"don't pass {'--base' if args.base else '--data'} with it")
+        require_run_dir(args.run_dir, finished=True)
+        require_llama_cpp("mathtune eval --gguf")
+        path = args.gguf
+        if path is DEFAULT_GGUF:
+            path = merged_gguf_path(args.run_dir)
+            if not path.exists():
+                print(f"{path} is not written yet: exporting it first (mathtune export {args.run_dir} --to gguf)")
+                print("\n".join(how_to_use(export_run(args.run_dir, "gguf"))))
+        evaluate_gguf(args.run_dir, path, split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, bench=args.bench, rescore=args.rescore)
+        return 0
     evaluate_run(args.run_dir, data_files=args.data, split=args.split, limit=args.limit,
                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base, bench=args.bench)
     return 0
@@ -300,9 +331,16 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.check:  # refused before the export, not after it
+        if args.to == "hf":
+            raise MathtuneError("--check scores a GGUF file through llama.cpp; --to hf writes safetensors")
+        require_llama_cpp("mathtune export --check")
     result = export_run(args.run_dir, args.to, quant=args.quant, requant_all=args.requant_all, output=args.output,
                         overwrite=args.overwrite)
     print("\n".join(how_to_use(result)))
+    if args.check:
+        sys.stdout.flush()
+        check_export(args.run_dir, result)
     return 0
 
 

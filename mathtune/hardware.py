@@ -203,6 +203,20 @@ def trim_heap_periodically(period: float = HEAP_TRIM_SECONDS) -> bool:
 _trimming = False
 
 
+def cpu_model() -> str:
+    """The processor's name as `lscpu` gives it ("AMD EPYC", "Intel(R) Xeon(R) ..."), for measurements."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def probe_system() -> dict:
     import platform
     import sys

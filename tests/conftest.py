@@ -138,6 +138,15 @@ def smollm_gguf() -> Path:
     return embedded_model_path()
 
 
+@pytest.fixture(scope="session")
+def smol_run(tmp_path_factory, smollm_gguf, model_cache) -> Path:
+    """A real SmolLM2-135M-Instruct run: its embedded Q4_1 GGUF, 2 LoRA steps in float32
+    (tests/export/test_export.py's train_run), shared by the export and llama.cpp tests."""
+    from tests.export.test_export import train_run
+
+    return train_run(tmp_path_factory.mktemp("smol"), smollm_gguf, model_cache, steps=2)
+
+
 def write_jsonl(path: Path, records) -> Path:
     import json
 

@@ -96,7 +96,7 @@ def comparison_table(summary: dict) -> str:
     models = summary["models"]
     names = [name for name in ("base", "finetuned") if name in models]
     change = summary.get("change")
-    labels = {"base": summary.get("base_label", "base"), "finetuned": "fine-tuned"}
+    labels = {"base": summary.get("base_label", "base"), "finetuned": summary.get("finetuned_label", "fine-tuned")}
     header = ["topic", "n", *(labels[name] for name in names)]
     if change:
         header += ["change (points)", "p"]

@@ -157,14 +157,18 @@ def score(model, tokenizer, examples: list[EvalExample], max_new_tokens: int, ba
     results = []
     for example in examples:
         if example.checkable:
-            response, hit_limit = responses[id(example)]
-            verdict = validate_math_response(response, example.reference)
-            results.append({"response": response, "predicted": verdict.predicted, "expected": verdict.expected,
-                            "correct": verdict.correct, "reason": verdict.reason,
-                            "truncated": hit_limit and not verdict.correct and stated_answer(response) is None})
+            results.append(judge(*responses[id(example)], example.reference))
         else:
             results.append({"reference_loss": reference_loss(model, tokenizer, example, max_seq_length)})
     return results
+
+
+def judge(response: str, hit_limit: bool, reference: str) -> dict[str, Any]:
+    """One answer's result as `score` gives it (also for answers from llama.cpp, mathtune.eval.gguf)."""
+    verdict = validate_math_response(response, reference)
+    return {"response": response, "predicted": verdict.predicted, "expected": verdict.expected,
+            "correct": verdict.correct, "reason": verdict.reason,
+            "truncated": hit_limit and not verdict.correct and stated_answer(response) is None}
 
 
 def protocol(tokenizer, model, examples: list[EvalExample], max_new_tokens: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@
     mathtune export runs/x --to ollama [--quant ...]     # the same file and a Modelfile: ollama create
     mathtune export runs/x --to gguf-lora                                      # llama-cli --lora
     mathtune export runs/x --to hf                                             # merged safetensors
+    mathtune export runs/x --to gguf --check   # then score the file through llama.cpp (mathtune eval --gguf)
 
 Outputs go to RUN_DIR/export/ (or --output; --to lmstudio: <LM Studio's models folder>/mathtune/<run
 name>/), are written aside and renamed when complete, and are never overwritten without --overwrite.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mathtune.errors import MathtuneError, ModelError
+from mathtune.eval.gguf import evaluate_gguf
 from mathtune.export.adapter import read_adapter
 from mathtune.export.gguf import QUANTS, lora_gguf, mergeable_arch, merged_from_gguf, tensor_names_for
 from mathtune.export.gguf_hf import gguf_arch, heads, lora_names, merged_from_folder, read_config
@@ -150,6 +152,26 @@ def _base_folder(source) -> Path:
     except Exception as exc:  # noqa: BLE001 - any miss means the same thing to the user
         raise ModelError(f"{source.path}: not in the local hub cache ({exc.__class__.__name__}); download it and set "
                          "model.path to its folder") from None
+
+
+def merged_gguf_path(run_dir: Path, quant: str = "f16") -> Path:
+    """Where `mathtune export RUN --to gguf --quant QUANT` writes by default: RUN_DIR/export/<model>-QUANT.gguf."""
+    return run_dir / EXPORT / f"{base_name(resolve_source(load_run_config(run_dir).model))}-{quant}.gguf"
+
+
+def written_gguf(result: ExportResult) -> Path:
+    """The GGUF file an export wrote (--to ollama: the one in its folder, beside the Modelfile)."""
+    if result.target == "hf":
+        raise MathtuneError("--check scores a GGUF file through llama.cpp; --to hf writes safetensors")
+    if result.target == "ollama":
+        return next(p for p in sorted(result.path.iterdir()) if p.suffix == ".gguf")
+    return result.path
+
+
+def check_export(run_dir: Path, result: ExportResult) -> dict:
+    """`mathtune export ... --check`: the written file scored through llama.cpp against the PyTorch
+    model on the run's held-out problems (mathtune.eval.gguf)."""
+    return evaluate_gguf(run_dir, written_gguf(result))
 
 
 def base_name(source) -> str:

@@ -92,6 +92,16 @@ STRINGS: dict[str, tuple[str, str]] = {
     "ex_gguf-lora": ("LoRA adapter as GGUF (llama.cpp --lora)", "Adaptador LoRA en GGUF (llama.cpp --lora)"),
     "ex_hf": ("Merged safetensors folder (Transformers, vLLM)", "Carpeta safetensors fusionada (Transformers, vLLM)"),
     "exported": ("Exported files", "Archivos exportados"),
+    "check_gguf": ("Then score the GGUF through llama.cpp against the PyTorch model (held-out problems)",
+                   "Después, puntuar el GGUF con llama.cpp frente al modelo de PyTorch (problemas reservados)"),
+    "checked": ("Checked with llama.cpp", "Comprobado con llama.cpp"),
+    "file": ("File", "Archivo"),
+    "identical": ("identical answers", "respuestas idénticas"),
+    "checked_note": ("Accuracy with its 95% interval on the run's held-out problems, the same prompts and greedy "
+                     "decoding; p: McNemar's exact test, GGUF vs PyTorch (mathtune eval RUN --gguf FILE).",
+                     "Acierto con su intervalo del 95 % en los problemas reservados, con los mismos prompts y "
+                     "decodificación voraz; p: prueba exacta de McNemar, GGUF frente a PyTorch "
+                     "(mathtune eval RUN --gguf ARCHIVO)."),
     "job_running": ("working… {s} s", "trabajando… {s} s"),
     "job_done": ("done in {s} s", "hecho en {s} s"),
     "job_failed": ("failed", "falló"),

@@ -14,7 +14,7 @@ from mathtune.model.lmstudio import model_dirs
 from mathtune.run import EVAL, PLOTS, REPORT
 from mathtune.ui import runs as run_files
 from mathtune.ui.page import finished, render, runs_dir, view
-from mathtune.ui.work import EXPORTS, evaluate_and_report, export, exported_files
+from mathtune.ui.work import EXPORTS, evaluate_and_report, export, exported_files, gguf_checks, llama_cpp_installed
 
 router = APIRouter()
 
@@ -74,16 +74,18 @@ def export_page(request: Request, name: str):
     current = view(request, name)
     choices = [c for c in EXPORTS if model_dirs() or EXPORTS[c][0] != "lmstudio"]
     return render(request, "export.html", run=current, choices=choices, files=exported_files(current.path),
-                  job=request.app.state.jobs.get(name))
+                  job=request.app.state.jobs.get(name), checks=gguf_checks(current.path),
+                  can_check=llama_cpp_installed())
 
 
 @router.post("/runs/{name}/export")
 async def start_export(request: Request, name: str):
     path = finished(view(request, name))
-    choice = str((await request.form()).get("what", ""))
+    form = await request.form()
+    choice, check = str(form.get("what", "")), form.get("check") == "on"
     if choice not in EXPORTS:
         raise MathtuneError(f"{choice!r}: expected one of {', '.join(EXPORTS)}")
-    request.app.state.jobs.start(name, "export", lambda: export(path, choice))
+    request.app.state.jobs.start(name, "export", lambda: export(path, choice, check))
     return RedirectResponse(f"/runs/{name}/export", status_code=303)
 
 

@@ -1,12 +1,13 @@
 """The work the UI does inside its own process: evaluation and export jobs, and chat.
 
-Each calls the function the CLI calls (`mathtune eval --base` + `mathtune report`, `mathtune export`,
-`mathtune chat`), in a thread so that the pages stay responsive; the mathtune log lines of a job's
+Each calls the function the CLI calls (`mathtune eval --base` + `mathtune report`, `mathtune export
+[--check]`, `mathtune chat`), in a thread so that the pages stay responsive; the mathtune log lines of a job's
 thread are its progress. Training never runs here: it is a process of its own (runs.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -16,10 +17,12 @@ from pathlib import Path
 
 from mathtune.chat import stream_reply
 from mathtune.errors import MathtuneError
+from mathtune.eval.accuracy import accuracy_text, p_text
 from mathtune.eval.evaluate import comparison_table, evaluate_run
+from mathtune.eval.gguf import GGUF_RESULTS, gguf_table, require_llama_cpp
 from mathtune.eval.report import write_report
-from mathtune.export import export_run, how_to_use
-from mathtune.run import load_run_config, load_trained
+from mathtune.export import check_export, export_run, how_to_use
+from mathtune.run import EVAL, load_run_config, load_trained
 
 log = logging.getLogger("mathtune")
 
@@ -99,13 +102,44 @@ def evaluate_and_report(run_dir: Path) -> list[str]:
     return [*comparison_table(summary).splitlines(), f"Written {write_report(run_dir)}"]
 
 
-def export(run_dir: Path, choice: str) -> list[str]:
-    """`mathtune export RUN --to ... --quant ...` into RUN/export/."""
+def export(run_dir: Path, choice: str, check: bool = False) -> list[str]:
+    """`mathtune export RUN --to ... --quant ... [--check]` into RUN/export/."""
 
     if choice not in EXPORTS:
         raise MathtuneError(f"{choice!r}: expected one of {', '.join(EXPORTS)}")
     to, quant = EXPORTS[choice]
-    return how_to_use(export_run(run_dir, to, quant=quant))
+    if check:
+        if to == "hf":
+            raise MathtuneError("the llama.cpp check scores a GGUF file; the safetensors folder has none")
+        require_llama_cpp("Checking an export with llama.cpp")
+    result = export_run(run_dir, to, quant=quant)
+    lines = how_to_use(result)
+    if check:
+        lines += gguf_table(check_export(run_dir, result)).splitlines()
+    return lines
+
+
+def llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_checks(run_dir: Path) -> list[dict]:
+    """One row per GGUF file scored through llama.cpp (RUN_DIR/eval/gguf/*/summary.json): its accuracy
+    and PyTorch's on the same problems, the paired p-value and the share of identical answers."""
+    rows = []
+    for file in sorted((run_dir / EVAL / GGUF_RESULTS).glob("*/summary.json")):
+        try:
+            summary = json.loads(file.read_text(encoding="utf-8"))
+            models, agreement, change = summary["models"], summary["agreement"], summary["change"]
+            rows.append({"file": Path(summary["file"]).name, "gguf": accuracy_text(models["gguf"]),
+                         "pytorch": accuracy_text(models["pytorch"]), "p": p_text(change["p_value"]),
+                         "identical": f"{agreement['identical']}/{agreement['checked']} "
+                                      f"({100 * agreement['identical_share']:.1f}%)"})
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a summary being written, or of another version: not shown
+    return rows
 
 
 def exported_files(run_dir: Path) -> list[Path]:

@@ -107,9 +107,7 @@ def apply_lora_gguf(base: dict[str, np.ndarray], adapter_path: Path) -> dict[str
 # --- The real model: SmolLM2-135M-Instruct from its Q4_1 GGUF -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smol_run(tmp_path_factory, smollm_gguf, model_cache) -> Path:
-    return train_run(tmp_path_factory.mktemp("smol"), smollm_gguf, model_cache, steps=2)
+# smol_run (tests/conftest.py): the run, trained here by train_run, shared with tests/eval/test_gguf.py.
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +421,83 @@ def test_llama_cpp_runs_the_merged_file_like_pytorch(smol_run, smol_reference):
     got = greedy_llama_cpp(llm, ids, 16)
     print(f"llama.cpp merged: {ref_tokenizer.decode(got)!r}")
     assert got == [t for t in want if t != llm.token_eos()][:16]
+
+
+GREEDY_CHATS = [
+    [{"role": "user", "content": "What is 12 * 7?"}],
+    [{"role": "user", "content": "¿Cuánto es 3/4 + 1/8? Responde con \\boxed{}."}],
+    [{"role": "system", "content": "You are a helpful math tutor."},
+     {"role": "user", "content": "Solve 2x + 3 = 11 for x."}],
+    [{"role": "user", "content": "Calcula la derivada de 3x^2."}],
+    [{"role": "user", "content": "A train travels 60 km in 45 minutes. What is its average speed in km/h?"}],
+    [{"role": "user", "content": "What is the greatest common divisor of 84 and 36?"}],
+]
+GREEDY_TOKENS = 32
+
+
+def greedy_pairs(smol_run, smol_reference, smollm_gguf, kind: str):
+    """For each of GREEDY_CHATS: (PyTorch's merged model's greedy answer tokens, llama.cpp's on the
+    `kind` export), GREEDY_TOKENS at most, up to and without the stop token."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mathtune.data.template import render_chat
+    from mathtune.eval.evaluate import stop_token_ids
+
+    ref_model, ref_tokenizer = smol_reference
+    if kind == "gguf-lora":
+        adapter = export_run(smol_run, "gguf-lora", output=smol_run / "export" / "greedy-lora.gguf", overwrite=True)
+        llm = llama_cpp.Llama(model_path=str(smollm_gguf), lora_path=str(adapter.path), n_ctx=512, verbose=False)
+    else:
+        path = export_run(smol_run, "gguf", quant=kind, output=smol_run / "export" / f"greedy-{kind}.gguf",
+                          overwrite=True).path
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+    stop = stop_token_ids(ref_tokenizer, ref_model)
+    pairs = []
+    for messages in GREEDY_CHATS:
+        ids = ref_tokenizer(render_chat(ref_tokenizer, messages, add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            want = ref_model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
+                                      eos_token_id=stop, pad_token_id=ref_tokenizer.pad_token_id)[0, len(ids):].tolist()
+        llm.reset()
+        got = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            if token in stop or len(got) == GREEDY_TOKENS:
+                break
+            got.append(token)
+        pairs.append(([t for t in want if t not in stop], got))
+    return pairs
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+GREEDY_TOLERANCE = {"f16": (16, 4), "q8_0": (6, 0), "gguf-lora": (16, 2)}
+"""Per export: (tokens every answer keeps in common with PyTorch's before its first difference,
+answers identical to PyTorch's, of 6). Measured on an AMD EPYC (2026-12-03), tokens in common:
+f16 [32, 32, 32, 32, 32, 23] (5 identical), q8_0 [8, 25, 17, 21, 32, 23] (1), gguf-lora
+[32, 30, 32, 32, 27, 23] (3); the bounds leave room for another CPU's rounding."""
+
+
+@pytest.mark.parametrize("kind", list(GREEDY_TOLERANCE))
+def test_llama_cpp_answers_with_pytorchs_greedy_tokens_on_each_gguf_export(smol_run, smol_reference, smollm_gguf,
+                                                                           kind):
+    """llama.cpp on each export answers six fixed chat prompts (English, Spanish, a system prompt)
+    with the greedy tokens of PyTorch's merged model (float32), up to GREEDY_TOKENS each.
+
+    f16 rounds the merged matrices to 16 bits, q8_0 to 8, and the adapter GGUF runs on the Q4_1
+    base with llama.cpp's quantized compute (Q4_1 weights times 8-bit activations, where PyTorch
+    dequantizes to float32): each moves near-tie logits, so an answer can take another token at one
+    and go on differently from there (the sixth prompt parts at its 23rd token in all three).
+    Tolerance (GREEDY_TOLERANCE): f16, every answer keeps its first 16 tokens and 4 of 6 are
+    identical; q8_0, every answer keeps its first 6 tokens; gguf-lora, 16 tokens and 2 of 6."""
+    pairs = greedy_pairs(smol_run, smol_reference, smollm_gguf, kind)
+    prefixes = [common_prefix(want, got) for want, got in pairs]
+    identical = sum(want == got for want, got in pairs)
+    print(f"{kind} vs PyTorch: tokens in common before the first difference {prefixes}, {identical} of 6 identical")
+    least, enough = GREEDY_TOLERANCE[kind]
+    assert all(p >= least or want == got for p, (want, got) in zip(prefixes, pairs))
+    assert identical >= enough
 
 
 def test_llama_cpp_applies_the_lora_gguf_to_the_q4_base_as_pytorch_merges_it(smol_run, smol_reference, smollm_gguf,

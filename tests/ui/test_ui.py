@@ -374,3 +374,33 @@ def test_ui_command_binds_localhost_by_default_and_warns_for_other_hosts(monkeyp
     assert served[0][0] == host
     assert re.search(rf"open http://127\.0\.0\.1:{served[0][1]}/\?token=[\w-]{{20,}}", out)
     assert ("WARNING: listening on 0.0.0.0" in err) == warned
+
+
+def test_the_export_page_shows_the_llama_cpp_check_of_each_gguf_and_offers_it(app, client, runs, monkeypatch):
+    from mathtune.eval.confidence import interval
+    from mathtune.ui import results
+
+    _run_folder(runs, "r7", summary={"steps": 10})
+    check = runs / "r7" / "eval" / "gguf" / "m-f16" / "summary.json"
+    check.parent.mkdir(parents=True)
+    check.write_text(json.dumps({
+        "file": str(runs / "r7" / "export" / "m-f16.gguf"),
+        "models": {"gguf": {"accuracy": 0.2192, "interval": interval(16, 73)},
+                   "pytorch": {"accuracy": 0.2329, "interval": interval(17, 73)}},
+        "change": {"p_value": 1.0}, "agreement": {"identical": 70, "checked": 73, "identical_share": 0.9589}}))
+    (check.parent.parent / "half-written").mkdir()  # a folder without its summary yet: not shown
+    monkeypatch.setattr(results, "llama_cpp_installed", lambda: True)
+    page = client.get("/runs/r7/export").text
+    assert 'id="checks"' in page and "m-f16.gguf" in page and "21.9% [14.0-32.7]" in page
+    assert "70/73 (95.9%)" in page and 'name="check"' in page
+    monkeypatch.setattr(results, "llama_cpp_installed", lambda: False)
+    assert 'name="check"' not in client.get("/runs/r7/export").text  # nothing to check with
+    assert "Comprobado con llama.cpp" in client.get("/runs/r7/export", headers={"accept-language": "es"}).text
+
+
+def test_an_export_job_checked_with_llama_cpp_must_write_a_gguf(tmp_path):
+    from mathtune.errors import MathtuneError
+    from mathtune.ui.work import export
+
+    with pytest.raises(MathtuneError, match="scores a GGUF file"):
+        export(tmp_path, "hf", check=True)
