@@ -436,8 +436,8 @@ GREEDY_TOKENS = 32
 
 
 def greedy_pairs(smol_run, smol_reference, smollm_gguf, kind: str):
-    """For each of GREEDY_CHATS: (PyTorch's merged model's greedy answer tokens, llama.cpp's on the
-    `kind` export), GREEDY_TOKENS at most, up to and without the stop token."""
+    """For each of GREEDY_CHATS: (its prompt tokens, PyTorch's merged model's greedy answer tokens,
+    llama.cpp's on the `kind` export), GREEDY_TOKENS at most, up to and without the stop token."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from mathtune.data.template import render_chat
     from mathtune.eval.evaluate import stop_token_ids
@@ -464,7 +464,7 @@ def greedy_pairs(smol_run, smol_reference, smollm_gguf, kind: str):
             if token in stop or len(got) == GREEDY_TOKENS:
                 break
             got.append(token)
-        pairs.append(([t for t in want if t not in stop], got))
+        pairs.append((ids, [t for t in want if t not in stop], got))
     return pairs
 
 
@@ -472,31 +472,48 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-GREEDY_TOLERANCE = {"f16": (16, 4), "q8_0": (6, 0), "gguf-lora": (16, 2)}
-"""Per export: (tokens every answer keeps in common with PyTorch's before its first difference,
-answers identical to PyTorch's, of 6). Measured on an AMD EPYC (2026-12-03), tokens in common:
-f16 [32, 32, 32, 32, 32, 23] (5 identical), q8_0 [8, 25, 17, 21, 32, 23] (1), gguf-lora
-[32, 30, 32, 32, 27, 23] (3); the bounds leave room for another CPU's rounding."""
+def pytorch_lead(model, prompt: list[int], want: list[int], got: list[int], stop: int) -> float:
+    """At the first token where llama.cpp's answer `got` leaves PyTorch's `want`: how far PyTorch's
+    logit of its own token leads its logit of llama.cpp's (0 or a little more: a near-tie). An answer
+    that ended there (its stop token is not in the list) took `stop`."""
+    i = common_prefix(want, got)
+    with torch.no_grad():
+        row = model(torch.tensor([prompt + want[:i]])).logits[0, -1]
+    return float(row[want[i] if i < len(want) else stop] - row[got[i] if i < len(got) else stop])
+
+
+GREEDY_TOLERANCE = {"f16": (0.25, 4), "q8_0": (0.5, 0), "gguf-lora": (0.5, 2)}
+"""Per export: (the most PyTorch's logit of its token may lead llama.cpp's token's where an answer
+first differs, answers identical to PyTorch's, of 6). Measured on an AMD EPYC (2026-12-03), logits
+of 20 to 40: f16 parted from PyTorch in 1 answer of 6, at a lead of 0.026; q8_0 in 4, leads 0.026 to
+0.174; gguf-lora in 3, leads 0.026 to 0.127. Where an answer first differs depends on the trained
+adapter's near-ties (another run of the same fixture parted f16's sixth answer at token 23 instead
+of the fourth at token 10), so the bound is on the lead, not on the position."""
 
 
 @pytest.mark.parametrize("kind", list(GREEDY_TOLERANCE))
 def test_llama_cpp_answers_with_pytorchs_greedy_tokens_on_each_gguf_export(smol_run, smol_reference, smollm_gguf,
                                                                            kind):
     """llama.cpp on each export answers six fixed chat prompts (English, Spanish, a system prompt)
-    with the greedy tokens of PyTorch's merged model (float32), up to GREEDY_TOKENS each.
+    with the greedy tokens of PyTorch's merged model (float32), up to GREEDY_TOKENS each, or leaves
+    them only at a near-tie of PyTorch's.
 
     f16 rounds the merged matrices to 16 bits, q8_0 to 8, and the adapter GGUF runs on the Q4_1
     base with llama.cpp's quantized compute (Q4_1 weights times 8-bit activations, where PyTorch
     dequantizes to float32): each moves near-tie logits, so an answer can take another token at one
-    and go on differently from there (the sixth prompt parts at its 23rd token in all three).
-    Tolerance (GREEDY_TOLERANCE): f16, every answer keeps its first 16 tokens and 4 of 6 are
-    identical; q8_0, every answer keeps its first 6 tokens; gguf-lora, 16 tokens and 2 of 6."""
-    pairs = greedy_pairs(smol_run, smol_reference, smollm_gguf, kind)
-    prefixes = [common_prefix(want, got) for want, got in pairs]
-    identical = sum(want == got for want, got in pairs)
-    print(f"{kind} vs PyTorch: tokens in common before the first difference {prefixes}, {identical} of 6 identical")
-    least, enough = GREEDY_TOLERANCE[kind]
-    assert all(p >= least or want == got for p, (want, got) in zip(prefixes, pairs))
+    and go on differently from there. Tolerance (GREEDY_TOLERANCE): every answer is PyTorch's, or
+    first differs where PyTorch's own token led llama.cpp's by at most 0.25 (f16) or 0.5 (q8_0,
+    gguf-lora) of logits of 20 to 40; and at least 4 (f16), 0 (q8_0), 2 (gguf-lora) of 6 are identical."""
+    ref_model, ref_tokenizer = smol_reference
+    stop = ref_tokenizer.convert_tokens_to_ids("<|im_end|>")  # SmolLM2's end of turn
+    triples = greedy_pairs(smol_run, smol_reference, smollm_gguf, kind)
+    leads = [None if want == got else round(pytorch_lead(ref_model, ids, want, got, stop), 3)
+             for ids, want, got in triples]
+    identical = leads.count(None)
+    print(f"{kind} vs PyTorch: tokens in common {[common_prefix(w, g) for _, w, g in triples]}, {identical} of 6 "
+          f"identical, PyTorch's lead where they part {leads}")
+    most, enough = GREEDY_TOLERANCE[kind]
+    assert all(lead is None or lead <= most for lead in leads)
     assert identical >= enough
 
 
