@@ -25,7 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ from mathtune.errors import ModelError
 from mathtune.eval.accuracy import accuracy_text, comparison_table, paired_change, summarize
 from mathtune.eval.evaluate import BENCHES, EvalExample, bench_examples, eval_examples, judge, protocol, score
 from mathtune.files import unreadable_reason, write_json, write_text
-from mathtune.hardware import cpu_model
+from mathtune.hardware import cpu_bf16_units, cpu_model
 from mathtune.run import ADAPTER, BENCH, EVAL, load_run_config, load_trained
 
 log = logging.getLogger("mathtune")
@@ -76,17 +79,54 @@ def require_llama_cpp(purpose: str) -> None:
 
 
 def load_llama(path: Path, purpose: str, **options):
-    """`llama_cpp.Llama` on the GGUF file `path` (`mathtune chat --gguf` and the evaluation here), quiet;
-    a ModelError when llama-cpp-python is missing (how to install it) or the file is not a GGUF llama.cpp loads."""
+    """`llama_cpp.Llama` on the GGUF file `path` (`mathtune chat --gguf`, the evaluation here and the
+    export tests), quiet; a ModelError when llama-cpp-python is missing (how to install it) or the file
+    is not a GGUF llama.cpp loads. On a CPU with AMX, llama.cpp's AMX weight buffers are left out
+    (`without_amx_buffers`)."""
     require_llama_cpp(purpose)
     from llama_cpp import Llama
 
     read_gguf_header(Path(path))
     try:
-        return Llama(model_path=str(path), verbose=False, **options)
+        with without_amx_buffers(cpu_bf16_units() == "AMX"):
+            return Llama(model_path=str(path), verbose=False, **options)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: llama.cpp could not load it ({exc}); is it complete, and of an architecture this "
                          f"llama-cpp-python knows?") from None
+
+
+_MODEL_PARAMS_LOCK = threading.Lock()
+
+
+@contextmanager
+def without_amx_buffers(active: bool) -> Iterator[None]:
+    """While it is open (and `active`), llama-cpp-python's `Llama()` loads a model with
+    `use_extra_bufts = false`, the field llama.cpp's own `--no-repack` sets, which `Llama()` has no
+    argument for: weights stay in plain CPU buffers instead of being repacked for AMX.
+
+    Why: llama-cpp-python 0.3.36 built for an Intel Xeon with AMX (GGML_NATIVE, as scripts/llama_cpp.sh
+    and a plain `pip install` build it) repacks Q4_1/Q8_0 weights for AMX and then crashes the process
+    with a segmentation fault in `ggml_backend_amx_mul_mat` at the first decode: the embedded SmolLM2
+    Q4_1 file and our q8_0 exports, every time, on 1 or 2 threads (Intel Xeon, 2026-12-03; llama.cpp
+    issue #20824 reports the same frame). f16 files never used AMX buffers. Other CPUs keep the repack."""
+    if not active:
+        yield
+        return
+    import llama_cpp.llama_cpp as native
+
+    defaults = native.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _MODEL_PARAMS_LOCK:
+        native.llama_model_default_params = without_extra_buffers
+        try:
+            yield
+        finally:
+            native.llama_model_default_params = defaults
 
 
 # ---------------------------------------------------------------------------------------------

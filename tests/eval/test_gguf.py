@@ -14,7 +14,7 @@ import pytest
 
 from mathtune.cli import main
 from mathtune.errors import ModelError
-from mathtune.eval.gguf import LLAMA_CPP_VERSION, evaluate_gguf, read_gguf_header
+from mathtune.eval.gguf import LLAMA_CPP_VERSION, evaluate_gguf, load_llama, read_gguf_header, without_amx_buffers
 from mathtune.export import export_run
 from tests.conftest import ROOT
 
@@ -49,6 +49,37 @@ def test_without_llama_cpp_python_eval_export_check_and_chat_say_how_to_install_
         assert 'pip install "mathtune[llama]"' in err and f"pip install llama-cpp-python=={LLAMA_CPP_VERSION}" in err
         assert "Visual Studio" in err and "Traceback" not in err
     assert not (smol_run / "never.gguf").exists()  # refused before the export, not after it
+
+
+def test_amx_weight_buffers_are_left_out_only_while_asked_and_only_on_an_amx_cpu(smollm_gguf, monkeypatch):
+    """llama.cpp's AMX buffers crash this llama-cpp-python at the first decode (without_amx_buffers):
+    load_llama leaves them out on a CPU with AMX, and only there. On an AMX CPU, the generation below
+    is the crash (the whole test process died with a segmentation fault before the fix)."""
+    pytest.importorskip("llama_cpp")
+    import llama_cpp.llama_cpp as native
+
+    from mathtune.eval import gguf
+
+    with without_amx_buffers(True):
+        assert native.llama_model_default_params().use_extra_bufts is False
+    with without_amx_buffers(False):
+        assert native.llama_model_default_params().use_extra_bufts is True
+    assert native.llama_model_default_params().use_extra_bufts is True  # restored
+
+    for units, repack in (("AMX", False), ("AVX512-BF16", True), (None, True)):
+        monkeypatch.setattr(gguf, "cpu_bf16_units", lambda units=units: units)
+        assert load_llama(smollm_gguf, "a test", n_ctx=64, vocab_only=True).model_params.use_extra_bufts is repack
+
+    monkeypatch.undo()
+    llm = load_llama(smollm_gguf, "a test", n_ctx=256)  # the embedded Q4_1 file, whose weights AMX repacks
+    ids = llm.tokenize(b"<|im_start|>user\nWhat is 12 * 7?<|im_end|>\n<|im_start|>assistant\n", add_bos=False,
+                       special=True)
+    answer = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        if token == llm.token_eos() or len(answer) == 32:
+            break
+        answer.append(token)
+    assert "84" in llm.detokenize(answer).decode()
 
 
 def test_a_file_that_is_not_a_gguf_is_refused_by_name(smol_run, tmp_path, capsys):

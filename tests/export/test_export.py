@@ -15,6 +15,7 @@ import torch
 from mathtune.cli import main
 from mathtune.config import load_config
 from mathtune.errors import MathtuneError, ModelError
+from mathtune.eval.gguf import load_llama
 from mathtune.export import base_name, export_run, how_to_use
 from mathtune.train.recipe import train
 from tests.conftest import CHATML, CORPUS, build_chatml_tokenizer, math_records, tiny_config, write_jsonl
@@ -398,13 +399,13 @@ def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
 def test_llama_cpp_runs_the_merged_file_like_pytorch(smol_run, smol_reference):
     """llama.cpp itself loads the merged f16 file: the same logits within f16 compute noise, and the
     same greedy answer to a chat prompt for its first 16 tokens."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from mathtune.data.template import render_chat
 
     ref_model, ref_tokenizer = smol_reference
     path = smol_run / "export" / "llama-cpp-merged.gguf"
     export_run(smol_run, "gguf", output=path, overwrite=True)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, logits_all=True)
+    llm = load_llama(path, "the export tests", n_ctx=512, logits_all=True)
     for text in PROBES:
         ids = ref_tokenizer(text)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
@@ -438,18 +439,18 @@ GREEDY_TOKENS = 32
 def greedy_pairs(smol_run, smol_reference, smollm_gguf, kind: str):
     """For each of GREEDY_CHATS: (its prompt tokens, PyTorch's merged model's greedy answer tokens,
     llama.cpp's on the `kind` export), GREEDY_TOKENS at most, up to and without the stop token."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from mathtune.data.template import render_chat
     from mathtune.eval.evaluate import stop_token_ids
 
     ref_model, ref_tokenizer = smol_reference
     if kind == "gguf-lora":
         adapter = export_run(smol_run, "gguf-lora", output=smol_run / "export" / "greedy-lora.gguf", overwrite=True)
-        llm = llama_cpp.Llama(model_path=str(smollm_gguf), lora_path=str(adapter.path), n_ctx=512, verbose=False)
+        llm = load_llama(smollm_gguf, "the export tests", lora_path=str(adapter.path), n_ctx=512)
     else:
         path = export_run(smol_run, "gguf", quant=kind, output=smol_run / "export" / f"greedy-{kind}.gguf",
                           overwrite=True).path
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False)
+        llm = load_llama(path, "the export tests", n_ctx=512)
     stop = stop_token_ids(ref_tokenizer, ref_model)
     pairs = []
     for messages in GREEDY_CHATS:
@@ -482,13 +483,16 @@ def pytorch_lead(model, prompt: list[int], want: list[int], got: list[int], stop
     return float(row[want[i] if i < len(want) else stop] - row[got[i] if i < len(got) else stop])
 
 
-GREEDY_TOLERANCE = {"f16": (0.25, 4), "q8_0": (0.5, 0), "gguf-lora": (0.5, 2)}
+GREEDY_TOLERANCE = {"f16": (0.25, 4), "q8_0": (1.0, 0), "gguf-lora": (1.0, 1)}
 """Per export: (the most PyTorch's logit of its token may lead llama.cpp's token's where an answer
-first differs, answers identical to PyTorch's, of 6). Measured on an AMD EPYC (2026-12-03), logits
-of 20 to 40: f16 parted from PyTorch in 1 answer of 6, at a lead of 0.026; q8_0 in 4, leads 0.026 to
-0.174; gguf-lora in 3, leads 0.026 to 0.127. Where an answer first differs depends on the trained
-adapter's near-ties (another run of the same fixture parted f16's sixth answer at token 23 instead
-of the fourth at token 10), so the bound is on the lead, not on the position."""
+first differs, answers identical to PyTorch's, of 6). The file's own logit noise sets the scale:
+llama.cpp's logits on PROBES were at most 0.53 from PyTorch's for f16, 1.65 for q8_0 and 1.51 for
+gguf-lora on its Q4_1 base, of logits up to 42 (Intel Xeon with AMX, 2026-12-03). Measured leads:
+AMD EPYC (Zen 4), f16 [0.026] (5 of 6 identical), q8_0 [0.049, 0.174, 0.026, 0.038] (2), gguf-lora
+[0.127, 0.026, 0.038] (3); Intel Xeon, f16 [0.026] or [0.038] (5), q8_0 [0.532, 0.121, 0.159] (3),
+gguf-lora [0.215, 0.305, 0.026, 0.016] (2). Where an answer first differs depends on the trained
+adapter's near-ties (two runs of the same fixture parted f16 at the fourth answer's token 10, then at
+the sixth's token 23), so the bound is on the lead, not on the position."""
 
 
 @pytest.mark.parametrize("kind", list(GREEDY_TOLERANCE))
@@ -502,8 +506,9 @@ def test_llama_cpp_answers_with_pytorchs_greedy_tokens_on_each_gguf_export(smol_
     base with llama.cpp's quantized compute (Q4_1 weights times 8-bit activations, where PyTorch
     dequantizes to float32): each moves near-tie logits, so an answer can take another token at one
     and go on differently from there. Tolerance (GREEDY_TOLERANCE): every answer is PyTorch's, or
-    first differs where PyTorch's own token led llama.cpp's by at most 0.25 (f16) or 0.5 (q8_0,
-    gguf-lora) of logits of 20 to 40; and at least 4 (f16), 0 (q8_0), 2 (gguf-lora) of 6 are identical."""
+    first differs where PyTorch's own token led llama.cpp's by at most 0.25 (f16) or 1.0 (q8_0,
+    gguf-lora), below each file's own logit noise; and at least 4 (f16), 0 (q8_0), 1 (gguf-lora) of 6
+    are identical."""
     ref_model, ref_tokenizer = smol_reference
     stop = ref_tokenizer.convert_tokens_to_ids("<|im_end|>")  # SmolLM2's end of turn
     triples = greedy_pairs(smol_run, smol_reference, smollm_gguf, kind)
@@ -523,15 +528,14 @@ def test_llama_cpp_applies_the_lora_gguf_to_the_q4_base_as_pytorch_merges_it(smo
     from PyTorch's fp32 by itself, so the test is: with the adapter, llama.cpp is as close to PyTorch's
     merged model as it is, without, to PyTorch's base model; and far from the base (the LoRA acts).
     Measured: 1.06 vs 1.60 (logit max error), while the adapter moves logits by up to 20."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from mathtune.model.load import load_model
 
     ref_model, ref_tokenizer = smol_reference
     base_model = load_model(load_config(smol_run / "config.yaml", environ={}).model)[0].eval()
     adapter = export_run(smol_run, "gguf-lora", output=smol_run / "export" / "llama-cpp-lora.gguf", overwrite=True)
-    with_lora = llama_cpp.Llama(model_path=str(smollm_gguf), lora_path=str(adapter.path), n_ctx=512, verbose=False,
-                                logits_all=True)
-    without = llama_cpp.Llama(model_path=str(smollm_gguf), n_ctx=512, verbose=False, logits_all=True)
+    with_lora = load_llama(smollm_gguf, "the export tests", lora_path=str(adapter.path), n_ctx=512, logits_all=True)
+    without = load_llama(smollm_gguf, "the export tests", n_ctx=512, logits_all=True)
     for text in PROBES:
         ids = ref_tokenizer(text)["input_ids"]
         with torch.no_grad():
