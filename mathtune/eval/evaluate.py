@@ -24,6 +24,7 @@ as in training and scored by loss and perplexity (RUN_DIR/eval/perplexity.json).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from mathtune.data.tokenize import IGNORE_INDEX, is_text, pack_documents, tokeni
 from mathtune.data.topics import record_topic
 from mathtune.eval.accuracy import comparison_table, paired_change, significant_drop, summarize
 from mathtune.files import write_json, write_text
+from mathtune.hardware import probe_memory
 from mathtune.run import BENCH, EVAL, load_run_config, load_trained
 from mathtune.verify import reference_answer, stated_answer, validate_math_response
 
@@ -244,10 +246,6 @@ def merged_copy(model):
     to unmerge, which would leave rounding error in the base). The model itself where a copy
     cannot be made: a 4- or 8-bit base (merging would dequantize it), several adapters, or a copy
     that would take more than a quarter of the memory still available."""
-    import copy
-
-    from mathtune.hardware import probe_memory
-
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     available = probe_memory()["available"]
     usable = (

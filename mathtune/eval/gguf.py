@@ -32,11 +32,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mathtune.data.dataset import split_conversations
+from mathtune.data.template import render_chat
 from mathtune.errors import ModelError
 from mathtune.eval.accuracy import accuracy_text, comparison_table, paired_change, summarize
 from mathtune.eval.evaluate import BENCHES, EvalExample, bench_examples, eval_examples, judge, protocol, score
 from mathtune.files import unreadable_reason, write_json, write_text
 from mathtune.hardware import cpu_bf16_units, cpu_model
+from mathtune.model.gguf import read_header
+from mathtune.model.load import resolve_source
 from mathtune.run import ADAPTER, BENCH, EVAL, load_run_config, load_trained
 
 log = logging.getLogger("mathtune")
@@ -58,8 +62,6 @@ def install_hint(purpose: str) -> str:
 
 def read_gguf_header(path: Path):
     """The file's GGUF header, or a ModelError that names the file and says what it is instead."""
-    from mathtune.model.gguf import read_header
-
     reason = unreadable_reason(path)
     if reason:
         raise ModelError(f"{path}: {reason}")
@@ -222,8 +224,6 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
         max_new_tokens = max_new_tokens or BENCHES[bench].max_new_tokens
         source, out_dir = run_dir / BENCH / bench, run_dir / BENCH / bench / GGUF_RESULTS / (lora or path).stem
     else:
-        from mathtune.data.dataset import split_conversations
-
         train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed)
         if split == "eval":
             conversations = eval_conv
@@ -292,8 +292,6 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
 
     from tqdm.auto import tqdm
 
-    from mathtune.data.template import render_chat
-
     run_ids = [tokenizer(render_chat(tokenizer, e.prompt, add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for e in checkable]
     chat = GgufChat(path, pytorch_protocol["stop_tokens"], n_ctx=max(map(len, run_ids)) + max_new_tokens + 8,
@@ -347,8 +345,6 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
 
 def _base_gguf(cfg, adapter: Path) -> Path:
     """The GGUF an adapter GGUF is applied to: the run's base model, when it is a GGUF file."""
-    from mathtune.model.load import resolve_source
-
     source = resolve_source(cfg.model)
     if source.kind != "gguf":
         raise ModelError(f"{adapter}: an adapter GGUF is scored on the run's base model as a GGUF file, and this run "
