@@ -16,17 +16,11 @@ from mathtune.train.loss import OutputLayerLoss, fusable_output_layer, label_onl
 from mathtune.train.packing import packed_collator, use_packed_attention
 from mathtune.train.recipe import RunTrainer, build_trainer
 from tests.conftest import tiny_config
-
-VOCAB = 400
+from tests.train.test_packing import VOCAB, labelled_rows
 
 
 def rows():
-    generator = torch.Generator().manual_seed(1)
-    out = []
-    for length, prompt in ((9, 3), (14, 6), (21, 5)):
-        ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
-    return out
+    return labelled_rows(1, ((9, 3), (14, 6), (21, 5)))
 
 
 def lora_model(arch: str, dtype=torch.float32):

@@ -32,13 +32,18 @@ def config_for(arch: str):
                                 eos_token_id=2, bos_token_id=1)
 
 
-def examples():
-    generator = torch.Generator().manual_seed(0)
+def labelled_rows(seed: int, shapes: tuple[tuple[int, int], ...]) -> list[dict]:
+    """Random examples of (length, prompt tokens) each, labelled after the prompt (also tests/train/test_loss.py)."""
+    generator = torch.Generator().manual_seed(seed)
     rows = []
-    for length, prompt in ((7, 3), (12, 5), (18, 4)):
+    for length, prompt in shapes:
         ids = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
         rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
     return rows
+
+
+def examples():
+    return labelled_rows(0, ((7, 3), (12, 5), (18, 4)))
 
 
 def tiny(arch: str):
