@@ -264,6 +264,19 @@ def merged_copy(model):
         del merged
 
 
+def run_conversations(cfg, split: str):
+    """The run's own conversations of `split`: "eval" (the held-out split), "train", or "all" (both),
+    split as training split them (the same seed)."""
+    train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed)
+    if split == "eval":
+        return eval_conv
+    if split == "train":
+        return train_conv
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([train_conv, eval_conv])
+
+
 def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: str = "eval",
                  limit: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
                  base: bool = False, bench: str | None = None) -> dict[str, Any]:
@@ -283,12 +296,7 @@ def evaluate_run(run_dir: Path, *, data_files: list[Path] | None = None, split: 
         conversations = load_conversations(data_files, data_cfg, DataReport())
         split = "all"
     else:
-        train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed)
-        conversations = {"eval": eval_conv, "train": train_conv}.get(split)
-        if conversations is None:
-            from datasets import concatenate_datasets
-
-            conversations = concatenate_datasets([train_conv, eval_conv])
+        conversations = run_conversations(cfg, split)
     if is_text(conversations):
         model, tokenizer = load_trained(run_dir, cfg)
         documents = conversations.select(range(min(limit, len(conversations)))) if limit else conversations

@@ -32,11 +32,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mathtune.data.dataset import split_conversations
 from mathtune.data.template import render_chat
 from mathtune.errors import ModelError
 from mathtune.eval.accuracy import accuracy_text, comparison_table, paired_change, summarize
-from mathtune.eval.evaluate import BENCHES, EvalExample, bench_examples, eval_examples, judge, protocol, score
+from mathtune.eval.evaluate import (
+    BENCHES,
+    EvalExample,
+    bench_examples,
+    eval_examples,
+    judge,
+    protocol,
+    run_conversations,
+    score,
+)
 from mathtune.files import unreadable_reason, write_json, write_text
 from mathtune.hardware import cpu_bf16_units, cpu_model
 from mathtune.model.gguf import read_header
@@ -224,14 +232,7 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
         max_new_tokens = max_new_tokens or BENCHES[bench].max_new_tokens
         source, out_dir = run_dir / BENCH / bench, run_dir / BENCH / bench / GGUF_RESULTS / (lora or path).stem
     else:
-        train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed)
-        if split == "eval":
-            conversations = eval_conv
-        else:
-            from datasets import concatenate_datasets
-
-            conversations = train_conv if split == "train" else concatenate_datasets([train_conv, eval_conv])
-        examples = eval_examples(conversations, limit)
+        examples = eval_examples(run_conversations(cfg, split), limit)
         max_new_tokens = max_new_tokens or cfg.eval.max_new_tokens
         source, out_dir = run_dir / EVAL, run_dir / EVAL / GGUF_RESULTS / (lora or path).stem
     checkable = [e for e in examples if e.checkable]

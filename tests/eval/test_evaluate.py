@@ -11,7 +11,16 @@ import torch
 
 from mathtune.cli import main
 from mathtune.config import LoraConfig, ModelConfig
-from mathtune.eval.evaluate import BENCHES, EvalExample, Generated, eval_examples, generate, score, stop_token_ids
+from mathtune.eval.evaluate import (
+    BENCHES,
+    EvalExample,
+    Generated,
+    eval_examples,
+    generate,
+    run_conversations,
+    score,
+    stop_token_ids,
+)
 from mathtune.model.load import load_model
 from mathtune.train.lora import apply_lora
 from tests.train.test_recipe import tiny_run_config
@@ -41,6 +50,17 @@ def test_the_default_run_scores_its_whole_held_out_split():
     assert len(held_out) == 82 <= cfg.eval.max_examples
     examples = eval_examples(held_out, cfg.eval.max_examples or None)
     assert len(examples) == 82 and sum(e.checkable for e in examples) == 73
+
+
+def test_eval_and_eval_gguf_choose_the_runs_conversations_by_split_as_training_split_them():
+    from mathtune.config import Config
+    from mathtune.data.dataset import split_conversations
+
+    cfg = Config()
+    train_conv, eval_conv = split_conversations(cfg.data, cfg.train.seed)
+    assert list(run_conversations(cfg, "eval")["messages"]) == list(eval_conv["messages"])
+    assert list(run_conversations(cfg, "train")["messages"]) == list(train_conv["messages"])
+    assert list(run_conversations(cfg, "all")["messages"]) == list(train_conv["messages"]) + list(eval_conv["messages"])
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama_dir):
