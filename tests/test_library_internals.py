@@ -25,9 +25,11 @@ def test_checkpoints_are_staged_through_get_output_dir():
     assert _parameters(Trainer._get_output_dir)[:2] == ["self", "trial"], why
     assert _parameters(Trainer._save_checkpoint)[:3] == ["self", "model", "trial"], why
     assert "self._get_output_dir(" in inspect.getsource(Trainer._save_checkpoint), why
-    from transformers.trainer_utils import rotate_checkpoints
+    from transformers.trainer_utils import sort_checkpoints
 
-    assert {"output_dir", "save_total_limit"} <= set(_parameters(rotate_checkpoints)), why
+    # mathtune.train.checkpoints.rotate_checkpoints orders the checkpoints with it (as transformers' rotation does).
+    assert _parameters(sort_checkpoints)[:2] == ["output_dir", "checkpoint_prefix"], why
+    assert "best_model_checkpoint" in _parameters(sort_checkpoints), why
 
 
 def test_the_epoch_loop_is_still_run_epoch():

@@ -77,6 +77,33 @@ def last_checkpoint(checkpoints_dir: Path) -> Path | None:
     return None
 
 
+def rotate_checkpoints(root: Path, limit: int | None, best: str | None = None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, the ones transformers' rotate_checkpoints chooses
+    (the newest and the best are kept), but each renamed into .partial before it is deleted: a
+    `kill -9` during a deletion leaves the half-deleted folder there, not a checkpoint-N without its
+    adapter where `--resume` and `last_checkpoint` look (transformers deletes it in place)."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    if not limit or limit <= 0:
+        return
+    ordered = sort_checkpoints(str(root), PREFIX.rstrip("-"), best_model_checkpoint=best)  # oldest first
+    if len(ordered) <= limit:
+        return
+    protected = {ordered[-1], str(Path(best))} if best else set(ordered[-1:])
+    surplus = len(ordered) - max(limit, len(protected))
+    doomed = [Path(folder) for folder in ordered if folder not in protected][: max(surplus, 0)]
+    for leftover in (root / PARTIAL).glob("*.deleted"):  # from a run killed while deleting
+        shutil.rmtree(leftover, ignore_errors=True)
+    for folder in doomed:
+        trash = root / PARTIAL / f"{folder.name}.deleted"
+        trash.parent.mkdir(exist_ok=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        with contextlib.suppress(OSError):
+            (root / PARTIAL).rmdir()
+
+
 def resume_hint(run_dir: Path) -> str:
     return f"mathtune train --resume {run_dir}"
 
@@ -114,9 +141,7 @@ class SafeTrainingMixin:
             except OSError as exc:
                 shutil.rmtree(staged, ignore_errors=True)
                 raise TrainingStopped(self._save_failure(final_root, name, exc.strerror or str(exc))) from None
-            from transformers.trainer_utils import rotate_checkpoints
-
-            rotate_checkpoints(str(final_root), self.args.save_total_limit, self.state.best_model_checkpoint)
+            rotate_checkpoints(final_root, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _save_failure(self, root: Path, name: str, why: str) -> str:

@@ -24,6 +24,7 @@ from mathtune.train.checkpoints import (
     TrainingInterrupted,
     TrainingStopped,
     last_checkpoint,
+    rotate_checkpoints,
     stop_signals,
 )
 from mathtune.train.recipe import RunTrainer, save_adapter, train
@@ -102,6 +103,40 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_
     assert_same_adapter(straight_run, run)
     assert assert_only_complete_checkpoints(run) == [3, 6]
     assert not (run / "checkpoints" / PARTIAL / "checkpoint-6").exists()
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint_where_resume_looks(tmp_path,
+                                                                                                  monkeypatch):
+    """Rotation (save_total_limit) deletes the oldest checkpoint file by file; killed in the middle
+    (here: the deletion stops after the adapter), the half-deleted folder is in .partial, not at
+    checkpoint-N (transformers' own rotation deletes it in place: a checkpoint-1 without its adapter,
+    which the kill -9 test below caught once)."""
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in sorted(CHECKPOINT_FILES):
+            (folder / name).write_text(json.dumps({"global_step": step}))
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "adapter_model.safetensors").unlink(missing_ok=True)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        rotate_checkpoints(root, limit=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert all(CHECKPOINT_FILES <= {f.name for f in (root / name).iterdir()} for name in ("checkpoint-2", "checkpoint-3"))
+    assert (root / PARTIAL / "checkpoint-1.deleted").is_dir()
+
+    (root / "checkpoint-4").mkdir()
+    (root / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    rotate_checkpoints(root, limit=2, best=str(root / "checkpoint-2"))  # the best is kept, as transformers keeps it
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (root / PARTIAL).exists()  # the leftover is gone with the next deletion
 
 
 def test_killed_after_the_final_checkpoint_a_resume_trains_no_extra_step(tmp_path, straight_run):
