@@ -146,8 +146,28 @@ def load_model(cfg: ModelConfig, source: ModelSource | None = None,
                     "!" * 100, source.path, "!" * 100)
     tokenizer = _load_tokenizer(source, cfg.trust_remote_code)
     model = _from_pretrained(source, dtype, cfg, device)
+    contiguous_output_layer_input(model)
     ensure_pad_token(tokenizer)
     return model, tokenizer, source
+
+
+def contiguous_output_layer_input(model: PreTrainedModel) -> None:
+    """Hand the output layer a contiguous input (a pre-hook; a no-op where it already is).
+
+    Why: generation asks for the logits of the last position only (`logits_to_keep=1`), and the
+    model passes its output layer `hidden[:, -1:, :]`, a [batch, 1, hidden] view with the stride of
+    the whole prompt. torch.matmul (2.13) does not fold that view into one matrix product: it expands
+    the output layer's weight to [batch, hidden, vocabulary], copies it, and runs a batched product
+    (pytorch/pytorch#186148). For SmolLM2 with a batch of 40 that copy was 2.1 GB and 3.4 s of the
+    prompt pass, against 0.011 s contiguous (Intel Xeon with AMX, bf16): the peak memory of the
+    default run's scoring, and most of its prompt time."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:

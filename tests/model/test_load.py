@@ -24,6 +24,21 @@ def test_transformers_folder_loads_on_cpu_in_the_auto_dtype_with_a_pad_token(tin
     assert tokenizer.pad_token is not None and tokenizer.chat_template
 
 
+def test_the_output_layer_gets_a_contiguous_input_when_generation_keeps_the_last_position(tiny_llama_dir):
+    """generate() asks for the last position's logits only; without the pre-hook the output layer got
+    a strided [batch, 1, hidden] view, for which torch.matmul copies the weight once per example
+    (load.contiguous_output_layer_input). The logits stay the full forward's."""
+    model, _, _ = load_model(ModelConfig(path=str(tiny_llama_dir), dtype="float32"))
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(3, 100, (4, 9))
+    with torch.no_grad():
+        last = model(ids, logits_to_keep=1).logits
+        full = model(ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
 def test_a_file_that_is_not_gguf_is_named_with_its_magic(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
