@@ -9,7 +9,7 @@ where a label is predicted, but those logits are still a [labels x vocabulary] f
 1,000 x 49,152 for a packed SmolLM2 batch, 200 MB in float32, with as much again for its softmax and
 its gradient, each written and read by a separate pass over memory. `OutputLayerLoss` takes the
 hidden states the output layer would have multiplied, and computes the loss and its gradient chunk
-by chunk (16 MB of logits at a time, in buffers reused by every chunk): the same products in the
+by chunk (64 MB of logits at a time, in buffers reused by every chunk): the same products in the
 same precision, without the big tensors.
 """
 
@@ -25,9 +25,10 @@ from mathtune.data.tokenize import IGNORE_INDEX
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-# Rows of logits per chunk: 16 MB of float32 logits (SmolLM2's 49k vocabulary: 85 rows). Measured on the
-# loss of 1,050 SmolLM2 labels (Intel Xeon with AMX, bf16): 225 ms a step at 16 MB, 252 at 64 MB, 350 at 4 MB.
-CHUNK_BYTES = 16 * 2**20
+# Rows of logits per chunk: 64 MB of float32 logits (SmolLM2's 49k vocabulary: 341 rows). Measured on the
+# loss of 1,050 SmolLM2 labels (Intel Xeon with AMX): bf16 243 ms at 64 MB, 217 at 16 MB, 339 at 4 MB;
+# float32 429 ms at 64 MB, 688 at 16 MB, 2,026 at 4 MB (its products slow down on fewer rows).
+CHUNK_BYTES = 64 * 2**20
 
 
 def label_only_loss(outputs, labels, num_items_in_batch=None):
@@ -128,15 +129,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
         # Buffers reused by every chunk, each pass in place: a fresh [rows x vocabulary] tensor per
         # operation (logsumexp's temporaries, a softmax, its cast) cost more in page faults and memory
-        # passes than the two products (SmolLM2, 1,050 labels: 299 ms with them, 225 ms without).
+        # passes than the two products (SmolLM2, 1,050 labels: bf16 299 ms with them, 243 ms without;
+        # float32 478 and 429 ms). In float32 the products are the logits: one buffer.
         products = torch.empty(rows, weight.shape[0], dtype=dtype, device=hidden.device)
-        logits = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        logits = products if dtype == torch.float32 else torch.empty_like(products, dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             chunk, target = hidden[start : start + rows].to(dtype), targets[start : start + rows]
             n = len(target)
             product, row = products[:n], logits[:n]
             torch.mm(chunk, w.T, out=product)
-            row.copy_(product)  # as the output layer, then `.float()` in label_only_loss
+            if row is not product:
+                row.copy_(product)  # as the output layer, then `.float()` in label_only_loss
             top = row.amax(dim=-1, keepdim=True)
             picked = row.gather(1, target[:, None])
             row.sub_(top).exp_()  # exp(logit - max): softmax before its sum
