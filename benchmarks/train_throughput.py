@@ -448,7 +448,8 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
     width = [max(len(cells[i]) for _, cells in rows) for i in range(len(cols))]
     lines = [head, cpu, ""] + [f"{name:<30}" + "  ".join(c.rjust(w) for c, w in zip(cells, width)) for name, cells in rows]
     if "reference-bf16" not in results and not cuda:
-        lines.append(f"{NAMES['reference-bf16']}: not run, this CPU has no bf16 units (--reference-bf16 yes runs it)")
+        why = "this CPU has bf16 units, but --reference-bf16 no" if spec["cpu_bf16"] else "this CPU has no bf16 units"
+        lines.append(f"{NAMES['reference-bf16']}: not run, {why} (--reference-bf16 yes runs it)")
     same_tokens = all(res["step_tokens"] == m["step_tokens"] for res in results.values())
     same_init = all(res["lora_init"] == m["lora_init"] for res in results.values())
     lines += [
