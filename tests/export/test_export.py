@@ -397,8 +397,11 @@ def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
 
 
 def test_llama_cpp_runs_the_merged_file_like_pytorch(smol_run, smol_reference):
-    """llama.cpp itself loads the merged f16 file: the same logits within f16 compute noise, and the
-    same greedy answer to a chat prompt for its first 16 tokens."""
+    """llama.cpp itself loads the merged f16 file: the same logits within f16 compute noise, the same
+    top token wherever PyTorch's is not a near-tie, and the same greedy answer to a chat prompt for
+    its first 16 tokens, or one that leaves it only at a near-tie (GREEDY_TOLERANCE["f16"]: a
+    trained adapter's near-ties differ from one run of the fixture to the next; CI once met one at
+    1 of the 32 probe positions)."""
     pytest.importorskip("llama_cpp")
     from mathtune.data.template import render_chat
 
@@ -413,15 +416,23 @@ def test_llama_cpp_runs_the_merged_file_like_pytorch(smol_run, smol_reference):
             want = ref_model(torch.tensor([ids])).logits[0].numpy()
         got = llama_cpp_logits(llm, ids)
         assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # measured 0.5 of ~25
-        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.98
+        top, theirs = want.argmax(-1), got.argmax(-1)
+        leads = [want[i, top[i]] - want[i, theirs[i]] for i in np.flatnonzero(top != theirs)]
+        print(f"llama.cpp merged: top token as PyTorch's at {np.mean(top == theirs):.3f} of positions; "
+              f"PyTorch's lead elsewhere {[round(float(x), 3) for x in leads]}")
+        assert (top == theirs).mean() >= 0.9 and all(lead <= GREEDY_TOLERANCE["f16"][0] for lead in leads)
 
     prompt = render_chat(ref_tokenizer, [{"role": "user", "content": "What is 12 * 7?"}], add_generation_prompt=True)
     ids = ref_tokenizer(prompt)["input_ids"]
     with torch.no_grad():
         want = ref_model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
     got = greedy_llama_cpp(llm, ids, 16)
+    want = [t for t in want if t != llm.token_eos()][:16]
     print(f"llama.cpp merged: {ref_tokenizer.decode(got)!r}")
-    assert got == [t for t in want if t != llm.token_eos()][:16]
+    if got != want:
+        lead = pytorch_lead(ref_model, ids, want, got, llm.token_eos())
+        print(f"parts from PyTorch's answer at token {common_prefix(want, got)}, PyTorch's lead {lead:.3f}")
+        assert lead <= GREEDY_TOLERANCE["f16"][0]
 
 
 GREEDY_CHATS = [
