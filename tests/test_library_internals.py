@@ -114,3 +114,16 @@ def test_the_tracker_callbacks_are_still_set_up_and_closed_where_trackers_expect
     assert "self.setup(" in inspect.getsource(MLflowCallback.on_train_begin), why
     assert "self._wandb = wandb" in inspect.getsource(WandbCallback.__init__), why
     assert "finish()" not in inspect.getsource(WandbCallback.on_train_end), why  # else trackers need not finish it
+
+
+def test_peft_still_hands_a_lora_variant_the_forward_and_the_merges():
+    why = ("mathtune.train.lora.FusedLoraUpdate adds each LoRA update inside one addmm by registering itself in "
+           "LoraLayer.lora_variant, the hook PEFT's DoRA uses (PEFT calls it private); PEFT's Linear no longer calls "
+           "the variant's forward, merge_safe, merge_unsafe or unmerge. Adapt FusedLoraUpdate to the new PEFT.")
+    from peft.tuners.lora.layer import Linear
+
+    assert "self.lora_variant[active_adapter].forward(" in inspect.getsource(Linear.forward), why
+    merge = inspect.getsource(Linear.merge)
+    assert ".merge_safe(self, active_adapter, orig_weight)" in merge, why
+    assert ".merge_unsafe(self, active_adapter, base_layer.weight)" in merge, why
+    assert ".unmerge(self, active_adapter, weight)" in inspect.getsource(Linear.unmerge), why

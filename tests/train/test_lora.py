@@ -121,3 +121,48 @@ def test_lora_inputs_are_cast_by_peft_only_outside_autocast():
         out = model(input_ids=ids).logits
     assert seen == [torch.bfloat16, torch.float32]
     assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
+def test_the_fused_lora_update_computes_what_peft_computes_and_merges_the_same(precision):
+    """FusedLoraUpdate adds each layer's LoRA update inside its product (one addmm): the logits and
+    every LoRA gradient are PEFT's own plain LoRA's, in float32 and under bf16 autocast (there the
+    sum is rounded once instead of twice), and merging gives the same weights."""
+    import copy
+
+    from peft.tuners.lora.layer import Linear
+
+    from mathtune.train.lora import FusedLoraUpdate
+
+    bf16 = precision == "bf16 autocast"
+    model = tiny_model("llama").to(torch.bfloat16 if bf16 else torch.float32)
+    torch.manual_seed(1)
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    for name, param in model.named_parameters():  # B starts at zero: give the update an effect
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    layers = [m for m in model.modules() if type(m) is Linear]
+    assert layers and all(isinstance(m.lora_variant["default"], FusedLoraUpdate) for m in layers)
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if type(module) is Linear:
+            module.lora_variant.clear()  # PEFT's own forward and merge
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    results = []
+    for m in (model, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = m(input_ids=ids).logits.float()
+        logits.square().mean().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    (fused_logits, fused_grads), (plain_logits, plain_grads) = results
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fused_logits, plain_logits, **tolerance)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name in fused_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], **tolerance, msg=name)
+
+    merged, plain_merged = model.merge_and_unload(), plain.merge_and_unload()
+    for (name, weight), (_, plain_weight) in zip(merged.named_parameters(), plain_merged.named_parameters()):
+        assert torch.equal(weight, plain_weight), name
