@@ -116,7 +116,7 @@ def without_amx_buffers(active: bool) -> Iterator[None]:
 
     Why: llama-cpp-python 0.3.36 built for an Intel Xeon with AMX (GGML_NATIVE, as scripts/llama_cpp.sh
     and a plain `pip install` build it) repacks Q4_1/Q8_0 weights for AMX and then crashes the process
-    with a segmentation fault in `ggml_backend_amx_mul_mat` at the first decode: the embedded SmolLM2
+    with a segmentation fault in `ggml_backend_amx_mul_mat` at the first generated token: the embedded SmolLM2
     Q4_1 file and our q8_0 exports, every time, on 1 or 2 threads (Intel Xeon, 2026-12-03; llama.cpp
     issue #20824 reports the same frame). f16 files never used AMX buffers. Other CPUs keep the repack."""
     if not active:
