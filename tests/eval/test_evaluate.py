@@ -17,6 +17,7 @@ from mathtune.eval.evaluate import (
     Generated,
     eval_examples,
     generate,
+    greedy_answers,
     run_conversations,
     score,
     stop_token_ids,
@@ -72,6 +73,42 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama_d
     assert together == alone
     assert tokenizer.padding_side == "right"  # restored for training
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer, model)
+
+
+def test_rows_that_stopped_leave_the_batch_and_every_answer_is_the_one_call_answer(tiny_llama_dir, monkeypatch):
+    """Answers come ANSWER_PIECE tokens at a time, and a row that has stopped leaves the batch (and
+    the KV cache); each row still gets the tokens one generate() call over the whole batch gives."""
+    import mathtune.eval.evaluate as evaluate
+
+    model, tokenizer, _ = load_model(ModelConfig(path=str(tiny_llama_dir), dtype="float32"))
+    model = apply_lora(model, LoraConfig(r=4)).eval()
+    tokenizer.padding_side = "left"
+    texts = ["What is 12 * 7?", "2+2", "¿Cuánto es 3/4 + 1/8? x", "Solve x^2 = 9 for x, please, step by step."]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    never = [tokenizer.pad_token_id]
+    monkeypatch.setattr(evaluate, "ANSWER_PIECE", 12)
+    free = greedy_answers(model, enc, never, tokenizer.pad_token_id, max_new_tokens=12)
+    # Stop tokens met at different steps: one row stops after 2 tokens, another after 5 (the
+    # first token in it that the first row does not say before), the others run to the limit.
+    stop = [free[0][1], next(t for t in free[1][4:] if t not in free[0][:2])]
+    rows_seen = []
+    real_generate = model.generate
+
+    def counting_generate(*args, **kwargs):
+        rows_seen.append(kwargs["input_ids"].shape[0])
+        return real_generate(*args, **kwargs)
+
+    model.generate = counting_generate
+    whole = greedy_answers(model, enc, stop, tokenizer.pad_token_id, max_new_tokens=12)
+    assert rows_seen == [4]
+    monkeypatch.setattr(evaluate, "ANSWER_PIECE", 3)
+    rows_seen.clear()
+    pieces = greedy_answers(model, enc, stop, tokenizer.pad_token_id, max_new_tokens=12)
+    assert pieces == whole
+    assert whole[0] == free[0][:2]  # up to and including its stop token
+    assert all(len(ids) == 12 for ids, row in zip(whole, free) if not set(row) & set(stop))
+    assert rows_seen[0] == 4 and rows_seen[-1] < 4 and rows_seen == sorted(rows_seen, reverse=True)
+    assert len(rows_seen) == 4  # 12 tokens, 3 at a time
 
 
 def _always_says(model, token_id: int):
