@@ -12,6 +12,7 @@ DEFERRED = {
     ("mathtune/cli.py", "mathtune.train.recipe"),  # torch, transformers, accelerate: seconds to import
     ("mathtune/cli.py", "mathtune.ui.server"),  # FastAPI and uvicorn: the optional `ui` extra
     ("mathtune/ui/runs.py", "mathtune.train.checkpoints"),  # transformers, for runs started elsewhere
+    ("mathtune/eval/evaluate.py", "mathtune.eval.kvcache"),  # torch and transformers, only to answer
 }
 
 

@@ -122,14 +122,16 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 def greedy_answers(model, enc, stop: list[int], pad_token_id: int, max_new_tokens: int) -> list[list[int]]:
     """Each row's greedy answer tokens, up to and including its stop token, from model.generate
     run ANSWER_PIECE tokens at a time on the rows still answering (the KV cache carried over and cut
-    down to them: `Cache.batch_select_indices`). Each row's tokens are the ones one generate() call
-    over the whole batch gives (a test holds them equal)."""
+    down to them: `Cache.batch_select_indices`; it appends in place, `kvcache.appending_cache`). Each
+    row's tokens are the ones one generate() call over the whole batch gives (a test holds them equal)."""
     import torch
+
+    from mathtune.eval.kvcache import appending_cache  # torch and transformers: seconds to import
 
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     rows = list(range(input_ids.shape[0]))
     answers: list[list[int]] = [[] for _ in rows]
-    cache = None
+    cache = appending_cache(model, room=ANSWER_PIECE)
     while rows:
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
