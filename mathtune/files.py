@@ -106,14 +106,18 @@ def cache_root(cfg_cache_dir: Path | None) -> Path:
 
 
 def publish(staged: Path, target: Path) -> None:
-    """Flush every file of `staged` to disk, then rename it to `target` (replacing an older one)."""
+    """Flush every file of `staged` to disk, then rename it to `target` (replacing an older one).
+
+    The older one is moved aside as `.NAME.old` until the new one is in place: a name that no
+    `NAME-*` pattern matches, so a process killed in between leaves nothing that transformers'
+    `sort_checkpoints` would count as a checkpoint (and rotate a real one out for)."""
     for path in sorted(staged.rglob("*")):
         if path.is_file():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(staged)
     if target.exists():
-        old = target.with_name(target.name + ".old")
+        old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
         staged.rename(target)

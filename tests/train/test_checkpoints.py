@@ -105,6 +105,36 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_to_resume_from(tmp_
     assert not (run / "checkpoints" / PARTIAL / "checkpoint-6").exists()
 
 
+def test_a_kill_while_a_checkpoint_is_replaced_leaves_nothing_rotation_counts(tmp_path, monkeypatch):
+    """Publishing over an existing checkpoint-N moves the old one aside until the new one is in
+    place; killed before it is deleted, the old one's name must not look like a checkpoint to
+    transformers' sort_checkpoints (checkpoint-2.old did: rotation then deleted the real checkpoint-2
+    and kept the leftover)."""
+    import shutil
+
+    from mathtune.files import publish
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 3):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    staged = root / PARTIAL / "checkpoint-2"
+    staged.mkdir(parents=True)
+    (staged / "trainer_state.json").write_text('{"new": true}')
+
+    def killed(path, ignore_errors=False):
+        if not ignore_errors:
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        publish(staged, root / "checkpoint-2")
+    monkeypatch.undo()
+    assert json.loads((root / "checkpoint-2" / "trainer_state.json").read_text()) == {"new": True}
+    rotate_checkpoints(root, limit=2)
+    assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_checkpoint_where_resume_looks(tmp_path,
                                                                                                   monkeypatch):
     """Rotation (save_total_limit) deletes the oldest checkpoint file by file; killed in the middle
