@@ -257,9 +257,10 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(96, gt=0)
     """Answer length cap; the bundled references are at most 84 tokens (SmolLM2 tokenizer)."""
     batch_size: int = Field(40, gt=0)
-    """Answers generated together. Scoring is mostly the prompts' forward pass; on the default run
-    (73 prompts, 2-core CPU) 40 took the base model 28% less time than 16, 73 no less than 40, with
-    the same answers at every size."""
+    """Answers generated together. On the default run (73 prompts, 2-core CPU) 40 took the base
+    model 28% less time than 16, and 73 or 24 no less than 40. In float32 every size gives the same
+    answers; in bf16 another size changes how a product rounds, so greedy answers can differ at
+    near-ties (a few logits 1 bf16 step apart)."""
     bench: list[Literal["gsm8k"]] = []
     """Shipped benchmarks scored base vs fine-tuned after training, to catch a loss of general math
     (mathtune.eval.evaluate). Off by default: GSM8K takes minutes on a CPU (`mathtune eval RUN --bench
