@@ -9,7 +9,7 @@ layer keeps its keys and values in a buffer with `room` free positions after the
 token is written into the buffer, and the layer's keys and values are views of its filled part.
 The buffer is reallocated (one copy) only when it is full, or after `batch_select_indices` has
 cut the batch down (which copies anyway). Attention reads the same numbers either way, so the
-answers are the ones DynamicCache gives, token for token (tests/eval/test_evaluate.py).
+answers are the ones DynamicCache gives, token for token (tests/eval/test_kvcache.py).
 
 Layers of another kind (sliding-window, indexed) are transformers' own.
 """
