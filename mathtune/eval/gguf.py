@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mathtune.data.template import render_chat
 from mathtune.errors import ModelError
@@ -217,8 +217,6 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
 
     `rescore`: answer with the PyTorch model now (and time it), even where its saved predictions
     hold these problems."""
-    from transformers import AutoTokenizer
-
     require_llama_cpp("mathtune eval --gguf")
     started = time.perf_counter()
     run_dir, path = Path(run_dir), Path(path)
@@ -248,6 +246,60 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
                  lora or path, out_dir, gguf_table(kept))
         return kept
 
+    pytorch = _pytorch_answers(run_dir, cfg, checkable, examples, split, source, out_dir, max_new_tokens,
+                               batch_size or cfg.eval.batch_size, rescore)
+    tokenizer, pytorch_protocol = pytorch.tokenizer, pytorch.protocol
+    chat, results, unequal, tokens, seconds = _gguf_answers(path, lora, tokenizer, pytorch_protocol, checkable,
+                                                            max_new_tokens)
+
+    summary = {
+        "file": str(lora or path), "lora_on": str(path) if lora else None, "settings": settings,
+        "examples": len(checkable), "uncheckable_left_out": len(examples) - len(checkable),
+        "protocol": {**pytorch_protocol, "prompt": pytorch_protocol["prompt"].replace(
+            "the model's chat template", "the GGUF's own chat template (rendered by llama-cpp-python)"),
+            "stop_tokens": list(chat.stop.values()),
+            "decoding": "greedy (llama.cpp: top-k 1, temperature 0, repeat penalty 1, one problem at a time)"},
+        "pytorch_protocol": pytorch_protocol,
+        "prompt_tokens": {"equal": len(checkable) - len(unequal), "checked": len(checkable),
+                          "first_difference": None if not unequal else {
+                              "gguf": tokenizer.decode(unequal[0][1]), "run": tokenizer.decode(unequal[0][2])}},
+        "pytorch_answers": pytorch.source, "pytorch_dtype": pytorch.dtype, "run_eval": pytorch.run_eval,
+        "models": {"pytorch": summarize(checkable, pytorch.results), "gguf": summarize(checkable, results)},
+        "change": paired_change(checkable, pytorch.results, results),
+        "agreement": agreement(checkable, pytorch.results, results),
+        "differences": differences(checkable, pytorch.results, results),
+        "speed": {"llama_cpp": _speed(tokens, seconds, threads=chat.threads, batch=1), "pytorch": pytorch.speed},
+        "machine": {"cpu": cpu_model(), "cores": _cpu_count()},
+        "llama_cpp_python": _version("llama-cpp-python"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_gguf_eval(out_dir, checkable, pytorch.results, results, summary)
+    log.info("\n%s\n\nWritten to %s", gguf_table(summary), out_dir)
+    if summary["change"]["significant"]:
+        log.warning("WARNING: %s scores significantly differently from the PyTorch model it was exported from", path)
+    return summary
+
+
+class PytorchAnswers(NamedTuple):
+    """The PyTorch fine-tuned model's answers a GGUF file is compared with, and where they came from."""
+    results: list[dict]
+    protocol: dict
+    speed: dict | None
+    source: str
+    """The predictions file they were read from, or "scored now (DTYPE)"."""
+    dtype: str
+    run_eval: dict | None
+    """The run's own scores, where they were given in another precision than `dtype`."""
+    tokenizer: Any
+
+
+def _pytorch_answers(run_dir: Path, cfg, checkable: list[EvalExample], examples: list[EvalExample], split: str,
+                     source: Path, out_dir: Path, max_new_tokens: int, batch_size: int,
+                     rescore: bool) -> PytorchAnswers:
+    """The run's saved answers to these problems where they were given in the reference precision,
+    else the reference's saved ones (out_dir's pytorch-DTYPE), else scored now and saved there."""
+    from transformers import AutoTokenizer
+
     # The reference is the fine-tuned model in float32: the file holds its weights rounded to f16 or
     # q8_0 and llama.cpp computes in f32. Answers of a run evaluated in bfloat16 are no reference for
     # "identical": on the default run (bf16 on a CPU with bf16 units) bf16 and f32 PyTorch gave
@@ -263,34 +315,36 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
     if saved is None and not rescore:
         saved = saved_answers(reference, checkable, max_new_tokens, run_dir / ADAPTER)
         source = reference
-    pytorch_speed = None
     if saved is not None:
-        pytorch, pytorch_protocol = saved
-        pytorch_speed = _saved_speed(source)
-        pytorch_source = str(source / "predictions.jsonl")
         tokenizer = AutoTokenizer.from_pretrained(run_dir / ADAPTER)
-        log.info("PyTorch's answers (%s): %s (the same %d problems)", dtype, pytorch_source, len(checkable))
-    else:
-        model, tokenizer = load_trained(run_dir, cfg.model_copy(update={"model": cfg.model.model_copy(
-            update={"dtype": dtype})}))
-        model.eval()
-        log.info("Scoring %d problems with the PyTorch fine-tuned model in %s (%s)", len(checkable), dtype,
-                 "--rescore" if rescore else f"the run's answers were given in {cfg.model.dtype}" if run_eval else
-                 "no saved answers to these problems")
-        t0 = time.perf_counter()
-        pytorch = score(model, tokenizer, checkable, max_new_tokens, batch_size or cfg.eval.batch_size,
-                        cfg.data.max_seq_length)
-        seconds = time.perf_counter() - t0
-        # The answers re-tokenized, plus the stop token of each that stopped: generate() keeps no count.
-        tokens = sum(min(max_new_tokens, len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) + 1)
-                     for r in pytorch)
-        pytorch_speed = _speed(tokens, seconds, threads=_torch_threads(), batch=batch_size or cfg.eval.batch_size)
-        pytorch_protocol = protocol(tokenizer, model, checkable, max_new_tokens)
-        pytorch_source = f"scored now ({dtype})"
-        del model
-        write_reference(reference, checkable, pytorch, {"dtype": dtype, "protocol": pytorch_protocol,
-                                                        "speed": pytorch_speed})
+        log.info("PyTorch's answers (%s): %s (the same %d problems)", dtype, source / "predictions.jsonl",
+                 len(checkable))
+        return PytorchAnswers(saved[0], saved[1], _saved_speed(source), str(source / "predictions.jsonl"), dtype,
+                              run_eval, tokenizer)
+    model, tokenizer = load_trained(run_dir, cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"dtype": dtype})}))
+    model.eval()
+    log.info("Scoring %d problems with the PyTorch fine-tuned model in %s (%s)", len(checkable), dtype,
+             "--rescore" if rescore else f"the run's answers were given in {cfg.model.dtype}" if run_eval else
+             "no saved answers to these problems")
+    t0 = time.perf_counter()
+    results = score(model, tokenizer, checkable, max_new_tokens, batch_size, cfg.data.max_seq_length)
+    seconds = time.perf_counter() - t0
+    # The answers re-tokenized, plus the stop token of each that stopped: generate() keeps no count.
+    tokens = sum(min(max_new_tokens, len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) + 1)
+                 for r in results)
+    speed = _speed(tokens, seconds, threads=_torch_threads(), batch=batch_size)
+    answered = protocol(tokenizer, model, checkable, max_new_tokens)
+    del model
+    write_reference(reference, checkable, results, {"dtype": dtype, "protocol": answered, "speed": speed})
+    return PytorchAnswers(results, answered, speed, f"scored now ({dtype})", dtype, run_eval, tokenizer)
 
+
+def _gguf_answers(path: Path, lora: Path | None, tokenizer, pytorch_protocol: dict, checkable: list[EvalExample],
+                  max_new_tokens: int):
+    """llama.cpp's greedy answers to the problems, one at a time, from the GGUF's own chat template:
+    (the chat, the judged results, the problems whose prompt tokens differ from the run's, answer
+    tokens, seconds answering)."""
     from tqdm.auto import tqdm
 
     run_ids = [tokenizer(render_chat(tokenizer, e.prompt, add_generation_prompt=True),
@@ -315,33 +369,7 @@ def evaluate_gguf(run_dir: Path, path: Path, *, split: str = "eval", limit: int 
         log.warning("WARNING: the GGUF's chat template gives other prompt tokens than the run's on %d of %d problems, "
                     "e.g. %r where the run has %r", len(unequal), len(checkable),
                     tokenizer.decode(got), tokenizer.decode(want))
-
-    summary = {
-        "file": str(lora or path), "lora_on": str(path) if lora else None, "settings": settings,
-        "examples": len(checkable), "uncheckable_left_out": len(examples) - len(checkable),
-        "protocol": {**pytorch_protocol, "prompt": pytorch_protocol["prompt"].replace(
-            "the model's chat template", "the GGUF's own chat template (rendered by llama-cpp-python)"),
-            "stop_tokens": list(chat.stop.values()),
-            "decoding": "greedy (llama.cpp: top-k 1, temperature 0, repeat penalty 1, one problem at a time)"},
-        "pytorch_protocol": pytorch_protocol,
-        "prompt_tokens": {"equal": len(checkable) - len(unequal), "checked": len(checkable),
-                          "first_difference": None if not unequal else {
-                              "gguf": tokenizer.decode(unequal[0][1]), "run": tokenizer.decode(unequal[0][2])}},
-        "pytorch_answers": pytorch_source, "pytorch_dtype": dtype, "run_eval": run_eval,
-        "models": {"pytorch": summarize(checkable, pytorch), "gguf": summarize(checkable, results)},
-        "change": paired_change(checkable, pytorch, results),
-        "agreement": agreement(checkable, pytorch, results),
-        "differences": differences(checkable, pytorch, results),
-        "speed": {"llama_cpp": _speed(tokens, seconds, threads=chat.threads, batch=1), "pytorch": pytorch_speed},
-        "machine": {"cpu": cpu_model(), "cores": _cpu_count()},
-        "llama_cpp_python": _version("llama-cpp-python"),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    write_gguf_eval(out_dir, checkable, pytorch, results, summary)
-    log.info("\n%s\n\nWritten to %s", gguf_table(summary), out_dir)
-    if summary["change"]["significant"]:
-        log.warning("WARNING: %s scores significantly differently from the PyTorch model it was exported from", path)
-    return summary
+    return chat, results, unequal, tokens, seconds
 
 
 def _base_gguf(cfg, adapter: Path) -> Path:
