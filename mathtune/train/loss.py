@@ -150,8 +150,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # (exp(logits - max) @ w) / sum - w[target]. The rows go through the product as they are
                 # and are divided by their sums afterwards, on [rows x hidden] in float32, where the
                 # target's weight row is subtracted too. Scaling the [rows x vocabulary] rows into the
-                # product's dtype instead (a float32 x float32 -> bf16 `mul(out=)`) took 97 ms a chunk
-                # on an AMD EPYC Zen 4, 4.5% of a training step.
+                # product's dtype instead (a float32 x float32 -> bf16 `mul(out=)`, a slow mixed-dtype
+                # pass) made the loss of 1,061 SmolLM2 labels 465-490 ms against 412-450 in bf16 on an
+                # AMD EPYC Zen 4; the gradient is as close to float64's (relative error 0.00166).
                 if row is not product:
                     product.copy_(row)
                 share = (product @ w).float().div_(sums).sub_(w[target]).div_(count)
