@@ -8,6 +8,7 @@ measured far slower than float32 (see `cpu_bf16_units`).
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import threading
@@ -169,6 +170,19 @@ def heap_trimmer() -> Callable[[], int] | None:
         return libc.malloc_trim if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the free pages inside the heap back to the kernel now (glibc's malloc_trim; False where
+    the C library is another). For the end of a phase that freed far more than the next one holds:
+    the default run's training left 2.6 GB of heap of which 0.9 GB was in use, and the scoring after
+    it would otherwise run on top of that (Intel Xeon with AMX, 2 cores)."""
+    trim = heap_trimmer()
+    if trim is None:
+        return False
+    gc.collect()  # the training step's last tensors, if a reference cycle still holds them
+    trim(0)
+    return True
 
 
 HEAP_TRIM_SECONDS = 0.2

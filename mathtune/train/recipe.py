@@ -52,6 +52,7 @@ from mathtune.locks import released_at_exit
 from mathtune.model.load import ModelSource, load_model, resolve_source
 from mathtune.run import ADAPTER, CHECKPOINTS, EVAL, METRICS, SUMMARY, check_resume, choose_run_dir, create_run_dir
 from mathtune.train.arguments import shared_arguments
+from mathtune.train.blocks import lean_blocks
 from mathtune.train.checkpoints import GracefulInterrupt, SafeTrainingMixin
 from mathtune.train.checkpoints import last_checkpoint as newest_complete_checkpoint
 from mathtune.train.dpo import build_dpo_trainer, dpo_pairs
@@ -259,6 +260,8 @@ def finish(job: Job, fitted: Fit) -> TrainResult:
                      summary["eval_perplexity_after"])
         elif cfg.eval.at_end:
             # Other ranks have finished; the adapter is whole in this process (DDP keeps a full copy).
+            # Scoring needs a fraction of the heap that training left behind: hand the rest back first.
+            hardware.release_freed_memory()
             held_out, benches = evaluate_held_out(cfg, model, job.tokenizer, run_dir, job.eval_conv)
             log_final(job.trainer, accuracies(held_out, benches))
         log.info("Report: %s", write_report(run_dir))
@@ -371,6 +374,7 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, run_dir: Path, device: str, main_process: bool):
     """The method's Trainer: transformers' for SFT, TRL's for GRPO and DPO."""
+    lean_blocks(model)  # norms and gated MLPs that keep less for the backward pass (mathtune/train/blocks.py)
     if cfg.train.method == "grpo":
         return build_grpo_trainer(cfg, model, tokenizer, train_ds, run_dir, device, _compute_dtype(model), main_process)
     if cfg.train.method == "dpo":

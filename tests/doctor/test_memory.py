@@ -167,3 +167,11 @@ def test_the_heap_trimmer_hands_freed_memory_back(monkeypatch):
     import threading
 
     assert any(t.name == "mathtune-heap-trim" and t.daemon for t in threading.enumerate())
+
+
+def test_freed_memory_is_handed_back_at_once_where_the_c_library_is_glibc(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hardware, "heap_trimmer", lambda: lambda pad: calls.append(pad))
+    assert hardware.release_freed_memory() is True and calls == [0]
+    monkeypatch.setattr(hardware, "heap_trimmer", lambda: None)
+    assert hardware.release_freed_memory() is False

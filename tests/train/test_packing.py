@@ -3,23 +3,31 @@ batches with full-vocabulary logits compute: same logits, same loss, same LoRA g
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq
 
+from mathtune import hardware
 from mathtune.config import LoraConfig
 from mathtune.data.tokenize import IGNORE_INDEX
 from mathtune.train.lora import apply_lora
 from mathtune.train.loss import label_only_loss
 from mathtune.train.packing import (
+    LENGTH_MULTIPLE,
     PACKED_SDPA,
     PADDING_FREE_ARCHS,
+    causal_sdpa,
+    length_multiple,
     packed_collator,
     supports_padding_free,
     use_packed_attention,
 )
 from mathtune.train.recipe import RunTrainer
-from tests.conftest import TINY_ARCHS, tiny_config
+from tests.conftest import ROOT, TINY_ARCHS, tiny_config
 
 VOCAB = 400  # the size of conftest's tokenizer, which pads the reference batch
 
@@ -185,3 +193,68 @@ def test_packed_rows_take_the_per_example_path_not_the_masked_fallback(monkeypat
     del inputs["cu_seq_lens_q"]
     with pytest.raises(AssertionError, match="fell back"), torch.no_grad():
         model(**inputs)
+
+
+def test_an_example_padded_to_a_multiple_keeps_its_attention_and_gradients():
+    """causal_sdpa's padded keys come after every real query: the real rows' outputs and the
+    gradients of q, k and v are those of the unpadded example (float32, to rounding)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, upstream = (torch.randn(1, 4, 37, 8, generator=generator) for _ in range(4))
+    results = []
+    for multiple in (1, 32):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = causal_sdpa(*inputs, multiple=multiple)
+        out.backward(upstream)
+        assert out.shape == q.shape
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for plain, padded in zip(*results):
+        torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("units", "dtype", "multiple"), [
+    ("AMX", torch.bfloat16, LENGTH_MULTIPLE), ("AMX", torch.float16, LENGTH_MULTIPLE), ("AMX", torch.float32, 1),
+    ("AVX512-BF16", torch.bfloat16, 1), (None, torch.bfloat16, 1),
+])
+def test_examples_are_padded_only_where_the_flash_kernel_keeps_kernels_per_length(monkeypatch, units, dtype, multiple):
+    monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: units)
+    assert length_multiple(torch.zeros(1, 2, 3, 4, dtype=dtype)) == multiple
+
+
+KERNEL_GROWTH = """
+import random, torch
+from mathtune.train import packing
+packing.LENGTH_MULTIPLE = {multiple}
+
+class Attention:
+    num_key_value_groups = 1
+    is_causal = True
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+
+def step(lengths):
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    q, k, v = (torch.randn(1, 9, sum(lengths), 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out, _ = packing.packed_sdpa_attention(Attention(), q, k, v, None, cu_seq_lens_q=bounds)
+    out.sum().backward()
+
+step([64, 64])
+before = rss()
+random.seed(0)
+for _ in range(20):  # 8 examples of new lengths a step, as packed training batches bring them
+    step([random.randint(40, 300) for _ in range(8)])
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.skipif(hardware.cpu_bf16_units() != "AMX", reason="the per-length kernels are the AMX flash kernel's")
+def test_packed_attention_of_many_example_lengths_does_not_keep_a_kernel_for_each():
+    def growth(multiple: int) -> int:
+        code = KERNEL_GROWTH.format(multiple=multiple)
+        return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
+
+    padded, unpadded = growth(LENGTH_MULTIPLE), growth(1)
+    # 160 example lengths (measured on an Intel Xeon with AMX: about 0.5 GB of kernels unpadded)
+    assert unpadded - padded > 150 * 2**20, (padded, unpadded)

@@ -10,9 +10,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mathtune import hardware
 from mathtune.cli import main
 from mathtune.config import load_config
 from mathtune.errors import MathtuneError
+from mathtune.train import recipe
 from mathtune.train.recipe import last_checkpoint, train
 from tests.conftest import math_records, write_jsonl
 
@@ -43,10 +45,19 @@ def adapter_weights(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_run_folder_has_adapter_config_metrics_and_summary(tmp_path, tiny_llama_dir):
+def test_run_folder_has_adapter_config_metrics_and_summary(tmp_path, tiny_llama_dir, monkeypatch):
+    events = []
+    scoring = recipe.evaluate_model
+    monkeypatch.setattr(hardware, "release_freed_memory", lambda: events.append("freed heap handed back"))
+    monkeypatch.setattr(recipe, "evaluate_model", lambda *a, **k: events.append("scored") or scoring(*a, **k))
     cfg = tiny_run_config(tmp_path, tiny_llama_dir)
-    summary = train(cfg).summary
-    run = tmp_path / "run"
+    result = train(cfg)
+    summary, run = result.summary, tmp_path / "run"
+    # Training ran with the lean norms and MLPs (mathtune/train/blocks.py: 2 layers of 2 norms and an
+    # MLP, and the final norm), and scoring started on the heap the training left, handed back.
+    lean = [type(m).__name__ for m in result.model.modules() if "forward" in vars(m) and "Llama" in type(m).__name__]
+    assert sorted(lean) == ["LlamaMLP"] * 2 + ["LlamaRMSNorm"] * 5
+    assert events == ["freed heap handed back", "scored"]
 
     assert {"adapter", "checkpoints", "config.yaml", "metrics.jsonl", "train_summary.json"} <= {p.name for p in run.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {

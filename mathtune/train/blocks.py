@@ -1,0 +1,100 @@
+"""The RMSNorm and the SiLU-gated MLP of llama-family models, with backward passes that keep less.
+
+    lean_blocks(model)   # as train.build_trainer does, before training; returns how many it changed
+
+A LoRA step keeps, for its backward pass, what autograd saved in the forward pass: on SmolLM2-135M
+in bf16 about 0.9 MB a token, most of the step's memory. Two of the blocks save more than their
+gradients need, and are slower for it:
+
+- transformers' RMSNorm (`weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)`) keeps a
+  float32 copy of its input, twice the bf16 input's size. `RMSNormFunction` keeps the input as it
+  came and the reciprocal RMS, one float a row, and recomputes the normalised rows in its backward
+  pass. Same output bit for bit; the input's gradient within one bf16 step.
+- `act_fn(gate) * up` keeps the gate, SiLU(gate) and up. `SiluGateFunction` keeps gate and up
+  and computes SiLU(gate) again in its backward pass. Same output and gradients bit for bit.
+
+Measured on an Intel Xeon with AMX, 2 cores, 1,100 tokens, forward and backward: the norm 3.5 ->
+1.8 ms in bf16 and 1.9 -> 1.5 ms in float32; the gated product 3.4 -> 4.1 ms in bf16 (the
+recomputed SiLU), 1.2 MB and 3.4 MB less kept per layer in bf16.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = weight * (x * rstd).to(x.dtype), rstd = 1 / sqrt(mean(x^2) + eps) in float32, over the
+    last dimension; `weight` is frozen (it gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        normed = x.to(torch.float32, copy=True)  # a copy even in float32: it is scaled in place
+        rstd = torch.rsqrt(normed.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * normed.mul_(rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.to(torch.float32, copy=True).mul_(rstd)
+        grad = (upstream * weight).float()  # d loss / d normed, rounded as autograd rounds it
+        # d normed_j / d x_i = rstd * (delta_ij - normed_i * normed_j / n)
+        dot = (grad * normed).mean(-1, keepdim=True)
+        return grad.sub_(normed.mul_(dot)).mul_(rstd).to(x.dtype), None, None
+
+
+class SiluGateFunction(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up for the backward pass (not silu(gate) as well)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, upstream: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(upstream * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = upstream * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
+
+
+def lean_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if self.weight.requires_grad:  # a trained norm (modules_to_save): its gradient is transformers' to compute
+        return type(self).forward(self, hidden_states)
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def lean_gated_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiluGateFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def lean_blocks(model: torch.nn.Module) -> int:
+    """Give each RMSNorm and SiLU-gated MLP that computes exactly what llama's do the lean backward
+    pass above (an instance's own `forward`; the class is untouched). Returns how many were changed.
+
+    transformers copies llama's RMSNorm and MLP into mistral, qwen2, qwen3, phi3 and more; a module
+    qualifies when its class's forward is llama's instruction for instruction (and, for the MLP, its
+    activation is SiLU), so a variant that computes otherwise (gemma's 1 + weight, phi3's fused
+    gate_up_proj) keeps its own."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    changed = 0
+    for module in model.modules():
+        forward = getattr(type(module), "forward", None)
+        code = getattr(forward, "__code__", None)
+        if code is None:
+            continue
+        if code.co_code == LlamaRMSNorm.forward.__code__.co_code and code.co_names == LlamaRMSNorm.forward.__code__.co_names:
+            module.forward = types.MethodType(lean_rms_norm, module)
+            changed += 1
+        elif (code.co_code == LlamaMLP.forward.__code__.co_code and code.co_names == LlamaMLP.forward.__code__.co_names
+              and isinstance(getattr(module, "act_fn", None), (torch.nn.SiLU, SiLUActivation))):
+            module.forward = types.MethodType(lean_gated_mlp, module)
+            changed += 1
+    return changed
