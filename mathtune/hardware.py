@@ -175,8 +175,8 @@ def heap_trimmer() -> Callable[[], int] | None:
 def release_freed_memory() -> bool:
     """Hand the free pages inside the heap back to the kernel now (glibc's malloc_trim; False where
     the C library is another). For the end of a phase that freed far more than the next one holds:
-    the default run's training left 2.6 GB of heap of which 0.9 GB was in use, and the scoring after
-    it would otherwise run on top of that (Intel Xeon with AMX, 2 cores)."""
+    the default run's training left 2.4-2.6 GB of heap of which 0.9 GB was in use, and its scoring
+    would otherwise run on top of that (Intel Xeon with AMX, 2 cores)."""
     trim = heap_trimmer()
     if trim is None:
         return False
