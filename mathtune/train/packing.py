@@ -92,11 +92,12 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    multiple = length_multiple(query)
+    amx = amx_flash(query)
     # split, not slicing: the gradient of a split is one concatenation, of a slice a zero-filled
     # full-size tensor per example.
     pieces = [
-        causal_sdpa(q, k, v, dropout=dropout, scaling=scaling, multiple=multiple)
+        causal_sdpa(q, k, v, dropout=dropout, scaling=scaling, multiple=LENGTH_MULTIPLE if amx else 1,
+                    float32_backward=amx)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
@@ -104,38 +105,47 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 
 # PyTorch's CPU flash attention in bf16 (or fp16) on a CPU with AMX builds brgemm kernels for every
 # sequence length it meets and keeps them for the life of the process (torch 2.13: a per-thread cache
-# with no bound). Per-example attention meets a new length with almost every example: at the end of
-# the default run (Intel Xeon with AMX) the heap held 1.13 GB in use against 0.90 GB with padding,
-# and the run peaked 0.58 GB higher; each new length also cost ~9 ms of kernel building. Padded to a
-# multiple of 32 there are 16 lengths up to 512 tokens: 300 random lengths grew the process by 57 MB
-# instead of 970 MB, in 1.2 s instead of 2.8 s (forward and backward; 64 grew it by 32 MB, as fast).
-# Without AMX the kernel is another one, with no such cache, and padding would only add work.
+# with no bound), most of them in its backward pass. Per-example attention meets a new length with
+# almost every example: at the end of the default run (Intel Xeon with AMX) the heap held 1.13 GB in
+# use against 0.90 GB with padding, and the run peaked 0.58 GB higher. 160 random lengths, forward
+# and backward, grew the process by 754 MB; padded to a multiple of 32 (16 lengths up to 512 tokens)
+# by 66 MB; with the backward pass in float32 (causal_sdpa's float32_backward, also faster) by 58 MB
+# unpadded and 25 MB padded. Without AMX the kernel is another one, with no such cache, and padding
+# would only add work.
 LENGTH_MULTIPLE = 32
 
 
-def length_multiple(query: torch.Tensor) -> int:
-    """What causal_sdpa pads each example's length to a multiple of: LENGTH_MULTIPLE where the flash
-    kernel caches kernels per length (CPU, bf16 or fp16, AMX), 1 (no padding) elsewhere."""
+def amx_flash(query: torch.Tensor) -> bool:
+    """Whether SDPA over `query` runs the CPU flash kernel in bf16 or fp16 on AMX, the kernel that
+    keeps brgemm kernels per length (so causal_sdpa pads to LENGTH_MULTIPLE) and whose backward pass
+    is slower than its float32 one (so causal_sdpa runs the backward pass in float32)."""
     import torch
 
     if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
-        return 1
-    return LENGTH_MULTIPLE if hardware.cpu_bf16_units() == "AMX" else 1
+        return False
+    return hardware.cpu_bf16_units() == "AMX"
 
 
 def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout: float = 0.0,
-                scaling: float | None = None, multiple: int = 1) -> torch.Tensor:
+                scaling: float | None = None, multiple: int = 1, float32_backward: bool = False) -> torch.Tensor:
     """Causal SDPA over one example (1, heads, length, dim), its length padded at the end to a
     multiple of `multiple`. The padded keys come after every real query, so causality hides them
     from each: the real rows are the same attention (rounded as the kernel's longer blocks round
-    them), the padded rows are dropped, and their gradients are zero."""
+    them), the padded rows are dropped, and their gradients are zero. With `float32_backward` (and no
+    dropout), the CPU flash kernel's forward pass in the inputs' dtype and its backward pass in
+    float32 (`blocks.FlashAttentionFloat32Backward`)."""
     from torch.nn.functional import pad, scaled_dot_product_attention
 
     length = query.shape[2]
     extra = -length % multiple
     if extra:
         query, key, value = (pad(t, (0, 0, 0, extra)) for t in (query, key, value))
-    out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
+    if float32_backward and not dropout:
+        from mathtune.train.blocks import FlashAttentionFloat32Backward
+
+        out = FlashAttentionFloat32Backward.apply(query, key, value, scaling)
+    else:
+        out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
     return out[:, :, :length] if extra else out
 
 
