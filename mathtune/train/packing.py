@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from mathtune import hardware
 from mathtune.data.tokenize import IGNORE_INDEX
+from mathtune.train.blocks import FlashAttentionFloat32Backward
 
 if TYPE_CHECKING:
     import torch
@@ -141,8 +142,6 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
     if extra:
         query, key, value = (pad(t, (0, 0, 0, extra)) for t in (query, key, value))
     if float32_backward and not dropout:
-        from mathtune.train.blocks import FlashAttentionFloat32Backward
-
         out = FlashAttentionFloat32Backward.apply(query, key, value, scaling)
     else:
         out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)
