@@ -1,6 +1,8 @@
-"""The RMSNorm and the SiLU-gated MLP of llama-family models, with backward passes that keep less.
+"""Blocks of a training step with leaner backward passes: the RMSNorm and the SiLU-gated MLP of
+llama-family models (they keep less), and per-example attention on AMX (its backward in float32).
 
     lean_blocks(model)   # as train.build_trainer does, before training; returns how many it changed
+    FlashAttentionFloat32Backward.apply(q, k, v, scale)   # as packing.causal_sdpa does on AMX in bf16
 
 A LoRA step keeps, for its backward pass, what autograd saved in the forward pass: on SmolLM2-135M
 in bf16 about 0.9 MB a token, most of the step's memory. Two of the blocks save more than their
