@@ -1,8 +1,9 @@
 """Blocks of a training step with leaner backward passes: the RMSNorm and the SiLU-gated MLP of
-llama-family models (they keep less), and per-example attention on AMX (its backward in float32).
+llama-family models (they keep less), and per-example attention on a CPU in bf16 (its backward in
+float32).
 
     lean_blocks(model)   # as train.build_trainer does, before training; returns how many it changed
-    FlashAttentionFloat32Backward.apply(q, k, v, scale)   # as packing.causal_sdpa does on AMX in bf16
+    FlashAttentionFloat32Backward.apply(q, k, v, scale)   # as packing.causal_sdpa does on a CPU in bf16
 
 A LoRA step keeps, for its backward pass, what autograd saved in the forward pass: on SmolLM2-135M
 in bf16 about 0.9 MB a token, most of the step's memory. Two of the blocks save more than their
@@ -71,11 +72,12 @@ class FlashAttentionFloat32Backward(torch.autograd.Function):
     """Causal attention by PyTorch's CPU flash kernel (no dropout): the forward pass in the inputs'
     dtype, the backward pass in float32 from the same saved tensors (inputs, output, log-sum-exp).
 
-    On a CPU with AMX the bf16 kernel's backward pass is slower than the float32 one: for 8 examples
-    of 96-288 tokens of SmolLM2's attention (9 heads of 64), forward and backward took 22.1 ms in
-    bf16, 20.6 ms all in float32 (its forward is slower: 5.4 against 2.3 ms), and 19.0 ms this way
-    (Intel Xeon with AMX, 2 cores). The gradients are closer to float64's: for q, k, v at most 1.0e-2,
-    9.8e-3, 1.3e-2 off, against 1.0e-2, 1.9e-2, 3.0e-2 in bf16. It keeps what the bf16 kernel keeps."""
+    The bf16 kernel's backward pass is slower than the float32 one (packing.half_cpu_flash has the
+    figures for each kind of bf16 units): for 8 examples of 96-288 tokens of SmolLM2's attention (9
+    heads of 64), forward and backward took 22.1 ms in bf16, 20.6 ms all in float32 (its forward is
+    slower: 5.4 against 2.3 ms), and 19.0 ms this way (Intel Xeon with AMX, 2 cores). The gradients
+    are closer to float64's: for q, k, v at most 1.0e-2, 9.8e-3, 1.3e-2 off, against 1.0e-2, 1.9e-2,
+    3.0e-2 in bf16. It keeps what the bf16 kernel keeps."""
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):

@@ -7,9 +7,10 @@ A packed row of 8 GSM8K examples is ~1500 tokens. SDPA given the row's block-dia
 computes every query against every key of the row (1500 x 1500), and discards all but the diagonal
 blocks; per example it is 8 blocks of ~190 x 190, 8x fewer products. With the collator's example
 boundaries (`cu_seq_lens_q`, the same arguments flash-attention's variable-length kernels take),
-this attention runs SDPA causally on each example's slice (on a CPU with AMX, in bf16, each slice
-padded to a multiple of 32 tokens: see LENGTH_MULTIPLE). Where those arguments are absent
-(evaluation, generation with a cache, padded batches) it is exactly transformers' SDPA.
+this attention runs SDPA causally on each example's slice (on a CPU in bf16, its backward pass in
+float32; with AMX, each slice padded to a multiple of 32 tokens: see LENGTH_MULTIPLE). Where those
+arguments are absent (evaluation, generation with a cache, padded batches) it is exactly
+transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    amx = amx_flash(query)
+    multiple = LENGTH_MULTIPLE if amx_flash(query) else 1
+    float32_backward = half_cpu_flash(query)
     # split, not slicing: the gradient of a split is one concatenation, of a slice a zero-filled
     # full-size tensor per example.
     pieces = [
-        causal_sdpa(q, k, v, dropout=dropout, scaling=scaling, multiple=LENGTH_MULTIPLE if amx else 1,
-                    float32_backward=amx)
+        causal_sdpa(q, k, v, dropout=dropout, scaling=scaling, multiple=multiple, float32_backward=float32_backward)
         for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
@@ -118,13 +119,20 @@ LENGTH_MULTIPLE = 32
 
 def amx_flash(query: torch.Tensor) -> bool:
     """Whether SDPA over `query` runs the CPU flash kernel in bf16 or fp16 on AMX, the kernel that
-    keeps brgemm kernels per length (so causal_sdpa pads to LENGTH_MULTIPLE) and whose backward pass
-    is slower than its float32 one (so causal_sdpa runs the backward pass in float32)."""
+    keeps brgemm kernels per length (so causal_sdpa pads to LENGTH_MULTIPLE)."""
+    return half_cpu_flash(query) and hardware.cpu_bf16_units() == "AMX"
+
+
+def half_cpu_flash(query: torch.Tensor) -> bool:
+    """Whether SDPA over `query` runs PyTorch's CPU flash kernel in bf16 or fp16, whose backward pass
+    is slower than its float32 one on every CPU kind measured (so causal_sdpa runs the backward pass
+    in float32). 8 examples of 96-288 tokens, SmolLM2's attention, backward pass (Intel Xeon, 2
+    cores, oneDNN limited with ONEDNN_MAX_CPU_ISA to stand in for CPUs without AMX): with AMX 22.4
+    ms in bf16 against 18.8 in float32; AVX512-BF16 only (the units of AMD Zen 4) 28.4 against 18.0;
+    no bf16 units (bf16 emulated) 43.4 against 17.0."""
     import torch
 
-    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    return hardware.cpu_bf16_units() == "AMX"
+    return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
 
 
 def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, dropout: float = 0.0,

@@ -23,6 +23,7 @@ from mathtune.train.packing import (
     PADDING_FREE_ARCHS,
     amx_flash,
     causal_sdpa,
+    half_cpu_flash,
     packed_collator,
     supports_padding_free,
     use_packed_attention,
@@ -212,28 +213,33 @@ def test_an_example_padded_to_a_multiple_keeps_its_attention_and_gradients():
         torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("units", "dtype", "amx"), [
-    ("AMX", torch.bfloat16, True), ("AMX", torch.float16, True), ("AMX", torch.float32, False),
-    ("AVX512-BF16", torch.bfloat16, False), (None, torch.bfloat16, False),
+@pytest.mark.parametrize(("units", "dtype", "amx", "half"), [
+    ("AMX", torch.bfloat16, True, True), ("AMX", torch.float16, True, True), ("AMX", torch.float32, False, False),
+    ("AVX512-BF16", torch.bfloat16, False, True), (None, torch.bfloat16, False, True), (None, torch.float32, False, False),
 ])
-def test_only_the_amx_flash_kernel_gets_padded_examples_and_a_float32_backward(monkeypatch, units, dtype, amx):
+def test_only_the_amx_flash_kernel_gets_padded_examples_and_every_half_cpu_kernel_a_float32_backward(
+        monkeypatch, units, dtype, amx, half):
     monkeypatch.setattr(hardware, "cpu_bf16_units", lambda: units)
-    assert amx_flash(torch.zeros(1, 2, 3, 4, dtype=dtype)) is amx
+    query = torch.zeros(1, 2, 3, 4, dtype=dtype)
+    assert amx_flash(query) is amx
+    assert half_cpu_flash(query) is half
 
 
-def test_packed_attention_pads_and_runs_the_backward_in_float32_on_the_amx_flash_kernel(monkeypatch):
-    """The packed attention passes both AMX choices to causal_sdpa, and nothing where amx_flash is false."""
+def test_packed_attention_pads_on_amx_and_runs_the_backward_in_float32_in_bf16(monkeypatch):
+    """The packed attention passes the padding to causal_sdpa on AMX only, the float32 backward pass
+    wherever the CPU kernel runs in bf16, and neither in float32."""
     class Attention:
         num_key_value_groups = 1
         is_causal = True
 
     calls = []
     monkeypatch.setattr(packing, "causal_sdpa", lambda q, k, v, **kw: calls.append(kw) or q)
-    q = torch.zeros(1, 2, 10, 4, dtype=torch.bfloat16)
-    for units in ("AMX", "AVX512-BF16"):
+    for units, dtype in (("AMX", torch.bfloat16), ("AVX512-BF16", torch.bfloat16), ("AMX", torch.float32)):
         monkeypatch.setattr(hardware, "cpu_bf16_units", lambda units=units: units)
+        q = torch.zeros(1, 2, 10, 4, dtype=dtype)
         packing.packed_sdpa_attention(Attention(), q, q, q, None, cu_seq_lens_q=torch.tensor([0, 4, 10]))
-    assert [(c["multiple"], c["float32_backward"]) for c in calls] == [(LENGTH_MULTIPLE, True)] * 2 + [(1, False)] * 2
+    assert [(c["multiple"], c["float32_backward"]) for c in calls] == (
+        [(LENGTH_MULTIPLE, True)] * 2 + [(1, True)] * 2 + [(1, False)] * 2)
 
 
 @pytest.mark.parametrize("multiple", [1, 32])
@@ -260,7 +266,7 @@ KERNEL_GROWTH = """
 import random, torch
 from mathtune.train import packing
 if {plain}:  # the kernel as it is: bf16 forward and backward, no padding
-    packing.amx_flash = lambda query: False
+    packing.amx_flash = packing.half_cpu_flash = lambda query: False
 
 class Attention:
     num_key_value_groups = 1
