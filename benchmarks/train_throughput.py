@@ -298,6 +298,7 @@ def worker(tool: str, spec_path: Path, result_path: Path) -> None:
            "reference-bf16": lambda s: run_reference(s, bf16=True)}[tool]
     result = run(spec)
     result["onednn_kernel_cache"] = os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    result["ideep_kernel_cache"] = os.environ.get("LRU_CACHE_CAPACITY")
     result_path.write_text(json.dumps(result))
 
 
@@ -396,9 +397,9 @@ def run_child(tool: str, spec: dict, work: Path) -> dict:
            "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     if tool != "mathtune":
         # The reference rows prepare their data with mathtune.data, and importing mathtune bounds
-        # oneDNN's kernel cache (mathtune/__init__.py); they run with oneDNN's default, as a plain
-        # Transformers process does.
-        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "1024"
+        # oneDNN's and ideep's kernel caches (mathtune/__init__.py); they run with the defaults, as
+        # a plain Transformers process does.
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = env["LRU_CACHE_CAPACITY"] = "1024"
     started = time.perf_counter()
     # The children's progress goes to stderr: stdout is the table.
     proc = subprocess.Popen([sys.executable, __file__, "--worker", tool, str(spec_path), str(result_path)], env=env,

@@ -40,9 +40,11 @@ def test_both_tools_train_on_the_same_tokens_and_the_table_has_the_ratios(tmp_pa
     assert mathtune["step_tokens"] == reference["step_tokens"] == reference_bf16["step_tokens"]
     assert len(mathtune["step_tokens"]) == 3
     assert reference["precision"] == "float32" and reference_bf16["precision"] == "bf16 autocast, float32 weights"
-    # mathtune bounds oneDNN's kernel cache; the references, which import mathtune.data, keep oneDNN's default.
-    assert mathtune["onednn_kernel_cache"] == "64"
-    assert reference["onednn_kernel_cache"] == reference_bf16["onednn_kernel_cache"] == "1024"
+    # mathtune bounds oneDNN's and ideep's kernel caches; the references, which import mathtune.data,
+    # keep the defaults.
+    for cache in ("onednn_kernel_cache", "ideep_kernel_cache"):
+        assert mathtune[cache] == "64"
+        assert reference[cache] == reference_bf16[cache] == "1024"
     for result in (mathtune, reference, reference_bf16):
         assert result["tokens_per_second"] > 0 and result["peak_rss_bytes"] > 50e6
         assert result["threads"] == 1 and result["optimizer_floats"] == 2 * result["trainable"]
