@@ -125,8 +125,8 @@ def amx_flash(query: torch.Tensor) -> bool:
 
 def half_cpu_flash(query: torch.Tensor) -> bool:
     """Whether SDPA over `query` runs PyTorch's CPU flash kernel in bf16 or fp16, whose backward pass
-    is slower than its float32 one on every CPU kind measured (so causal_sdpa runs the backward pass
-    in float32). 8 examples of 96-288 tokens, SmolLM2's attention, backward pass (Intel Xeon, 2
+    was slower than its float32 one with each kind of bf16 units tried (so causal_sdpa runs the
+    backward pass in float32). 8 examples of 96-288 tokens, SmolLM2's attention, backward pass (Intel Xeon, 2
     cores, oneDNN limited with ONEDNN_MAX_CPU_ISA to stand in for CPUs without AMX): with AMX 22.4
     ms in bf16 against 18.8 in float32; AVX512-BF16 only (the units of AMD Zen 4) 28.4 against 18.0;
     no bf16 units (bf16 emulated) 43.4 against 17.0."""
