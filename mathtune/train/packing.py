@@ -111,9 +111,9 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 # the heap held 1.13 GB in use against 0.90 GB with padding, and the run peaked 0.58 GB higher. 160
 # random lengths, forward and backward, grew the process by 754 MB; padded to a multiple of 32 (16
 # lengths up to 512 tokens) by 66 MB; with the backward pass in float32 (causal_sdpa's
-# float32_backward, also faster) by 58 MB unpadded and 25 MB padded. The kernels are kept in ideep's
-# cache (torch 2.13: 1,024 by default); since mathtune/__init__.py bounds it to 64, the plain kernel
-# grows by 203 MB over those lengths, still 8x the padded one. Without AMX the kernel is another one,
+# float32_backward, also faster) by 58 MB unpadded and 25 MB padded. The kernels are kept in a cache
+# that LRU_CACHE_CAPACITY sizes (torch 2.13: 1,024 by default); since mathtune/__init__.py bounds it
+# to 64, the plain kernel grows by 203 MB over those lengths, still 8x the padded one. Without AMX the kernel is another one,
 # with no such cache, and padding would only add work.
 LENGTH_MULTIPLE = 32
 

@@ -299,7 +299,7 @@ def test_packed_attention_of_many_example_lengths_does_not_keep_a_kernel_for_eac
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip())
 
     # 160 example lengths; measured on an Intel Xeon with AMX: 25 MB, against 203 MB for the bf16
-    # kernel as it is (751 MB before `import mathtune` bounded ideep's cache; 58 MB with the float32
+    # kernel as it is (751 MB before `import mathtune` set LRU_CACHE_CAPACITY; 58 MB with the float32
     # backward pass alone, unpadded)
     ours, plain = growth(False), growth(True)
     assert ours < 100 * 2**20 < 150 * 2**20 < plain, (ours, plain)
