@@ -113,8 +113,8 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 # lengths up to 512 tokens) by 66 MB; with the backward pass in float32 (causal_sdpa's
 # float32_backward, also faster) by 58 MB unpadded and 25 MB padded. The kernels are kept in a cache
 # that LRU_CACHE_CAPACITY sizes (torch 2.13: 1,024 by default); since mathtune/__init__.py bounds it
-# to 64, the plain kernel grows by 203 MB over those lengths, still 8x the padded one. Without AMX the kernel is another one,
-# with no such cache, and padding would only add work.
+# to 64, the plain kernel grows by 203 MB over those lengths, still 8x the padded one. Without AMX
+# the kernel is another one, with no such cache, and padding would only add work.
 LENGTH_MULTIPLE = 32
 
 
@@ -125,12 +125,12 @@ def amx_flash(query: torch.Tensor) -> bool:
 
 
 def half_cpu_flash(query: torch.Tensor) -> bool:
-    """Whether SDPA over `query` runs PyTorch's CPU flash kernel in bf16 or fp16, whose backward pass
-    was slower than its float32 one with each kind of bf16 units tried (so causal_sdpa runs the
-    backward pass in float32). 8 examples of 96-288 tokens, SmolLM2's attention, backward pass (Intel Xeon, 2
-    cores, oneDNN limited with ONEDNN_MAX_CPU_ISA to stand in for CPUs without AMX): with AMX 22.4
-    ms in bf16 against 18.8 in float32; AVX512-BF16 only (the units of AMD Zen 4) 28.4 against 18.0;
-    no bf16 units (bf16 emulated) 43.4 against 17.0."""
+    """Whether SDPA over `query` runs PyTorch's CPU flash kernel in bf16 or fp16, whose backward
+    pass was slower than its float32 one with each kind of bf16 units tried (so causal_sdpa runs the
+    backward pass in float32). 8 examples of 96-288 tokens, SmolLM2's attention, backward pass
+    (Intel Xeon, 2 cores, oneDNN limited with ONEDNN_MAX_CPU_ISA to stand in for CPUs without AMX):
+    with AMX 22.4 ms in bf16 against 18.8 in float32; AVX512-BF16 only (the units of AMD Zen 4) 28.4
+    against 18.0; no bf16 units (bf16 emulated) 43.4 against 17.0."""
     import torch
 
     return query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
