@@ -146,7 +146,29 @@ def _step_profiler():
     return StepProfiler
 
 
-def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float) -> dict:
+def _first_step_products():
+    from matrix_ceiling import ProductRecorder
+    from transformers import TrainerCallback
+
+    class FirstStepProducts(TrainerCallback):
+        """The matrix products of the first optimizer step (a warm-up step, not timed)."""
+
+        def __init__(self):
+            self.recorder = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                self.recorder = ProductRecorder()
+                self.recorder.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.recorder.__exit__(None, None, None)
+
+    return FirstStepProducts
+
+
+def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float, ceiling: bool = False) -> dict:
     """Train, then everything the table needs, as a JSON-ready dict."""
     import torch
 
@@ -156,6 +178,9 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
     profiler = _step_profiler()(spec["warmup"]) if spec["profile"] else None
     if profiler:
         trainer.add_callback(profiler)
+    first_step = _first_step_products()() if ceiling else None
+    if first_step:
+        trainer.add_callback(first_step)
     lora_a = [p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_A" in n]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -165,6 +190,7 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     eval_conv = [json.loads(line)["messages"] for line in Path(spec["eval_file"]).read_text().splitlines()]
     state = trainer.optimizer.state.values()
+    matrix = _matrix_ceiling(first_step.recorder.products, tokens[0]) if first_step else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "tokens_per_second": throughput(clock.marks, spec["warmup"]),
@@ -183,7 +209,14 @@ def train_and_measure(trainer, model, tokenizer, spec: dict, load_seconds: float
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
         "precision": precision,
         "profile": profiler.table if profiler else None,
+        "matrix_ceiling": matrix,
     }
+
+
+def _matrix_ceiling(products, tokens: int) -> dict:
+    from matrix_ceiling import matrix_ceiling
+
+    return matrix_ceiling(products, tokens)
 
 
 def _precision(model, args) -> str:
@@ -227,7 +260,9 @@ def run_mathtune(spec: dict) -> dict:
     model = apply_lora(model, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, [], Path(spec["work"]) / "mathtune", spec["device"],
                             main_process=False)
-    return train_and_measure(trainer, model, tokenizer, spec, load_seconds)
+    # The ceiling needs an untimed first step to record; on CUDA the MFU column stands for it.
+    ceiling = spec["device"] == "cpu" and spec["warmup"] >= 1
+    return train_and_measure(trainer, model, tokenizer, spec, load_seconds, ceiling=ceiling)
 
 
 def run_reference(spec: dict, bf16: bool = False) -> dict:
@@ -478,6 +513,10 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
         + (" (GGUF, cached conversion)" if str(spec["model_path"]).endswith(".gguf") else "")
         + f", reference {r['load_seconds']:.2f} s (from the converted folder)",
     ]
+    if m.get("matrix_ceiling"):
+        from matrix_ceiling import describe
+
+        lines.append(describe(m["matrix_ceiling"], m["tokens_per_second"]))
     for tool in TOOLS:
         if results.get(tool, {}).get("profile"):
             lines += ["", f"{NAMES[tool]}: one step (step {warm + 1}) under torch.profiler, top operators by own time",

@@ -35,10 +35,18 @@ def test_both_tools_train_on_the_same_tokens_and_the_table_has_the_ratios(tmp_pa
         assert f"{name}: one step (step 2) under torch.profiler, top operators by own time" in run.stdout
     assert run.stdout.count("Self CPU time total") == 3 and "aten::mm" in run.stdout
 
+    # The matrix ceiling: the products of mathtune's first (untimed) step, both rates.
+    line = next(line for line in lines if line.startswith("matrix ceiling (mathtune's first step: "))
+    assert "at the large-product rate" in line and "at the products' own rate (replayed" in line
+
     results = json.loads(out.read_text())["results"]
     mathtune, reference, reference_bf16 = results["mathtune"], results["reference"], results["reference-bf16"]
     assert mathtune["step_tokens"] == reference["step_tokens"] == reference_bf16["step_tokens"]
     assert len(mathtune["step_tokens"]) == 3
+    ceiling = mathtune["matrix_ceiling"]
+    assert ceiling["tokens"] == mathtune["step_tokens"][0] and ceiling["products"] > ceiling["distinct_products"] > 0
+    assert ceiling["large_product_tokens_per_second"] > 0 and ceiling["replayed_tokens_per_second"] > 0
+    assert reference["matrix_ceiling"] is None and reference_bf16["matrix_ceiling"] is None
     assert reference["precision"] == "float32" and reference_bf16["precision"] == "bf16 autocast, float32 weights"
     # mathtune bounds oneDNN's and ideep's kernel caches; the references, which import mathtune.data,
     # keep the defaults.
@@ -69,6 +77,41 @@ def test_throughput_counts_only_the_steps_after_the_warm_up():
     # 135M parameters at 100k tokens/s on a 989 TFLOP/s GPU: 6 * 1.35e8 * 1e5 / 9.89e14
     assert model_flops_utilisation(135_000_000, 100_000.0, 989.0) == pytest.approx(0.0819, rel=1e-3)
     assert model_flops_utilisation(135_000_000, 100_000.0, None) is None
+
+
+def _matrix_ceiling_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import matrix_ceiling
+    finally:
+        sys.path.pop(0)
+    return matrix_ceiling
+
+
+def test_the_recorder_sees_every_product_of_the_backward_pass_in_the_dtype_autocast_chose(monkeypatch):
+    torch = pytest.importorskip("torch")
+    mc = _matrix_ceiling_module()
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(5, 16, requires_grad=True)
+    with mc.ProductRecorder() as recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    # Forward (5 x 16 @ 16 x 8, with the bias: addmm), then the gradients of x (5 x 8 @ 8 x 16) and
+    # of the weight (8 x 5 @ 5 x 16).
+    assert sorted(key[0] for key in recorder.products) == ["addmm", "mm", "mm"]
+    assert {key[1][2] for key in recorder.products} == {"bfloat16"}
+    forward = next(key for key in recorder.products if key[0] == "addmm")
+    assert forward[2] == ((16, 8), (1, 16), "bfloat16")  # the weight, transposed: replayed as laid out
+    flops = sum(count * mc.product_flops(key) for key, count in recorder.products.items())
+    assert flops == 3 * 2 * 5 * 16 * 8
+    assert mc.product_flops(("bmm", ((3, 4, 5), (20, 5, 1), "float32"), ((3, 5, 6), (30, 6, 1), "float32"))) == 720
+
+    monkeypatch.setattr(mc, "large_product_rate", lambda dtype: 1e10)
+    ceiling = mc.matrix_ceiling(recorder.products, tokens=5)
+    assert ceiling["flops_per_token"] == flops / 5 and ceiling["dtype"] == "bfloat16"
+    assert ceiling["large_product_tokens_per_second"] == pytest.approx(1e10 * 5 / flops)
+    assert ceiling["replayed_seconds"] > 0 and sum(s["count"] for s in ceiling["shapes"]) == 3
+    assert ceiling["replayed_tokens_per_second"] == pytest.approx(5 / ceiling["replayed_seconds"])
+    assert "mathtune reaches 50.0%" in mc.describe(ceiling, ceiling["large_product_tokens_per_second"] / 2)
 
 
 @pytest.mark.gpu
