@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-PRODUCTS = ("mm", "addmm", "bmm", "baddbmm")
+PRODUCTS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_")  # the in-place ones too (LoraLinearFunction)
 # The shape the large-product rate is measured at: SmolLM2's MLP, 4,096 tokens.
 LARGE_PRODUCT = (4096, 576, 1536)
 
@@ -47,7 +47,7 @@ class ProductRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in PRODUCTS:
-            operands = args[1:3] if name in ("addmm", "baddbmm") else args[:2]  # (bias/input, mat1, mat2)
+            operands = args[1:3] if name.startswith(("addmm", "baddbmm")) else args[:2]  # (input, mat1, mat2)
             self.products[(name,) + tuple((tuple(t.shape), tuple(t.stride()), str(t.dtype)[6:]) for t in operands)] += 1
         return func(*args, **(kwargs or {}))
 
@@ -81,7 +81,7 @@ def replay(products: Counter, min_seconds: float = 0.05) -> dict:
     for key in products:
         name, (a_shape, a_stride, a_dtype), (b_shape, b_stride, b_dtype) = key
         a, b = _operand(a_shape, a_stride, a_dtype), _operand(b_shape, b_stride, b_dtype)
-        product = torch.bmm if name in ("bmm", "baddbmm") else torch.mm
+        product = torch.bmm if "bmm" in name else torch.mm
         seconds[key] = seconds_per_call(partial(product, a, b), min_seconds)
     return seconds
 

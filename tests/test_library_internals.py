@@ -116,14 +116,19 @@ def test_the_tracker_callbacks_are_still_set_up_and_closed_where_trackers_expect
     assert "finish()" not in inspect.getsource(WandbCallback.on_train_end), why  # else trackers need not finish it
 
 
-def test_peft_still_hands_a_lora_variant_the_forward_and_the_merges():
-    why = ("mathtune.train.lora.FusedLoraUpdate adds each LoRA update inside one addmm by registering itself in "
-           "LoraLayer.lora_variant, the hook PEFT's DoRA uses (PEFT calls it private); PEFT's Linear no longer calls "
-           "the variant's forward, merge_safe, merge_unsafe or unmerge. Adapt FusedLoraUpdate to the new PEFT.")
+def test_peft_lora_linear_still_computes_what_the_fused_function_computes():
+    why = ("mathtune.train.lora.fused_lora_forward computes PEFT's plain LoRA Linear (base_layer(x) + "
+           "lora_B(lora_A(dropout(x))) * scaling) as one autograd function, reading the layer's lora_A, lora_B, "
+           "scaling, lora_dropout, lora_variant, lora_bias, fan_in_fan_out, merged, disable_adapters and "
+           "active_adapters; PEFT's Linear changed. Adapt fused_lora_forward to the new PEFT.")
+    import torch
+    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora.layer import Linear
 
-    assert "self.lora_variant[active_adapter].forward(" in inspect.getsource(Linear.forward), why
-    merge = inspect.getsource(Linear.merge)
-    assert ".merge_safe(self, active_adapter, orig_weight)" in merge, why
-    assert ".merge_unsafe(self, active_adapter, base_layer.weight)" in merge, why
-    assert ".unmerge(self, active_adapter, weight)" in inspect.getsource(Linear.unmerge), why
+    assert "result = result + lora_B(lora_A(dropout(x))) * scaling" in inspect.getsource(Linear.forward), why
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 3)), LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+    layer = next(m for m in model.modules() if type(m) is Linear)
+    for name in ("lora_A", "lora_B", "scaling", "lora_dropout", "lora_variant", "lora_bias", "fan_in_fan_out",
+                 "merged", "disable_adapters", "active_adapters"):
+        assert hasattr(layer, name), f"{why} (no {name})"
+    assert layer.active_adapters == ["default"] and layer.scaling["default"] == 2.0, why

@@ -104,6 +104,9 @@ def test_the_recorder_sees_every_product_of_the_backward_pass_in_the_dtype_autoc
     flops = sum(count * mc.product_flops(key) for key, count in recorder.products.items())
     assert flops == 3 * 2 * 5 * 16 * 8
     assert mc.product_flops(("bmm", ((3, 4, 5), (20, 5, 1), "float32"), ((3, 5, 6), (30, 6, 1), "float32"))) == 720
+    with mc.ProductRecorder() as in_place:  # LoRA's update and gradient are added in place (train/lora.py)
+        torch.zeros(5, 8).addmm_(torch.randn(5, 16), torch.randn(16, 8))
+    assert [(key[0], mc.product_flops(key)) for key in in_place.products] == [("addmm_", 2 * 5 * 16 * 8)]
 
     monkeypatch.setattr(mc, "large_product_rate", lambda dtype: 1e10)
     ceiling = mc.matrix_ceiling(recorder.products, tokens=5)

@@ -103,14 +103,15 @@ def test_the_seed_draws_the_same_float32_lora_weights_on_a_half_precision_base(a
 
 
 def test_lora_inputs_are_cast_by_peft_only_outside_autocast():
-    """Under bf16 autocast a LoRA layer's input goes to its product as it comes (bf16: autocast casts
-    the float32 LoRA weights instead), not through a float32 copy that autocast casts back; outside
+    """Where PEFT computes a LoRA layer (here: with dropout, which the fused function leaves to it),
+    under bf16 autocast the layer's input goes to its product as it comes (bf16: autocast casts the
+    float32 LoRA weights instead), not through a float32 copy that autocast casts back; outside
     autocast PEFT casts it to the float32 LoRA weights as before."""
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(tiny_config("llama", 400)).to(torch.bfloat16)
-    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1)).eval()
     seen = []
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     layer.lora_A["default"].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
@@ -123,46 +124,101 @@ def test_lora_inputs_are_cast_by_peft_only_outside_autocast():
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
-def test_the_fused_lora_update_computes_what_peft_computes_and_merges_the_same(precision):
-    """FusedLoraUpdate adds each layer's LoRA update inside its product (one addmm): the logits and
-    every LoRA gradient are PEFT's own plain LoRA's, in float32 and under bf16 autocast (there the
-    sum is rounded once instead of twice), and merging gives the same weights."""
+def _autograd_nodes(tensor) -> set[str]:
+    seen, names, todo = set(), set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _peft_copy(model):
+    """A copy of `model` whose LoRA layers compute through PEFT's own Linear.forward."""
     import copy
 
     from peft.tuners.lora.layer import Linear
 
-    from mathtune.train.lora import FusedLoraUpdate
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if type(module) is Linear:
+            del module.forward
+    return plain
 
+
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q, k and v have a bias
+def test_the_fused_lora_layer_computes_what_peft_computes_and_merges_the_same(arch, precision):
+    """Each LoRA linear layer computes as one LoraLinearFunction: the logits and every LoRA gradient
+    are PEFT's own plain LoRA's, in float32 and under bf16 autocast (there each sum is rounded once
+    instead of twice), and merging gives the same weights."""
     bf16 = precision == "bf16 autocast"
-    model = tiny_model("llama").to(torch.bfloat16 if bf16 else torch.float32)
+    model = tiny_model(arch).to(torch.bfloat16 if bf16 else torch.float32)
     torch.manual_seed(1)
     model = apply_lora(model, LoraConfig(r=4, alpha=8))
     for name, param in model.named_parameters():  # B starts at zero: give the update an effect
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    layers = [m for m in model.modules() if type(m) is Linear]
-    assert layers and all(isinstance(m.lora_variant["default"], FusedLoraUpdate) for m in layers)
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if type(module) is Linear:
-            module.lora_variant.clear()  # PEFT's own forward and merge
+    plain = _peft_copy(model)
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     results = []
     for m in (model, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = m(input_ids=ids).logits.float()
+        results.append(_autograd_nodes(logits))
         logits.square().mean().backward()
         grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
         results.append((logits.detach(), grads))
-    (fused_logits, fused_grads), (plain_logits, plain_grads) = results
+    fused_nodes, (fused_logits, fused_grads), plain_nodes, (plain_logits, plain_grads) = results
+    assert "LoraLinearFunctionBackward" in fused_nodes and "LoraLinearFunctionBackward" not in plain_nodes
+    assert "AddmmBackward0" not in fused_nodes or arch == "qwen2" or not bf16  # no LoRA sum of PEFT's
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(fused_logits, plain_logits, **tolerance)
-    assert fused_grads.keys() == plain_grads.keys()
+    assert fused_grads.keys() == plain_grads.keys() and all(g is not None for g in fused_grads.values())
     for name in fused_grads:
         torch.testing.assert_close(fused_grads[name], plain_grads[name], **tolerance, msg=name)
 
     merged, plain_merged = model.merge_and_unload(), plain.merge_and_unload()
     for (name, weight), (_, plain_weight) in zip(merged.named_parameters(), plain_merged.named_parameters()):
         assert torch.equal(weight, plain_weight), name
+
+
+def test_peft_computes_the_lora_layers_the_fused_function_does_not_cover():
+    """Dropout, a disabled adapter, merged weights, float32 LoRA weights beside a bf16 base outside
+    autocast (generation after training) and GPT-2's transposed Conv1D go through PEFT's own
+    forward, and give what it gives."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+
+    def fused(model, autocast=False) -> tuple[bool, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits
+        return "LoraLinearFunctionBackward" in _autograd_nodes(logits), logits.detach()
+
+    def lora(arch, dtype=torch.float32, **options):
+        torch.manual_seed(1)
+        model = apply_lora(tiny_model(arch).to(dtype), LoraConfig(r=4, alpha=8, **options))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        return model
+
+    assert fused(lora("llama"))[0]
+    model = lora("llama", dropout=0.1).eval()
+    assert not fused(model)[0]
+    assert torch.equal(fused(model)[1], fused(_peft_copy(model))[1])
+    model = lora("llama")
+    with model.disable_adapter():
+        assert not fused(model)[0]
+    model = lora("llama", dtype=torch.bfloat16)
+    assert fused(model, autocast=True)[0]
+    assert not fused(model)[0]  # bf16 base, float32 LoRA, no autocast: PEFT casts
+    assert torch.equal(fused(model)[1], fused(_peft_copy(model))[1])
+    model = lora("gpt2")
+    assert not fused(model)[0]
+    model = lora("llama")
+    model.merge_adapter()
+    assert not fused(model)[0]
