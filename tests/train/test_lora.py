@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -124,14 +126,15 @@ def test_lora_inputs_are_cast_by_peft_only_outside_autocast():
     assert out.dtype == torch.bfloat16
 
 
-def _autograd_nodes(tensor) -> set[str]:
-    seen, names, todo = set(), set(), [tensor.grad_fn]
+def _autograd_nodes(tensor) -> Counter:
+    """How many nodes of each kind the autograd graph behind `tensor` has."""
+    seen, names, todo = set(), Counter(), [tensor.grad_fn]
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.add(type(node).__name__)
+        names[type(node).__name__] += 1
         todo.extend(next_node for next_node, _ in node.next_functions)
     return names
 
@@ -155,6 +158,8 @@ def test_the_fused_lora_layer_computes_what_peft_computes_and_merges_the_same(ar
     """Each LoRA linear layer computes as one LoraLinearFunction: the logits and every LoRA gradient
     are PEFT's own plain LoRA's, in float32 and under bf16 autocast (there each sum is rounded once
     instead of twice), and merging gives the same weights."""
+    from peft.tuners.lora.layer import Linear
+
     bf16 = precision == "bf16 autocast"
     model = tiny_model(arch).to(torch.bfloat16 if bf16 else torch.float32)
     torch.manual_seed(1)
@@ -174,8 +179,8 @@ def test_the_fused_lora_layer_computes_what_peft_computes_and_merges_the_same(ar
         grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
         results.append((logits.detach(), grads))
     fused_nodes, (fused_logits, fused_grads), plain_nodes, (plain_logits, plain_grads) = results
-    assert "LoraLinearFunctionBackward" in fused_nodes and "LoraLinearFunctionBackward" not in plain_nodes
-    assert "AddmmBackward0" not in fused_nodes or arch == "qwen2" or not bf16  # no LoRA sum of PEFT's
+    lora_layers = sum(type(m) is Linear for m in model.modules())
+    assert fused_nodes["LoraLinearFunctionBackward"] == lora_layers > 0 and not plain_nodes["LoraLinearFunctionBackward"]
     tolerance = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(fused_logits, plain_logits, **tolerance)
     assert fused_grads.keys() == plain_grads.keys() and all(g is not None for g in fused_grads.values())
@@ -196,7 +201,7 @@ def test_peft_computes_the_lora_layers_the_fused_function_does_not_cover():
     def fused(model, autocast=False) -> tuple[bool, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=ids).logits
-        return "LoraLinearFunctionBackward" in _autograd_nodes(logits), logits.detach()
+        return _autograd_nodes(logits)["LoraLinearFunctionBackward"] > 0, logits.detach()
 
     def lora(arch, dtype=torch.float32, **options):
         torch.manual_seed(1)
