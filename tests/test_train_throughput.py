@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -62,12 +63,19 @@ def test_both_tools_train_on_the_same_tokens_and_the_table_has_the_ratios(tmp_pa
     assert reference_bf16["held_out_loss"] == pytest.approx(reference["held_out_loss"], rel=1e-2)
 
 
-def test_throughput_counts_only_the_steps_after_the_warm_up():
+def _benchmark_module(name: str):
+    """A module of benchmarks/ (a folder of scripts, not a package), as the scripts import each other."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from train_throughput import median_step_throughput, model_flops_utilisation, peak_tflops_for, throughput
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_throughput_counts_only_the_steps_after_the_warm_up():
+    tt = _benchmark_module("train_throughput")
+    median_step_throughput, model_flops_utilisation = tt.median_step_throughput, tt.model_flops_utilisation
+    peak_tflops_for, throughput = tt.peak_tflops_for, tt.throughput
     marks = [[0.0, 0], [10.0, 100], [12.0, 300], [13.0, 400]]  # a slow first step
     assert throughput(marks, warmup=1) == pytest.approx(300 / 3.0)
     assert throughput(marks, warmup=0) == pytest.approx(400 / 13.0)
@@ -79,18 +87,9 @@ def test_throughput_counts_only_the_steps_after_the_warm_up():
     assert model_flops_utilisation(135_000_000, 100_000.0, None) is None
 
 
-def _matrix_ceiling_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import matrix_ceiling
-    finally:
-        sys.path.pop(0)
-    return matrix_ceiling
-
-
 def test_the_recorder_sees_every_product_of_the_backward_pass_in_the_dtype_autocast_chose(monkeypatch):
     torch = pytest.importorskip("torch")
-    mc = _matrix_ceiling_module()
+    mc = _benchmark_module("matrix_ceiling")
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(5, 16, requires_grad=True)
     with mc.ProductRecorder() as recorder, torch.autocast("cpu", dtype=torch.bfloat16):
