@@ -242,6 +242,44 @@ def test_packed_attention_pads_on_amx_and_runs_the_backward_in_float32_in_bf16(m
         [(LENGTH_MULTIPLE, True)] * 2 + [(1, True)] * 2 + [(1, False)] * 2)
 
 
+def test_grouped_keys_reach_the_cpu_kernel_as_they_are(monkeypatch):
+    """On a CPU the per-example attention hands the flash kernel 2 key/value heads for 6 query
+    heads, not repeated copies of them."""
+    class Attention:
+        num_key_value_groups = 3
+        is_causal = True
+
+    calls = []
+    monkeypatch.setattr(packing, "causal_sdpa", lambda q, k, v, **kw: calls.append((q.shape[1], k.shape[1], v.shape[1])) or q)
+    q, kv = torch.zeros(1, 6, 10, 4), torch.zeros(1, 2, 10, 4)
+    packing.packed_sdpa_attention(Attention(), q, kv, kv, None, cu_seq_lens_q=torch.tensor([0, 4, 10]))
+    assert calls == [(6, 2, 2)] * 2
+
+
+@pytest.mark.parametrize(("dtype", "float32_backward", "multiple"), [
+    (torch.float32, False, 1), (torch.bfloat16, True, 1), (torch.bfloat16, True, 32)])
+def test_grouped_keys_give_the_attention_and_gradients_of_repeated_ones(dtype, float32_backward, multiple):
+    """causal_sdpa over 2 key/value heads for 6 query heads computes what it computes over the keys
+    repeated (transformers' repeat_kv): the same output, and key/value gradients that are the sums
+    of the repeated heads' (in float32 before the one rounding to bf16, hence the tolerance)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    generator = torch.Generator().manual_seed(0)
+    q, upstream = (torch.randn(1, 6, 45, 16, generator=generator).to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, 2, 45, 16, generator=generator).to(dtype) for _ in range(2))
+    results = []
+    for grouped in (True, False):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        key, value = inputs[1:] if grouped else (repeat_kv(t, 3) for t in inputs[1:])
+        out = causal_sdpa(inputs[0], key, value, multiple=multiple, float32_backward=float32_backward)
+        out.backward(upstream)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    assert torch.equal(results[0][0], results[1][0])
+    for grouped, repeated in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(grouped, repeated, **tolerance)
+
+
 @pytest.mark.parametrize("multiple", [1, 32])
 def test_the_float32_backward_gives_the_attention_of_the_inputs_dtype_and_closer_gradients(multiple):
     """Forward in bf16 (the same kernel, the same output bit for bit), backward in float32: every
