@@ -71,6 +71,8 @@ class SiluGateFunction(torch.autograd.Function):
 class FlashAttentionFloat32Backward(torch.autograd.Function):
     """Causal attention by PyTorch's CPU flash kernel (no dropout): the forward pass in the inputs'
     dtype, the backward pass in float32 from the same saved tensors (inputs, output, log-sum-exp).
+    Key and value may have fewer heads than the query (grouped-query attention): the kernel takes
+    them as they are, and their gradients come back with their own number of heads.
 
     The bf16 kernel's backward pass is slower than the float32 one (packing.half_cpu_flash has the
     figures for each kind of bf16 units): for 8 examples of 96-288 tokens of SmolLM2's attention (9
