@@ -136,6 +136,13 @@ def _numbers(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
+def torch_version() -> tuple[int, ...]:
+    """The installed PyTorch's (major, minor, patch) from its package metadata, without importing it."""
+    import importlib.metadata
+
+    return _numbers(importlib.metadata.version("torch"))
+
+
 def min_driver_for(cuda_build: str) -> tuple[int, ...] | None:
     """The oldest driver that runs a CUDA `cuda_build` ("12.8") program, or None if unknown."""
     return MIN_DRIVER.get(_numbers(cuda_build)[0]) if _numbers(cuda_build) else None

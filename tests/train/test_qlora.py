@@ -28,9 +28,13 @@ def cuda_with_bitsandbytes(monkeypatch):
     monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
 
 
-def test_auto_optimizer_is_paged_8bit_adamw_for_qlora_and_torch_adamw_otherwise(cuda_with_bitsandbytes):
+def test_auto_optimizer_is_paged_8bit_adamw_for_qlora_and_fused_torch_adamw_otherwise(cuda_with_bitsandbytes,
+                                                                                        monkeypatch):
     qlora = load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV)
     assert qlora.train.optimizer == "auto" and resolve_optimizer(qlora) == "paged_adamw_8bit"
+    monkeypatch.setattr(mathtune.hardware, "torch_version", lambda: (2, 8, 0))
+    assert resolve_optimizer(load_config(None, {}, environ=NO_ENV)) == "adamw_torch_fused"
+    monkeypatch.setattr(mathtune.hardware, "torch_version", lambda: (2, 7, 1))  # transformers' default is unfused there
     assert resolve_optimizer(load_config(None, {}, environ=NO_ENV)) == "adamw_torch"
     chosen = load_config(None, {"model.load_in_4bit": True, "train.optimizer": "paged_adamw_32bit"}, environ=NO_ENV)
     assert resolve_optimizer(chosen) == "paged_adamw_32bit"
@@ -76,7 +80,7 @@ def test_qlora_on_this_cpu_machine_is_accepted_and_a_paged_optimizer_refused_wit
     if not mathtune.hardware.bitsandbytes_available():
         pytest.skip("bitsandbytes has no wheel for this platform")
     cfg = load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV)
-    assert cfg.model.load_in_4bit and resolve_optimizer(cfg) == "adamw_torch"
+    assert cfg.model.load_in_4bit and resolve_optimizer(cfg) == "adamw_torch_fused"
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, {"model.load_in_4bit": True, "train.optimizer": "paged_adamw_8bit"}, environ=NO_ENV)
     (problem,) = excinfo.value.problems
@@ -102,7 +106,8 @@ def test_the_trainer_gets_the_resolved_optimizer_and_evaluates_inside_train(tmp_
     cfg.eval.at_end = False
     summary = train(cfg).summary
     (trainer,) = trainers
-    assert trainer.args.optim == "adamw_torch" and trainer.args.ddp_find_unused_parameters is False
+    assert trainer.args.optim == "adamw_torch_fused" and trainer.args.ddp_find_unused_parameters is False
+    assert trainer.optimizer.optimizer.defaults["fused"] is True  # torch's single kernel, on the CPU too
     # The loss before training is taken by train() itself (see train.py: evaluate() first breaks DDP),
     # and it is the step-0 one, not the first periodic evaluation.
     evals = {e["step"]: e["eval_loss"] for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
@@ -140,7 +145,7 @@ def test_qlora_on_a_cpu_is_accepted_and_refused_only_for_mps(monkeypatch):
     monkeypatch.setattr(mathtune.hardware, "cuda_available", lambda: False)
     monkeypatch.setattr(mathtune.hardware, "bitsandbytes_available", lambda: True)
     cfg = load_config(None, {"model.load_in_4bit": True}, environ=NO_ENV)
-    assert cfg.model.load_in_4bit and resolve_optimizer(cfg, "cpu") == "adamw_torch"
+    assert cfg.model.load_in_4bit and resolve_optimizer(cfg, "cpu") == "adamw_torch_fused"
     assert load_config(None, {"model.load_in_4bit": True, "model.device": "cpu"}, environ=NO_ENV).model.device == "cpu"
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, {"model.load_in_4bit": True, "model.device": "mps"}, environ=NO_ENV)
