@@ -147,18 +147,17 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
     from each: the real rows are the same attention (rounded as the kernel's longer blocks round
     them), the padded rows are dropped, and their gradients are zero. With `float32_backward` (and no
     dropout), the CPU flash kernel's forward pass in the inputs' dtype and its backward pass in
-    float32 (`blocks.FlashAttentionFloat32Backward`)."""
+    float32, on the real rows alone (`blocks.FlashAttentionFloat32Backward`)."""
     from torch.nn.functional import pad, scaled_dot_product_attention
 
+    if float32_backward and not dropout:
+        return FlashAttentionFloat32Backward.apply(query, key, value, scaling, multiple)
     length = query.shape[2]
     extra = -length % multiple
     if extra:
         query, key, value = (pad(t, (0, 0, 0, extra)) for t in (query, key, value))
-    if float32_backward and not dropout:
-        out = FlashAttentionFloat32Backward.apply(query, key, value, scaling)
-    else:
-        out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
-                                           enable_gqa=key.shape[1] != query.shape[1])
+    out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                       enable_gqa=key.shape[1] != query.shape[1])
     return out[:, :, :length] if extra else out
 
 

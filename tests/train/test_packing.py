@@ -300,6 +300,23 @@ def test_the_float32_backward_gives_the_attention_of_the_inputs_dtype_and_closer
         assert lean <= plain
 
 
+def test_a_padded_example_runs_the_float32_backward_on_its_real_rows_alone():
+    """Padded to 64 for the forward kernel, an example of 45 tokens goes through the backward
+    kernel at 45: the padding's share of the backward pass is not computed."""
+    from torch.profiler import profile
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, upstream = (torch.randn(1, 4, 45, 16, generator=generator).bfloat16() for _ in range(4))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    with profile(record_shapes=True) as prof:
+        causal_sdpa(*inputs, multiple=32, float32_backward=True).backward(upstream)
+    lengths = {e.name: e.input_shapes[0][2] for e in prof.events()
+               if e.name.startswith("aten::_scaled_dot_product_flash_attention_for_cpu")}
+    assert lengths == {"aten::_scaled_dot_product_flash_attention_for_cpu": 64,
+                       "aten::_scaled_dot_product_flash_attention_for_cpu_backward": 45}
+    assert all(t.grad.shape == t.shape for t in inputs)
+
+
 KERNEL_GROWTH = """
 import random, torch
 from mathtune.train import packing
