@@ -92,11 +92,9 @@ class FlashAttentionFloat32Backward(torch.autograd.Function):
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
                 multiple: int = 1):
         length = query.shape[2]
-        extra = -length % multiple
-        padded = [F.pad(t, (0, 0, 0, extra)) for t in (query, key, value)] if extra else (query, key, value)
         out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *padded, 0.0, True, scale=scale)
-        if extra:
+            *pad_tokens((query, key, value), multiple), 0.0, True, scale=scale)
+        if out.shape[2] != length:
             out, logsumexp = out[:, :, :length], logsumexp[:, :, :length].contiguous()
         ctx.save_for_backward(query, key, value, out, logsumexp)
         ctx.scale = scale
@@ -109,6 +107,13 @@ class FlashAttentionFloat32Backward(torch.autograd.Function):
             upstream.float(), query.float(), key.float(), value.float(), out.float(), logsumexp, 0.0, True,
             scale=ctx.scale)
         return *(g.to(t.dtype) for g, t in zip(grads, (query, key, value))), None, None
+
+
+def pad_tokens(tensors, multiple: int) -> list[torch.Tensor]:
+    """Attention inputs (batch, heads, length, dim) padded with zeros at the end of their length to a
+    multiple of `multiple`."""
+    extra = -tensors[0].shape[2] % multiple
+    return [F.pad(t, (0, 0, 0, extra)) for t in tensors] if extra else list(tensors)
 
 
 def lean_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from mathtune import hardware
 from mathtune.data.tokenize import IGNORE_INDEX
-from mathtune.train.blocks import FlashAttentionFloat32Backward
+from mathtune.train.blocks import FlashAttentionFloat32Backward, pad_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -148,17 +148,14 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
     them), the padded rows are dropped, and their gradients are zero. With `float32_backward` (and no
     dropout), the CPU flash kernel's forward pass in the inputs' dtype and its backward pass in
     float32, on the real rows alone (`blocks.FlashAttentionFloat32Backward`)."""
-    from torch.nn.functional import pad, scaled_dot_product_attention
+    from torch.nn.functional import scaled_dot_product_attention
 
     if float32_backward and not dropout:
         return FlashAttentionFloat32Backward.apply(query, key, value, scaling, multiple)
     length = query.shape[2]
-    extra = -length % multiple
-    if extra:
-        query, key, value = (pad(t, (0, 0, 0, extra)) for t in (query, key, value))
-    out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
-                                       enable_gqa=key.shape[1] != query.shape[1])
-    return out[:, :, :length] if extra else out
+    out = scaled_dot_product_attention(*pad_tokens((query, key, value), multiple), dropout_p=dropout, scale=scaling,
+                                       is_causal=True, enable_gqa=key.shape[1] != query.shape[1])
+    return out if out.shape[2] == length else out[:, :, :length]
 
 
 def _register() -> None:
