@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import gigabytes, wait_with_peak_rss  # benchmarks/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("base", "finetuned")
 
@@ -46,14 +48,7 @@ def run_default(tree: Path, out: Path, log: Path) -> dict:
         # In the home folder, so that nothing in the caller's folder is read as the run's.
         proc = subprocess.Popen([sys.executable, "-m", "mathtune", "train", "--output", str(out)], cwd=home, env=env,
                                 stdout=sink, stderr=subprocess.STDOUT)
-        if hasattr(os, "wait4"):
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            # ru_maxrss is in KiB on Linux, in bytes on macOS.
-            peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        else:
-            proc.wait()
-            peak = None
+        peak = wait_with_peak_rss(proc)
         wall = time.perf_counter() - started
     if proc.returncode != 0:
         tail = log.read_text(encoding="utf-8", errors="replace")[-3000:]
@@ -146,9 +141,8 @@ def table(runs: list[dict], names: dict[str, str]) -> list[str]:
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for run in runs:
         minutes, seconds = divmod(round(run["wall_seconds"]), 60)
-        rss = "n/a" if run["peak_rss_bytes"] is None else f"{run['peak_rss_bytes'] / 1e9:.2f}"
         lines.append(f"| {names[run['tree']]} | {minutes}:{seconds:02d} | {run['train_seconds']:.0f} | "
-                     f"{run['tokens_per_second']:.0f} | {run['scoring_seconds']:.1f} | {rss} | "
+                     f"{run['tokens_per_second']:.0f} | {run['scoring_seconds']:.1f} | {gigabytes(run['peak_rss_bytes'])} | "
                      f"{run['base_accuracy']:.1%} | {run['finetuned_accuracy']:.1%} | {run['eval_loss_after']:.4f} |")
     return lines
 

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import gigabytes, wait_with_peak_rss  # benchmarks/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 TOOLS = ("mathtune", "reference", "reference-bf16")
@@ -439,13 +441,11 @@ def run_child(tool: str, spec: dict, work: Path) -> dict:
     # The children's progress goes to stderr: stdout is the table.
     proc = subprocess.Popen([sys.executable, __file__, "--worker", tool, str(spec_path), str(result_path)], env=env,
                             stdout=sys.stderr)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = wait_with_peak_rss(proc)
     if proc.returncode != 0:
         raise SystemExit(f"{tool}: the benchmark process failed (exit status {proc.returncode}); its output is above")
     result = json.loads(result_path.read_text())
-    # ru_maxrss is in KiB on Linux, in bytes on macOS.
-    result["peak_rss_bytes"] = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    result["peak_rss_bytes"] = peak
     result["wall_seconds"] = time.perf_counter() - started
     return result
 
@@ -467,7 +467,7 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
 
     def row(res):
         cells = [res["precision"], f"{res['tokens_per_second']:.1f}", f"{res['median_step_tokens_per_second']:.1f}",
-                 f"{res['peak_rss_bytes'] / 1e9:.2f}", f"{res['held_out_loss']:.4f}",
+                 gigabytes(res["peak_rss_bytes"]), f"{res['held_out_loss']:.4f}",
                  f"{sum(res['train_losses'][-last:]) / len(res['train_losses'][-last:]):.4f}",
                  f"{res['seconds_per_step']:.2f}"]
         if cuda:
@@ -478,7 +478,7 @@ def table(spec: dict, results: dict, peak_tflops: float | None) -> str:
     def ratio(other):
         cells = ["", f"{m['tokens_per_second'] / other['tokens_per_second']:.2f}x",
                  f"{m['median_step_tokens_per_second'] / other['median_step_tokens_per_second']:.2f}x",
-                 f"{m['peak_rss_bytes'] / other['peak_rss_bytes']:.2f}x",
+                 f"{m['peak_rss_bytes'] / other['peak_rss_bytes']:.2f}x" if m["peak_rss_bytes"] else "n/a",
                  f"{m['held_out_loss'] / other['held_out_loss']:.3f}x", "",
                  f"{m['seconds_per_step'] / other['seconds_per_step']:.2f}x"]
         if cuda:
