@@ -29,6 +29,7 @@ import shutil
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,17 +175,18 @@ def _metadata(plan: ConversionPlan):
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     folder, name = plan.gguf.parent, plan.gguf.name
-    try:
-        config = AutoConfig.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, OSError, KeyError, EOFError) as exc:
-        raise ModelError(f"{plan.gguf}: transformers could not read this GGUF file's metadata ({exc})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    config.architectures = [type(model).__name__]
-    processor = TENSOR_PROCESSORS.get(plan.arch, TensorProcessor)(config=config.to_dict())
-    # The GGUF architecture, not config.model_type: gguf has no 'mistral' (such files are `llama`).
-    names = get_gguf_hf_weights_map(model, processor, model_type=plan.arch)
+    with _gguf_loaders_work_once():
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except (ValueError, OSError, KeyError, EOFError) as exc:
+            raise ModelError(f"{plan.gguf}: transformers could not read this GGUF file's metadata ({exc})") from None
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        config.architectures = [type(model).__name__]
+        processor = TENSOR_PROCESSORS.get(plan.arch, TensorProcessor)(config=config.to_dict())
+        # The GGUF architecture, not config.model_type: gguf has no 'mistral' (such files are `llama`).
+        names = get_gguf_hf_weights_map(model, processor, model_type=plan.arch)
     expected = set(model.state_dict())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
@@ -193,6 +195,40 @@ def _metadata(plan: ConversionPlan):
         raise ModelError(f"{plan.gguf}: no tensor in the file for {', '.join(sorted(missing)[:5])}; "
                          "is it a complete model file (not a LoRA adapter or a projector)?")
     return config, tokenizer, processor, names
+
+
+@contextmanager
+def _gguf_loaders_work_once():
+    """transformers' GGUF metadata readers, each doing its work once while the block runs.
+
+    `AutoConfig` and `AutoTokenizer` each parse the whole header with `load_gguf_checkpoint`
+    (gguf.GGUFReader, every vocabulary entry a numpy view): 3.4-3.8 s each for SmolLM2's 49k tokens
+    on 2 cores. `get_gguf_hf_weights_map` recurses into every module and builds gguf's TensorNameMap
+    for each (273 on SmolLM2: 4.7 s), the same map every time. Here the header is parsed once (each
+    caller gets its own copy) and the map built once per architecture and depth: the same config,
+    tokenizer and names (tests/model/test_convert.py). Both functions are looked up in their modules
+    at call time (tests/test_library_internals.py)."""
+    import copy
+    import functools
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    load, name_map = loader.load_gguf_checkpoint, gguf.get_tensor_name_map
+    parsed: dict[str, dict] = {}
+
+    def load_once(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return load(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in parsed:
+            parsed[str(path)] = load(path, return_tensors=False)
+        return copy.deepcopy(parsed[str(path)])
+
+    loader.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        loader.load_gguf_checkpoint, gguf.get_tensor_name_map = load, name_map
 
 
 def _save_generation_config(config, folder: Path) -> None:

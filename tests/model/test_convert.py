@@ -84,6 +84,48 @@ def test_tiny_conversion_matches_transformers_loader(tiny_files, name, tmp_path,
     assert_same_model(source, tmp_path / "out")
 
 
+def test_a_conversion_parses_the_header_once_and_builds_the_name_map_once(tiny_files, tmp_path, monkeypatch):
+    """AutoConfig and AutoTokenizer each parse the whole header (3.4-3.8 s each for SmolLM2's 49k tokens),
+    and transformers' name map builds gguf's TensorNameMap for every module (4.7 s for SmolLM2): a
+    conversion does each once (SmolLM2: 14.8 -> 6.6 s, the same files), and puts both functions back."""
+    import gguf
+    import transformers
+    from gguf import tensor_mapping
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    readers, maps = [], []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            readers.append(Path(path))
+            super().__init__(path, *args, **kwargs)
+
+    class CountingMap(tensor_mapping.TensorNameMap):
+        def __init__(self, *args, **kwargs):
+            maps.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    monkeypatch.setattr(tensor_mapping, "TensorNameMap", CountingMap)
+    originals = loader.load_gguf_checkpoint, gguf.get_tensor_name_map
+    source = tiny_files["llama-f16"]
+
+    convert(plan_conversion(source), tmp_path / "out", progress=False)
+
+    assert readers == [source] and len(maps) == 1, (readers, len(maps))
+    assert (loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == originals
+    assert_same_model(source, tmp_path / "out")
+
+    # Put back after a failure too.
+    def unreadable(*args, **kwargs):
+        raise ValueError("no tokenizer here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreadable)
+    with pytest.raises(ModelError, match="could not read this GGUF file's metadata"):
+        convert(plan_conversion(source), tmp_path / "again", progress=False)
+    assert (loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == originals
+
+
 def test_architectures_outside_the_streaming_path_use_transformers_loader_and_say_so(tiny_files, tmp_path,
                                                                                     monkeypatch, caplog):
     import mathtune.model.convert
