@@ -91,6 +91,16 @@ def test_the_gguf_metadata_readers_are_still_looked_up_at_call_time():
     assert "import load_gguf_checkpoint" in inspect.getsource(tokenization_auto.AutoTokenizer.from_pretrained), why
 
 
+def test_the_torch_gguf_dequantizer_is_still_there():
+    why = ("mathtune.model.gguf.dequantize hands the quantized types transformers' torch kernels know (GGML_BLOCK) to "
+           "integrations.gguf.dequant.dequantize(flat uint8 bytes, ggml type id): 2.4-9.4x gguf-py's numpy. It moved: "
+           "point dequantize at its new place, or at gguf.quants.dequantize alone.")
+    from transformers.integrations.gguf import dequant
+
+    assert {2, 8, 12, 14} <= set(dequant.GGML_BLOCK), why  # Q4_0, Q8_0, Q4_K, Q6_K
+    assert _parameters(dequant.dequantize)[:2] == ["data", "ggml_type"], why
+
+
 def test_torch_still_says_which_bf16_units_the_cpu_has():
     why = ("mathtune.hardware.cpu_bf16_units reads torch.cpu._is_amx_tile_supported and _is_avx512_bf16_supported "
            "(the checks PyTorch's own CPU dispatch uses) to train in bf16 only where the cores have bf16 units; "

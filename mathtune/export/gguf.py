@@ -29,7 +29,7 @@ import numpy as np
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.export.adapter import Adapter
 from mathtune.files import is_disk_full, no_space, require_space
-from mathtune.model.gguf import gguf_field, gguf_heads
+from mathtune.model.gguf import dequantize, gguf_field, gguf_heads
 
 # Architectures whose GGUF tensors map one to one onto the Transformers modules LoRA adapts, each
 # round-tripped by a test. Others (gpt2's transposed Conv1D, bloom's fused QKV...) need more.
@@ -255,10 +255,8 @@ def lora_delta(adapter: Adapter, module: str, name: str, arch: str, heads: tuple
 def reencoded(tensor, qtype, delta: Callable[[], np.ndarray] | None) -> Callable[[], np.ndarray]:
     """What computes `tensor`'s new data when its turn comes: its weights, plus `delta()` when LoRA
     touched it, encoded as `qtype`."""
-    from gguf import quants
-
     def produce() -> np.ndarray:
-        weights = quants.dequantize(tensor.data, tensor.tensor_type).reshape(numpy_shape(tensor))
+        weights = dequantize(tensor.data, int(tensor.tensor_type)).reshape(numpy_shape(tensor))
         return encode(weights if delta is None else weights + delta(), qtype)
     return produce
 

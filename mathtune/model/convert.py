@@ -12,7 +12,7 @@ billion parameters: ~15 GB for a 7B model). This module writes the same folder i
   on the meta device), and each tensor goes through transformers' own tensor processor for the
   architecture (llama's Q/K row permutation undone, gemma's norms shifted back), so the folder holds
   what `from_pretrained(gguf_file=...)` would load;
-- each tensor is read from the memory-mapped file, dequantized with `gguf.quants.dequantize` (large
+- each tensor is read from the memory-mapped file, dequantized (`mathtune.model.gguf.dequantize`; large
   ones in slices of rows), cast (float32 below 1B parameters, bfloat16 from there) and written
   straight into its safetensors shard, whose header is planned from the shapes beforehand;
 - the folder is written as DIR.partial and renamed when complete.
@@ -37,7 +37,7 @@ import numpy as np
 
 from mathtune.errors import MathtuneError, ModelError
 from mathtune.files import is_disk_full, publish
-from mathtune.model.gguf import GgufHeader, GgufTensor, check_gguf_architecture, read_header
+from mathtune.model.gguf import GgufHeader, GgufTensor, check_gguf_architecture, dequantize, read_header
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +273,6 @@ def _sliceable(tensor) -> bool:
 
 def _pieces(blob: np.ndarray, start: int, tensor: GgufTensor, processor) -> Iterator[np.ndarray]:
     """A tensor's values (float32, Transformers layout) in slices of rows of about PIECE_BYTES."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     shape = tensor.torch_shape
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
     row_bytes = tensor.nbytes // rows
@@ -283,7 +280,7 @@ def _pieces(blob: np.ndarray, start: int, tensor: GgufTensor, processor) -> Iter
     for first in range(0, rows, step):
         n = min(step, rows - first)
         blocks = blob[start + first * row_bytes:start + (first + n) * row_bytes].reshape(n, row_bytes)
-        values = dequantize(blocks, GGMLQuantizationType(tensor.ggml_type))
+        values = dequantize(blocks, tensor.ggml_type)
         values = values.reshape(n if len(shape) > 1 else -1, *shape[1:]) if n < rows else values.reshape(shape)
         values = processor.process(weights=values, name=tensor.name).weights
         yield np.ascontiguousarray(values, dtype=np.float32)
