@@ -176,10 +176,10 @@ def gguf_heads(reader) -> tuple[str, int | None, int | None]:
 
 
 def dequantize(blocks: np.ndarray, ggml_type: int) -> np.ndarray:
-    """The float32 values of GGUF data: transformers' torch kernels for the quantized types they know
-    (Q4_0...Q8_0, the K-quants, the IQ types), gguf-py's numpy for the others (F32, F16, BF16...). The
-    same values; on 16M elements and 2 cores of an Intel Xeon, Q4_K 0.43 -> 0.08 s, Q6_K 0.16 -> 0.07 s,
-    Q8_0 0.30 -> 0.04 s."""
+    """The float32 values of GGUF data (flat or in rows: reshape them): transformers' torch kernels for
+    the quantized types they know (Q4_0...Q8_0, the K-quants, the IQ types), gguf-py's numpy for the
+    others (F32, F16, BF16...). The same values; on 16M elements and 2 cores of an Intel Xeon, Q4_K
+    0.43 -> 0.08 s, Q6_K 0.16 -> 0.07 s, Q8_0 0.30 -> 0.04 s."""
     from transformers.integrations.gguf.dequant import GGML_BLOCK
     from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
 
