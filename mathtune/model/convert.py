@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -207,28 +208,33 @@ def _gguf_loaders_work_once():
     for each (273 on SmolLM2: 4.7 s), the same map every time. Here the header is parsed once (each
     caller gets its own copy) and the map built once per architecture and depth: the same config,
     tokenizer and names (tests/model/test_convert.py). Both functions are looked up in their modules
-    at call time (tests/test_library_internals.py)."""
+    at call time (tests/test_library_internals.py). One thread at a time (a second conversion in the
+    process waits): two overlapping blocks would put back each other's replacements."""
     import copy
     import functools
 
     import gguf
     from transformers import modeling_gguf_pytorch_utils as loader
 
-    load, name_map = loader.load_gguf_checkpoint, gguf.get_tensor_name_map
-    parsed: dict[str, dict] = {}
+    with _GGUF_LOADERS:
+        load, name_map = loader.load_gguf_checkpoint, gguf.get_tensor_name_map
+        parsed: dict[str, dict] = {}
 
-    def load_once(path, return_tensors=False, **kwargs):
-        if return_tensors or kwargs:
-            return load(path, return_tensors=return_tensors, **kwargs)
-        if str(path) not in parsed:
-            parsed[str(path)] = load(path, return_tensors=False)
-        return copy.deepcopy(parsed[str(path)])
+        def load_once(path, return_tensors=False, **kwargs):
+            if return_tensors or kwargs:
+                return load(path, return_tensors=return_tensors, **kwargs)
+            if str(path) not in parsed:
+                parsed[str(path)] = load(path, return_tensors=False)
+            return copy.deepcopy(parsed[str(path)])
 
-    loader.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, functools.cache(name_map)
-    try:
-        yield
-    finally:
-        loader.load_gguf_checkpoint, gguf.get_tensor_name_map = load, name_map
+        loader.load_gguf_checkpoint, gguf.get_tensor_name_map = load_once, functools.cache(name_map)
+        try:
+            yield
+        finally:
+            loader.load_gguf_checkpoint, gguf.get_tensor_name_map = load, name_map
+
+
+_GGUF_LOADERS = threading.Lock()
 
 
 def _save_generation_config(config, folder: Path) -> None:

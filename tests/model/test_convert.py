@@ -149,6 +149,32 @@ def test_a_conversion_parses_the_header_once_and_builds_the_name_map_once(tiny_f
     assert (loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == originals
 
 
+def test_conversions_in_two_threads_put_the_gguf_loaders_back():
+    """The loaders are replaced by one conversion at a time: overlapping, the later one would put back
+    the earlier one's replacements for good."""
+    import threading
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    from mathtune.model.convert import _gguf_loaders_work_once
+
+    originals = loader.load_gguf_checkpoint, gguf.get_tensor_name_map
+    inside = threading.Event()
+
+    def second():
+        with _gguf_loaders_work_once():
+            inside.set()
+
+    with _gguf_loaders_work_once():
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not inside.wait(0.3)  # it waits for the first to finish
+    thread.join(10)
+    assert inside.is_set()
+    assert (loader.load_gguf_checkpoint, gguf.get_tensor_name_map) == originals
+
+
 def test_architectures_outside_the_streaming_path_use_transformers_loader_and_say_so(tiny_files, tmp_path,
                                                                                     monkeypatch, caplog):
     import mathtune.model.convert
