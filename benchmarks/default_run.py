@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     for tree in trees:
         if not (tree / "mathtune" / "__main__.py").is_file():
             parser.error(f"{tree}: not a mathtune checkout (no mathtune/__main__.py)")
-    if args.keep and args.keep.exists() and any(args.keep.iterdir()):
-        parser.error(f"--keep {args.keep}: not empty; its runs would be overwritten")
+    if args.keep and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.iterdir())):
+        parser.error(f"--keep {args.keep}: not an empty folder; its runs would overwrite what it holds")
     names = {str(trees[-1]): "this"} | ({str(trees[0]): "baseline"} if args.baseline else {})
 
     from mathtune.hardware import cpu_bf16_units, cpu_model
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, bf16 units: {cpu_bf16_units() or 'none'}", flush=True)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="mathtune-default-run-") as scratch:
-        folder = (args.keep or Path(scratch)).resolve()  # the runs' own folder is their new home
+        folder = (args.keep or Path(scratch)).resolve()  # absolute: each run works in its new home folder
         folder.mkdir(parents=True, exist_ok=True)
         for pair in range(1, args.pairs + 1):
             for tree in trees:

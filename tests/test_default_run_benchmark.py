@@ -91,15 +91,18 @@ def test_alternating_runs_give_the_table_the_speed_ups_and_every_differing_answe
     assert sorted(p.name for p in keep.iterdir() if p.is_dir()) == ["baseline-1", "baseline-2", "this-1", "this-2"]
 
 
-def test_it_refuses_to_write_runs_into_a_folder_that_holds_something(tmp_path):
+def test_it_refuses_to_write_runs_into_a_folder_that_holds_something_or_a_file(tmp_path):
     keep = tmp_path / "runs"
     keep.mkdir()
     (keep / "this-1").mkdir()
 
     run = run_script("--tree", fake_checkout(tmp_path / "tree", 1.0, 1.0, "4"), "--keep", keep)
 
-    assert run.returncode == 2 and f"--keep {keep}: not empty" in run.stderr
+    assert run.returncode == 2 and f"--keep {keep}: not an empty folder" in run.stderr
     assert not any((keep / "this-1").iterdir())
+    (tmp_path / "file").write_text("mine")
+    run = run_script("--tree", tmp_path / "tree", "--keep", tmp_path / "file")
+    assert run.returncode == 2 and "not an empty folder" in run.stderr and (tmp_path / "file").read_text() == "mine"
 
 
 def test_a_folder_that_is_not_a_checkout_and_a_failing_run_are_named(tmp_path):
